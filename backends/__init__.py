@@ -1,0 +1,1 @@
+"""Built-in storage backends; each module is a plugin registered through ``kvtier_backends``."""

@@ -1,0 +1,252 @@
+"""The configuration file: a validated tier chain and kvtier's settings.
+
+Example (``kvtier.yaml``)::
+
+    chunk_tokens: 256
+    tiers:
+      - url: cpu://
+        capacity: 20GiB
+      - url: file:///nvme/kv
+        capacity: 500GiB
+        codec: int8+zstd
+      - url: s3://bucket/prefix
+        write_policy: back
+
+Every key is checked: an unknown key is an error naming the closest valid one, sizes
+read as ``20GiB`` / ``500 GB`` / integers, and a tier missing a setting its backend
+needs is an error, never silently dropped. Environment variables ``KVTIER_<KEY>``
+override keys, nesting with ``__`` (``KVTIER_CHUNK_TOKENS=128``,
+``KVTIER_TIERS__0__CAPACITY=1GiB``); ``KVTIER_CONFIG`` names the file to load when
+no config is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeAlias
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from kvtier.core.errors import ConfigError
+from kvtier.core.keys import HashAlgorithm
+from kvtier.core.plugins import closest
+from kvtier.core.validation import validate_model
+
+ENV_PREFIX = "KVTIER_"
+CONFIG_ENV = "KVTIER_CONFIG"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``20GiB``, ``500 GB``, ``1.5MiB``, ``4096`` (KiB/MiB/GiB/TiB and bare
+    K/M/G/T are powers of 1024; KB/MB/GB/TB powers of 1000)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '20GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match[2].lower() in _UNITS:
+            return int(float(match[1]) * _UNITS[match[2].lower()])
+    raise ValueError(f"expected a size like '20GiB', '500 GB' or 4096, got {value!r}")
+
+
+ByteSize: TypeAlias = Annotated[int, BeforeValidator(parse_size)]
+CodecSteps: TypeAlias = "str | list[str | dict[str, Any]]"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TierConfig(_Strict):
+    """One tier of the chain."""
+
+    url: str = Field(min_length=1)
+    """Backend URL; its scheme selects the backend (``cpu://``, ``file:///path``, ...)."""
+    name: str | None = None
+    """Name in stats and events; defaults to the scheme (``file``, ``file-2``, ...)."""
+    capacity: ByteSize | None = None
+    """Byte capacity; required by bounded backends (``cpu``, ``file``)."""
+    codec: str | list[str | dict[str, Any]] = "raw"
+    """Codec pipeline: ``raw``, ``int8+zstd``, or a list of names / ``{name: ..., opt: ...}``."""
+    write_policy: Literal["through", "back"] = "through"
+    """``through``: every store is written here; ``back``: chunks arrive here only when
+    the tier above evicts them."""
+    promote: bool = True
+    """Copy chunks served by a lower tier into this tier."""
+    timeout: float = Field(default=10.0, gt=0)
+    """Seconds one batch operation may take before the tier counts as unavailable."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific options, validated by the backend's options model."""
+
+
+class PluginsConfig(_Strict):
+    disable: list[str] = Field(default_factory=list)
+    """Plugin names (as ``kvtier plugins`` lists them) not to load."""
+
+
+class KVTierConfig(_Strict):
+    """Top-level configuration."""
+
+    chunk_tokens: int = Field(default=256, gt=0)
+    """Tokens per chunk; lookups and retrievals are in multiples of this."""
+    hash: HashAlgorithm = "xxh3_128"
+    """Chunk key algorithm: ``xxh3_128`` (fast) or ``sha256_cbor`` (vLLM-compatible)."""
+    hash_seed: str = "kvtier"
+    """Seed of the key chain; processes sharing a store must use the same one."""
+    store_partial_chunks: bool = False
+    """Also store a trailing chunk shorter than ``chunk_tokens``."""
+    store_queue_bytes: ByteSize = 1 << 30
+    """Bytes of stores waiting for I/O; beyond it new stores are dropped and counted."""
+    retry_after: float = Field(default=5.0, gt=0)
+    """Seconds a failing tier is skipped before it is tried again (doubles, up to 60)."""
+    tenant: str | None = None
+    """Tenant salt: chunks of different tenants never mix."""
+    tiers: list[TierConfig] = Field(min_length=1)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+
+    @model_validator(mode="after")
+    def _name_tiers(self) -> KVTierConfig:
+        seen: set[str] = set()
+        for tier in self.tiers:
+            base = tier.name or tier.url.split(":", 1)[0].lower() or "tier"
+            name, n = base, 1
+            while name in seen:
+                if tier.name is not None:
+                    raise ValueError(
+                        f"two tiers are named {tier.name!r}; tier names must be unique"
+                    )
+                n += 1
+                name = f"{base}-{n}"
+            tier.name = name
+            seen.add(name)
+        if self.tiers[0].write_policy == "back":
+            raise ValueError(
+                "the first tier cannot use write_policy 'back' (it has no tier above to "
+                "evict into it); use 'through'"
+            )
+        return self
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for kvtier (``$XDG_CACHE_HOME/kvtier`` or ``~/.cache/kvtier``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvtier"
+
+
+def default_config() -> dict[str, Any]:
+    """The embedded default: 2 GiB of RAM in front of 20 GiB on disk in the cache folder."""
+    return {
+        "tiers": [
+            {"name": "cpu", "url": "cpu://", "capacity": "2GiB"},
+            {"name": "file", "url": f"file://{cache_dir() / 'chunks'}", "capacity": "20GiB"},
+        ]
+    }
+
+
+def _submodel(model: type[BaseModel] | None, field: str) -> type[BaseModel] | None:
+    """The model that validates ``model.field`` (or its list items), if any."""
+    if model is None:
+        return None
+    annotation = model.model_fields[field].annotation
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: str, var: str) -> None:
+    node: Any = data
+    model: type[BaseModel] | None = KVTierConfig
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"{var}: {part!r} is not the index of an existing entry (there are "
+                    f"{len(node)}); indexes count from 0"
+                )
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{var}: cannot set {part!r} inside a {type(node).__name__}")
+        if model is not None and part not in model.model_fields:
+            raise ConfigError(
+                f"{var}: unknown key {part!r}{closest(part, model.model_fields)}; "
+                f"valid keys: {', '.join(model.model_fields)}"
+            )
+        if last:
+            node[part] = yaml.safe_load(value) if value.strip()[:1] in ("[", "{") else value
+            return
+        node = node.setdefault(part, {})
+        model = _submodel(model, part)
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``KVTIER_*`` overrides (except ``KVTIER_CONFIG``) to a raw config mapping."""
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        path = var[len(ENV_PREFIX) :].lower().split("__")
+        _set_path(data, path, environ[var], var)
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | KVTierConfig | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> KVTierConfig:
+    """Validated config from a YAML path, a mapping, a config object or ``None``.
+
+    ``None`` loads ``$KVTIER_CONFIG`` if set, else :func:`default_config`. ``KVTIER_*``
+    environment overrides apply to every source except a ready ``KVTierConfig``.
+    """
+    if isinstance(source, KVTierConfig):
+        return source
+    env = os.environ if environ is None else environ
+    if source is None and env.get(CONFIG_ENV):
+        source = env[CONFIG_ENV]
+    if source is None:
+        data, where = default_config(), "default config"
+    elif isinstance(source, (str, Path)):
+        data, where = _read_yaml(Path(source)), f"config file {str(source)!r}"
+    else:
+        data, where = copy.deepcopy(dict(source)), "config"
+    data = apply_env(data, env)
+    return validate_model(KVTierConfig, data, where)

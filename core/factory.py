@@ -1,0 +1,31 @@
+"""Build backends and codec pipelines from names, URLs and option mappings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kvtier.core.backend import Backend
+from kvtier.core.buffers import BufferPool
+from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.validation import validate_model
+
+
+def build_backend(
+    url: str,
+    *,
+    capacity: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    registry: PluginRegistry | None = None,
+    pool: BufferPool | None = None,
+) -> Backend:
+    """An unopened backend for ``url``, its ``options`` validated by the spec's model.
+
+    Raises :class:`ConfigError` for an unknown scheme or bad options and
+    :class:`MissingExtraError` when the backend's optional dependencies are missing.
+    """
+    registry = registry or get_registry()
+    spec = registry.backend_for_url(url)
+    backend_cls = spec.load()
+    parsed = validate_model(spec.options, options, f"options of tier {url!r}")
+    return backend_cls(url, parsed, capacity=capacity, pool=pool, registry=registry)

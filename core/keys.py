@@ -1,0 +1,189 @@
+"""Chunk keys: prefix-chained hashes of token chunks inside a model namespace.
+
+A prompt is cut into chunks of ``chunk_tokens`` tokens. The key of chunk ``i`` hashes
+the key of chunk ``i-1`` (its parent), the chunk's tokens and optional extra keys, so
+equal keys mean equal prefixes. Two algorithms:
+
+* ``xxh3_128`` (default): xxh3 over the parent digest and the tokens as little-endian
+  int64, hashed straight from the array.
+* ``sha256_cbor``: exactly vLLM's ``sha256_cbor`` block hash,
+  ``sha256(cbor2.dumps((parent, tuple(tokens), extra_keys), canonical=True))`` with the
+  root parent ``sha256_cbor(seed)``; with ``chunk_tokens`` equal to vLLM's block size
+  and ``seed`` equal to vLLM's ``PYTHONHASHSEED`` the digests equal vLLM's (and llm-d's)
+  prefix-cache block hashes.
+
+The seed is fixed and configurable; it is never random per process, so processes and
+restarts agree on keys. The namespace (model fingerprint and tenant) is part of every
+key's string form, so two models or tenants never share a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import cbor2
+import numpy as np
+import torch
+import xxhash
+
+from kvtier.core.errors import ConfigError
+from kvtier.core.layout import ModelFingerprint
+
+HashAlgorithm: TypeAlias = Literal["xxh3_128", "sha256_cbor"]
+Tokens: TypeAlias = "Sequence[int] | np.ndarray[Any, Any] | torch.Tensor"
+ExtraKeys: TypeAlias = "tuple[Any, ...] | None"
+
+DEFAULT_SEED = "kvtier"
+MAX_KEY_LENGTH = 160
+_SLUG_LEN = 40
+_KEY_RE = re.compile(r"^(?P<ns>[A-Za-z0-9][A-Za-z0-9_-]{0,79})\.(?P<digest>[0-9a-f]{32,64})$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """A chunk's identity: ``namespace`` (model + tenant) and ``digest`` (prefix hash).
+
+    ``str(key)`` is ``"<namespace>.<hex digest>"``: only ``[A-Za-z0-9_.-]``, at most
+    160 characters, never starting with a dot, so it is safe as a file name, an S3
+    key and a Redis key.
+    """
+
+    namespace: str
+    digest: bytes
+
+    def __str__(self) -> str:
+        return f"{self.namespace}.{self.digest.hex()}"
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkKey:
+        """Parse a key's string form; :class:`ConfigError` if it is not one."""
+        match = _KEY_RE.match(text) if len(text) <= MAX_KEY_LENGTH else None
+        if match is None:
+            raise ConfigError(
+                f"invalid chunk key {text[:80]!r}: expected '<namespace>.<hex digest>' "
+                "with namespace of [A-Za-z0-9_-] (<= 80 chars) and a 32-64 digit hex digest"
+            )
+        return cls(match["ns"], bytes.fromhex(match["digest"]))
+
+
+def validate_key(text: str) -> str:
+    """Return ``text`` if it is a valid key string, else raise :class:`ConfigError`.
+
+    Backends call this on every key they are given before using it as a path or name.
+    """
+    ChunkKey.parse(text)
+    return text
+
+
+def _tag(text: str, digits: int) -> str:
+    return xxhash.xxh3_64_hexdigest(text.encode())[:digits]
+
+
+def model_slug(model: str) -> str:
+    """The readable part of a namespace: the model id with unsafe characters as ``-``."""
+    slug = re.sub(r"[^A-Za-z0-9_]+", "-", model).strip("-_")[:_SLUG_LEN].strip("-_")
+    return slug or "model"
+
+
+def tenant_tag(tenant: str) -> str:
+    """The part of a namespace that names a tenant (``t`` + 12 hex digits of its hash)."""
+    return "t" + _tag("tenant:" + tenant, 12)
+
+
+def namespace_for(fingerprint: ModelFingerprint, tenant: str | None = None) -> str:
+    """Namespace of a model's chunks: ``<model slug>-<fingerprint hash>[-<tenant tag>]``.
+
+    The fingerprint hash covers every field of the fingerprint and the tenant, so a
+    different dtype, layer count, head layout, TP rank or size, or tenant gives a
+    different namespace.
+    """
+    if tenant == "":
+        raise ConfigError("tenant must be a non-empty string or None")
+    canonical = fingerprint.canonical() + (f";tenant={tenant}" if tenant is not None else "")
+    ns = f"{model_slug(fingerprint.model)}-{_tag(canonical, 16)}"
+    return ns if tenant is None else f"{ns}-{tenant_tag(tenant)}"
+
+
+def sha256_cbor(obj: Any) -> bytes:
+    """vLLM's ``sha256_cbor``: SHA-256 of the canonical CBOR encoding of ``obj``."""
+    return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
+
+
+def _as_int64(tokens: Tokens) -> np.ndarray[Any, np.dtype[np.int64]]:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.ascontiguousarray(tokens, dtype="<i8")
+    if arr.ndim != 1:
+        raise ConfigError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+class ChunkHasher:
+    """Splits token sequences into chunks and computes their chained keys."""
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        chunk_tokens: int = 256,
+        algorithm: HashAlgorithm = "xxh3_128",
+        seed: str = DEFAULT_SEED,
+    ) -> None:
+        if chunk_tokens <= 0:
+            raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if algorithm not in ("xxh3_128", "sha256_cbor"):
+            raise ConfigError(
+                f"unknown hash algorithm {algorithm!r}; use 'xxh3_128' or 'sha256_cbor'"
+            )
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self.algorithm = algorithm
+        self.seed = seed
+        if algorithm == "sha256_cbor":
+            self.root = sha256_cbor(seed)
+        else:
+            self.root = xxhash.xxh3_128_digest(b"kvtier-root\0" + seed.encode())
+
+    def chunk_bounds(self, num_tokens: int, *, partial: bool = False) -> list[tuple[int, int]]:
+        """``(start, end)`` of each chunk; the trailing partial chunk only if ``partial``."""
+        step = self.chunk_tokens
+        end = num_tokens if partial else num_tokens - num_tokens % step
+        return [(start, min(start + step, end)) for start in range(0, end, step)]
+
+    def keys(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        partial: bool = False,
+    ) -> list[ChunkKey]:
+        """Keys of the chunks of ``tokens`` in order.
+
+        ``extra_keys[i]`` (CBOR-encodable, e.g. a LoRA name or ``cache_salt``) is mixed
+        into chunk ``i``'s hash; chunks past the end of ``extra_keys`` get none.
+        """
+        arr = _as_int64(tokens)
+        parent = self.root
+        keys = []
+        for i, (start, end) in enumerate(self.chunk_bounds(len(arr), partial=partial)):
+            extra = extra_keys[i] if i < len(extra_keys) else None
+            parent = self._digest(parent, arr[start:end], extra)
+            keys.append(ChunkKey(self.namespace, parent))
+        return keys
+
+    def _digest(
+        self, parent: bytes, tokens: np.ndarray[Any, np.dtype[np.int64]], extra: ExtraKeys
+    ) -> bytes:
+        if self.algorithm == "sha256_cbor":
+            return sha256_cbor((parent, tuple(tokens.tolist()), extra))
+        h = xxhash.xxh3_128()
+        h.update(parent)
+        h.update(len(tokens).to_bytes(8, "little"))  # no token run can pass for extra keys
+        h.update(tokens.data)
+        if extra is not None:
+            h.update(cbor2.dumps(extra, canonical=True))
+        return h.digest()

@@ -1,0 +1,39 @@
+"""Shared fixtures: installed fake plugin distributions."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+FakeDist = Callable[..., Path]
+
+
+@pytest.fixture
+def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDist:
+    """Install a fake distribution: a ``.dist-info`` folder with ``kvtier`` entry points
+    plus its modules, on ``sys.path`` for this test only."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    created: list[str] = []
+
+    def make(
+        name: str, entry_points: dict[str, str], modules: dict[str, str], version: str = "1.0"
+    ) -> Path:
+        info = root / f"{name.replace('-', '_')}-{version}.dist-info"  # wheel naming
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+        (info / "entry_points.txt").write_text("[kvtier]\n" + lines)
+        for module, source in modules.items():
+            (root / f"{module}.py").write_text(textwrap.dedent(source))
+            created.append(module)
+        return info
+
+    yield make
+    for module in created:
+        sys.modules.pop(module, None)
