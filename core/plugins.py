@@ -38,6 +38,8 @@ ENTRY_POINT_GROUP = "kvtier"
 BUILTIN_PLUGINS: dict[str, str] = {
     "eviction": "kvtier.core.eviction",
     "codecs": "kvtier.core.codecs",
+    "cpu": "kvtier.backends.memory",
+    "file": "kvtier.backends.file",
 }
 """Built-in plugins by name; a config can disable them like any other plugin."""
 

@@ -1,0 +1,584 @@
+"""The ``file`` tier: layout, persistence across restarts and processes, cleanup,
+capacity on disk, error translation and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import multiprocessing
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from kvtier.backends.file import TEMP_GRACE_S, FileBackend
+from kvtier.core.backend import PutMode
+from kvtier.core.buffers import Buffer, default_pool
+from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
+from kvtier.core.factory import build_backend
+from kvtier.core.testing import BackendConformance
+
+T = TypeVar("T")
+KiB = 1024
+
+
+def key(i: int, ns: str = "test") -> str:
+    return f"{ns}.{i:032x}"
+
+
+def data(i: int, nbytes: int) -> bytes:
+    return random.Random(i).randbytes(nbytes)
+
+
+def buf(payload: bytes) -> Buffer:
+    return default_pool().copy_of(payload)
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(scenario())
+
+
+def make(url: str, capacity: int | None = 1 << 20, **options: Any) -> FileBackend:
+    backend = build_backend(url, capacity=capacity, options=options)
+    assert isinstance(backend, FileBackend)
+    return backend
+
+
+async def put(
+    backend: FileBackend, items: dict[str, bytes], mode: PutMode = PutMode.OVERWRITE
+) -> list[bool]:
+    bufs = [buf(v) for v in items.values()]
+    try:
+        return await backend.put_many(list(zip(items, bufs, strict=True)), mode)
+    finally:
+        for b in bufs:
+            b.release()
+
+
+async def get(backend: FileBackend, keys: list[str]) -> list[bytes | None]:
+    out = []
+    for b in await backend.get_many(keys):
+        out.append(None if b is None else bytes(b.view))
+        if b is not None:
+            b.release()
+    return out
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``; a file renamed during the walk counts once."""
+    sizes = {}
+    for path in root.rglob("*"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            sizes[st.st_dev, st.st_ino] = st.st_size
+    return sum(sizes.values())
+
+
+def chunk_path(root: Path, k: str) -> Path:
+    return root / k.rpartition(".")[2][:2] / k
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "kv"
+
+
+@pytest.fixture
+def url(root: Path) -> str:
+    return f"file://{root}"
+
+
+class TestFileConformance(BackendConformance):
+    capacity = 128 << 20
+
+    @pytest.fixture
+    def backend_url(self, tmp_path: Path) -> str:
+        return f"file://{tmp_path}/kv"
+
+    def stop_server(self, url: str) -> None:
+        shutil.rmtree(url.removeprefix("file://"))  # the disk is gone
+
+
+class TestFileDirectSyncConformance(TestFileConformance):
+    options = {"o_direct": True, "fsync": True}
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["file://relative/kv", "file:relative/kv", "file:///tmp/kv?fsync=1", "file://host/kv"]
+)
+def test_bad_urls_explain_the_form(bad: str) -> None:
+    with pytest.raises(ConfigError, match="file:///absolute/path"):
+        make(bad)
+
+
+def test_capacity_is_required(url: str) -> None:
+    with pytest.raises(ConfigError, match="capacity"):
+        make(url, capacity=None)
+
+
+def test_unknown_options_and_policies_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match="o_direct"):
+        make(url, o_drect=True)
+    with pytest.raises(ConfigError, match="lru"):
+        make(url, eviction="lruu")
+
+
+def test_refused_o_direct_is_a_clear_error(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(ConfigError, match="o_direct: false"):
+        run(make(url, o_direct=True).open)
+
+
+# -- layout and persistence ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_one_file_per_chunk_in_shards(root: Path, url: str, o_direct: bool) -> None:
+    items = {key(i): data(i, 5000 * i + 1) for i in range(1, 5)}
+    unaligned = bytearray(data(9, 7001))  # not pool memory: O_DIRECT copies it first
+
+    async def scenario() -> None:
+        async with make(url, o_direct=o_direct) as backend:
+            assert await put(backend, items) == [True] * 4
+            wrapped = Buffer.wrap(memoryview(unaligned)[1:])
+            assert await backend.put_many([(key(9), wrapped)]) == [True]
+            items[key(9)] = bytes(unaligned[1:])
+            assert await get(backend, list(items)) == list(items.values())
+
+    run(scenario)
+    for k, v in items.items():
+        assert chunk_path(root, k).read_bytes() == v
+    assert list((root / ".tmp").iterdir()) == []
+
+
+def test_restart_keeps_keys_sizes_and_eviction_order(url: str) -> None:
+    size = 100 * KiB
+    first = {key(i): data(i, size) for i in range(4)}
+
+    async def before() -> None:
+        async with make(url, capacity=5 * size) as backend:
+            await put(backend, first)
+            for k in (0, 1, 0):  # LRU order now 2, 3, 1, 0
+                await get(backend, [key(k)])
+
+    async def after() -> list[tuple[str, int]]:
+        evicted: list[tuple[str, int]] = []
+        async with make(url, capacity=5 * size) as backend:
+            backend.eviction_listener = evicted.extend
+            stats = await backend.stats()
+            assert (stats.keys, stats.bytes_used) == (4, 4 * size)
+            assert sorted([k async for k in backend.iter_keys("test.")]) == sorted(first)
+            assert await get(backend, [key(3)]) == [first[key(3)]]
+            await put(backend, {key(i): data(i, size) for i in (4, 5, 6)})
+            assert await backend.contains_many([key(0), key(3)]) == [True, True]
+        return evicted
+
+    run(before)
+    assert run(after) == [(key(2), size), (key(1), size)]
+
+
+@pytest.mark.parametrize(("policy", "victim"), [("lru", 0), ("lfu", 1)])
+def test_eviction_policy_option(url: str, policy: str, victim: int) -> None:
+    async def scenario() -> list[tuple[str, int]]:
+        evicted: list[tuple[str, int]] = []
+        async with make(url, capacity=2000, eviction=policy) as backend:
+            backend.eviction_listener = evicted.extend
+            await put(backend, {key(0): b"0" * 1000, key(1): b"1" * 1000})
+            for k in (0, 0, 1):  # key 1 is the most recent, key 0 the most frequent
+                await get(backend, [key(k)])
+            await put(backend, {key(2): b"2" * 1000})
+        return evicted
+
+    assert run(scenario) == [(key(victim), 1000)]
+
+
+def test_fsync_syncs_each_file_and_each_folder_once(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    async def scenario() -> None:
+        async with make(url, fsync=True) as backend:
+            monkeypatch.setattr(os, "fsync", record)
+            await put(backend, {key(i): b"x" for i in range(3)})  # all in shard "00"
+
+    run(scenario)
+    temps = [p for p in synced if "/.tmp/" in p]
+    assert len(temps) == 3
+    assert sorted(p for p in synced if p not in temps) == [str(root), str(root / "00")]
+
+
+def test_restart_with_a_smaller_capacity_trims_the_folder(root: Path, url: str) -> None:
+    async def fill() -> None:
+        async with make(url, capacity=1 << 20) as backend:
+            await put(backend, {key(i): data(i, 100 * KiB) for i in range(10)})
+
+    async def reopen() -> list[tuple[str, int]]:
+        evicted: list[tuple[str, int]] = []
+        backend = make(url, capacity=300 * KiB)
+        backend.eviction_listener = evicted.extend
+        async with backend:
+            assert (await backend.stats()).keys == 3
+        return evicted
+
+    run(fill)
+    assert [k for k, _ in run(reopen)] == [key(i) for i in range(7)]
+    assert disk_bytes(root) == 300 * KiB
+
+
+# -- sharing a folder ------------------------------------------------------------------
+
+
+def test_two_instances_see_writes_and_deletions(url: str) -> None:
+    async def scenario() -> None:
+        async with make(url) as a, make(url) as b:
+            await put(a, {key(1): b"one", key(2): b"two"})
+            assert await b.contains_many([key(2), key(3)]) == [True, False]
+            assert await get(b, [key(1)]) == [b"one"]
+            assert (await b.stats()).details["adopted"] == 2
+            assert await put(b, {key(1): b"uno"}, PutMode.CREATE) == [False]
+
+            assert await a.delete_many([key(1)]) == [True]
+            assert await get(b, [key(1)]) == [None]
+            stats = await b.stats()
+            assert (stats.keys, stats.bytes_used, stats.details["vanished"]) == (1, 3, 1)
+
+    run(scenario)
+
+
+def _child_writes(url: str, keys: list[str]) -> None:
+    async def scenario() -> None:
+        async with make(url) as backend:
+            assert await get(backend, [key(0)]) == [data(0, 300 * KiB)]
+            assert all(await put(backend, {k: data(i, 200 * KiB) for i, k in enumerate(keys, 1)}))
+
+    run(scenario)
+
+
+def test_another_process_writes_and_this_one_reads(url: str) -> None:
+    child_keys = [key(i, "child") for i in range(1, 4)]
+
+    async def scenario() -> None:
+        async with make(url) as backend:
+            await put(backend, {key(0): data(0, 300 * KiB)})
+            ctx = multiprocessing.get_context("spawn")
+            proc = ctx.Process(target=_child_writes, args=(url, child_keys))
+            proc.start()
+            await asyncio.to_thread(proc.join, 60)
+            assert proc.exitcode == 0
+            want = [data(i, 200 * KiB) for i in range(1, 4)]
+            assert await get(backend, child_keys) == want
+            assert (await backend.stats()).keys == 4
+
+    run(scenario)
+
+
+# -- cleanup on open -------------------------------------------------------------------
+
+
+def test_open_removes_only_stale_temp_files(root: Path, url: str) -> None:
+    temps = root / ".tmp"
+    temps.mkdir(parents=True)
+
+    def temp(name: str, age_s: float | None) -> Path:
+        path = temps / f"{name}.tmp"
+        path.write_bytes(b"partial")
+        if age_s is not None:
+            os.utime(path, (time.time() - age_s,) * 2)
+        return path
+
+    dead = temp("99999999-0123456789abcdef", 60)
+    ancient = temp("1-00000000000000aa", TEMP_GRACE_S + 60)
+    fresh = temp("2-00000000000000bb", None)  # its writer may not hold the lock yet
+    live = temp("3-00000000000000cc", 60)
+    with open(live, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+
+        async def scenario() -> int:
+            async with make(url) as backend:
+                return int((await backend.stats()).details["stale_temps_removed"])
+
+        assert run(scenario) == 2
+    assert (dead.exists(), ancient.exists(), fresh.exists(), live.exists()) == (
+        False,
+        False,
+        True,
+        True,
+    )
+
+
+def test_open_leaves_a_running_write_alone(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, resume = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
+        started.set()
+        resume.wait(10)
+        return real_pwrite(fd, view, offset)
+
+    async def scenario() -> None:
+        async with make(url) as writer:
+            monkeypatch.setattr(os, "pwrite", slow_pwrite)
+            task = asyncio.ensure_future(put(writer, {key(1): b"payload"}))
+            await asyncio.to_thread(started.wait, 10)
+            (temp,) = (root / ".tmp").iterdir()
+            os.utime(temp, (time.time() - 60,) * 2)  # looks abandoned but is locked
+            async with make(url) as other:
+                assert (await other.stats()).details["stale_temps_removed"] == 0
+            resume.set()
+            assert await task == [True]
+            assert await get(writer, [key(1)]) == [b"payload"]
+
+    run(scenario)
+
+
+def test_create_loses_to_a_key_stored_while_it_was_writing(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, resume = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
+        if threading.current_thread() is not threading.main_thread() and not started.is_set():
+            started.set()
+            resume.wait(10)
+        return real_pwrite(fd, view, offset)
+
+    async def scenario() -> None:
+        async with make(url) as a, make(url) as b:
+            monkeypatch.setattr(os, "pwrite", slow_pwrite)
+            task = asyncio.ensure_future(put(a, {key(1): b"from a"}, PutMode.CREATE))
+            await asyncio.to_thread(started.wait, 10)
+            assert await put(b, {key(1): b"from b"}) == [True]
+            resume.set()
+            assert await task == [False]
+            assert await get(a, [key(1)]) == [b"from b"]
+
+    run(scenario)
+
+
+def test_foreign_files_are_counted_and_never_deleted(root: Path, url: str) -> None:
+    misplaced = root / "ab" / key(0xCD)  # a valid key, but its shard is "00"
+    foreign = [
+        root / "README",
+        root / "zz" / "x",
+        root / "ab" / "notes.txt",
+        misplaced,
+        root / ".tmp" / "mine.txt",
+    ]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not kvtier's")
+
+    async def scenario() -> None:
+        async with make(url, capacity=256 * KiB) as backend:
+            stats = await backend.stats()
+            assert (stats.keys, stats.details["foreign_files"]) == (0, 5)
+            await put(backend, {key(i): data(i, 100 * KiB) for i in range(6)})  # evicts
+            assert [k async for k in backend.iter_keys()] != []
+            assert key(0xCD) not in [k async for k in backend.iter_keys()]
+
+    run(scenario)
+    assert all(path.read_bytes() == b"not kvtier's" for path in foreign)
+
+
+# -- capacity --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_disk_never_exceeds_capacity(root: Path, url: str, o_direct: bool) -> None:
+    capacity = 1 << 20
+    rng = random.Random(7)
+    evicted: list[tuple[str, int]] = []
+
+    async def writer(backend: FileBackend, start: int) -> None:
+        for batch in range(start, start + 40, 4):
+            items = {key(i): data(i, rng.randrange(1, 200 * KiB)) for i in range(batch, batch + 4)}
+            assert all(await put(backend, items))
+            # A folder walk racing the other writer is no atomic snapshot (it can see a
+            # victim before its unlink and its replacement after), so check the
+            # backend's accounting here and the disk itself once both writers are done.
+            assert (await backend.stats()).bytes_used <= capacity
+
+    async def scenario() -> None:
+        async with make(url, capacity=capacity, o_direct=o_direct) as backend:
+            backend.eviction_listener = evicted.extend
+            await asyncio.gather(writer(backend, 0), writer(backend, 1000))
+            assert await put(backend, {key(9999): b"x" * (capacity + 1)}) == [False]
+            stats = await backend.stats()
+            assert stats.bytes_used == disk_bytes(root) <= capacity
+            assert stats.evictions == len(evicted) > 0
+            assert stats.details["reserved_bytes"] == 0
+            assert stats.keys + len(evicted) == 80
+
+    run(scenario)
+
+
+def test_a_chunk_deleted_while_read_is_returned_whole_and_stays_deleted(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, resume = threading.Event(), threading.Event()
+    real_preadv = os.preadv
+
+    def slow_preadv(fd: int, buffers: Any, offset: int) -> int:
+        started.set()
+        resume.wait(10)
+        return int(real_preadv(fd, buffers, offset))
+
+    payload = data(1, 100 * KiB)
+
+    async def scenario() -> None:
+        async with make(url, threads=2) as backend:
+            await put(backend, {key(1): payload})
+            monkeypatch.setattr(os, "preadv", slow_preadv)
+            reading = asyncio.ensure_future(get(backend, [key(1)]))
+            await asyncio.to_thread(started.wait, 10)
+            assert await backend.delete_many([key(1)]) == [True]
+            resume.set()
+            assert await reading == [payload]
+            stats = await backend.stats()
+            assert (stats.keys, stats.bytes_used) == (0, 0)
+
+    run(scenario)
+
+
+# -- a byte store: corrupt files are data, and deletable ---------------------------------
+
+
+def test_truncated_or_replaced_files_are_returned_and_deletable(root: Path, url: str) -> None:
+    async def scenario() -> None:
+        async with make(url) as backend:
+            await put(backend, {key(1): data(1, 10_000), key(2): data(2, 10_000)})
+            os.truncate(chunk_path(root, key(1)), 4321)
+            chunk_path(root, key(2)).write_bytes(b"garbage")
+            assert await get(backend, [key(1), key(2)]) == [data(1, 10_000)[:4321], b"garbage"]
+            assert await backend.delete_many([key(1), key(2), key(3)]) == [True, True, False]
+            assert await backend.contains_many([key(1), key(2)]) == [False, False]
+            assert (await backend.stats()).bytes_used == 0
+
+    run(scenario)
+    assert not chunk_path(root, key(1)).exists()
+    assert not chunk_path(root, key(2)).exists()
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def test_disk_full_rejects_the_item(root: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        async with make(url) as backend:
+            monkeypatch.setattr(os, "pwrite", full)
+            assert await put(backend, {key(1): b"x" * 5000}) == [False]
+            stats = await backend.stats()
+            assert (stats.keys, stats.bytes_used, stats.details["reserved_bytes"]) == (0, 0, 0)
+            assert stats.details["rejected_no_space"] == 1
+
+    run(scenario)
+    assert list((root / ".tmp").iterdir()) == []
+
+
+def test_os_errors_are_translated(root: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(*args: Any) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    async def scenario() -> None:
+        backend = make(url)
+        with pytest.raises(BackendUnavailableError, match="not open"):
+            await backend.get_many([key(1)])
+        await backend.open()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pwrite", denied)
+            with pytest.raises(BackendError, match="Permission denied") as info:
+                await put(backend, {key(1): b"x"})
+            assert not isinstance(info.value, BackendUnavailableError)
+        shutil.rmtree(root)
+        with pytest.raises(BackendUnavailableError, match="gone"):
+            await backend.get_many([key(1)])
+        with pytest.raises(BackendUnavailableError, match="gone"):
+            await put(backend, {key(1): b"x"})
+        await backend.close()
+        with pytest.raises(BackendUnavailableError, match="closed"):
+            await backend.contains_many([key(1)])
+
+    run(scenario)
+
+
+def test_invalid_keys_never_become_paths(url: str) -> None:
+    async def scenario() -> None:
+        async with make(url) as backend:
+            for bad in ("../../etc/passwd", "ns./0123456789abcdef0123456789abcdef", ".hidden"):
+                with pytest.raises(ConfigError):
+                    await backend.get_many([bad])
+
+    run(scenario)
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+def test_cancelled_put_leaves_keys_absent_or_complete(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, resume = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
+        started.set()
+        resume.wait(10)
+        return real_pwrite(fd, view, offset)
+
+    items = {key(i): data(i, 50 * KiB) for i in range(3)}
+
+    async def scenario() -> None:
+        async with make(url) as backend:
+            monkeypatch.setattr(os, "pwrite", slow_pwrite)
+            bufs = [buf(v) for v in items.values()]
+            task = asyncio.ensure_future(backend.put_many(list(zip(items, bufs, strict=True))))
+            await asyncio.to_thread(started.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for b in bufs:
+                b.release()  # the caller is done; the running write must not lose its bytes
+            scratch = [default_pool().acquire(50 * KiB) for _ in bufs]
+            for b in scratch:  # reuses the callers' memory if the backend did not retain it
+                b.view[:] = bytes(50 * KiB)
+                b.release()
+            resume.set()
+        assert all(b.refcount == 0 for b in bufs)
+
+    run(scenario)
+    assert chunk_path(root, key(0)).read_bytes() == items[key(0)]
+    assert not chunk_path(root, key(1)).exists()
+    assert not chunk_path(root, key(2)).exists()
+    assert list((root / ".tmp").iterdir()) == []
