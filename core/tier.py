@@ -1,0 +1,159 @@
+"""One tier of the chain: a backend with its codec pipeline, circuit breaker and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from kvtier.core.backend import Backend
+from kvtier.core.blob import CodecPipeline
+from kvtier.core.config import TierConfig
+from kvtier.core.errors import BackendUnavailableError, KVTierError
+from kvtier.core.specs import EventKind, TierEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_RETRY_AFTER = 60.0
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier since it was opened."""
+
+    name: str
+    url: str
+    codec: str
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    bytes_in: int = 0
+    """Encoded bytes written into the tier."""
+    bytes_out: int = 0
+    """Encoded bytes read from the tier."""
+    evictions: int = 0
+    rejected: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    skipped: int = 0
+    """Operations not attempted because the tier was marked unavailable."""
+    ops: int = 0
+    op_seconds: float = 0.0
+    max_op_seconds: float = 0.0
+    available: bool = True
+
+    @property
+    def mean_latency_ms(self) -> float:
+        return 1000 * self.op_seconds / self.ops if self.ops else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean_latency_ms": round(self.mean_latency_ms, 3)}
+
+
+class CircuitBreaker:
+    """Skips a failing tier for ``retry_after`` seconds, doubling up to a minute."""
+
+    def __init__(self, retry_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base = retry_after
+        self.clock = clock
+        self.delay = retry_after
+        self.open_until: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.open_until is None
+
+    def allow(self) -> bool:
+        """Whether to try the tier now (always when closed; once the wait is over when open)."""
+        return self.open_until is None or self.clock() >= self.open_until
+
+    def success(self) -> None:
+        self.open_until = None
+        self.delay = self.base
+
+    def failure(self) -> None:
+        if self.open_until is not None:
+            self.delay = min(self.delay * 2, MAX_RETRY_AFTER)
+        self.open_until = self.clock() + self.delay
+
+
+class Tier:
+    """A backend in the chain. :meth:`guarded` runs one operation with the tier's timeout
+    and circuit breaker and turns every failure into ``None``, counted and reported."""
+
+    def __init__(
+        self,
+        config: TierConfig,
+        backend: Backend,
+        pipeline: CodecPipeline,
+        *,
+        retry_after: float,
+        emit: Callable[[TierEvent], None],
+    ) -> None:
+        assert config.name is not None
+        self.name = config.name
+        self.config = config
+        self.backend = backend
+        self.pipeline = pipeline
+        self.breaker = CircuitBreaker(retry_after)
+        self.emit = emit
+        self.stats = TierStats(name=self.name, url=config.url, codec=pipeline.name)
+        self._opened = True
+
+    def mark_unopened(self, exc: Exception) -> None:
+        """The backend could not be opened; the next allowed operation opens it first."""
+        self._opened = False
+        self._failed("open", exc, 0)
+
+    async def guarded(
+        self, op: str, call: Callable[..., Awaitable[T]], *args: Any, count: int = 0
+    ) -> T | None:
+        """Await ``call(*args)`` unless the tier is unavailable; ``None`` on skip or failure.
+
+        ``count`` is the number of chunks involved, for the failure event."""
+        if not self.breaker.allow():
+            self.stats.skipped += 1
+            return None
+        start = time.perf_counter()
+        try:
+            if not self._opened:
+                await asyncio.wait_for(self.backend.open(), self.config.timeout)
+                self._opened = True
+            result = await asyncio.wait_for(call(*args), self.config.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(op, exc, count)
+            return None
+        seconds = time.perf_counter() - start
+        self.stats.ops += 1
+        self.stats.op_seconds += seconds
+        self.stats.max_op_seconds = max(self.stats.max_op_seconds, seconds)
+        if not self.breaker.closed:
+            log.info("tier %s is available again", self.name)
+        self.breaker.success()
+        self.stats.available = True
+        return result
+
+    def encode_failed(self, exc: Exception, count: int) -> None:
+        """Encoding for this tier failed: count and report it; the tier stays available."""
+        self.stats.errors += 1
+        log.error("tier %s: encoding %d chunks failed: %s", self.name, count, exc)
+        self.emit(TierEvent(EventKind.FAILED, self.name, count, detail=f"encode failed: {exc}"))
+
+    def _failed(self, op: str, exc: Exception, count: int) -> None:
+        self.stats.errors += 1
+        self.stats.available = False
+        self.breaker.failure()
+        if isinstance(exc, asyncio.TimeoutError):
+            detail = f"{op} timed out after {self.config.timeout}s"
+        elif isinstance(exc, (BackendUnavailableError, KVTierError)):
+            detail = f"{op} failed: {exc}"
+        else:
+            log.exception("tier %s: unexpected error in %s", self.name, op)
+            detail = f"{op} failed unexpectedly: {type(exc).__name__}: {exc}"
+        log.warning("tier %s skipped for %.1fs: %s", self.name, self.breaker.delay, detail)
+        self.emit(TierEvent(EventKind.FAILED, self.name, count, detail=detail))
