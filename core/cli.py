@@ -1,0 +1,262 @@
+"""The ``kvtier`` command line.
+
+Bad arguments, URLs and configs print one line, ``kvtier: error: ...``, and exit with
+code 2; an unreachable store exits with 1. No tracebacks for either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+from typer.exceptions import TyperException
+
+from kvtier.core.backend import Backend
+from kvtier.core.config import load_config, parse_size
+from kvtier.core.errors import BackendError, ConfigError, KVTierError
+from kvtier.core.plugins import get_registry
+
+app = typer.Typer(
+    name="kvtier",
+    help="Store and reuse LLM KV caches across storage tiers.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console(width=None if sys.stdout.isatty() else 120)
+"""Rich output; 120 columns when piped (logs, CI) instead of rich's default 80."""
+
+INSPECT_CAPACITY = 1 << 62
+"""Capacity given to bounded backends opened only for inspection (nothing is written)."""
+
+CapacityOption = Annotated[
+    str | None,
+    typer.Option("--capacity", help="Capacity for bounded backends, e.g. 2GiB."),
+]
+OptionOption = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="Backend option KEY=VALUE (repeatable)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"kvtier: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["eviction=lfu", "fsync=true"]`` -> ``{"eviction": "lfu", "fsync": True}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r} must look like KEY=VALUE, e.g. eviction=lfu")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _capacity(text: str | None) -> int:
+    if text is None:
+        return INSPECT_CAPACITY
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"--capacity: {exc}") from None
+
+
+@asynccontextmanager
+async def _opened(
+    url: str, capacity: str | None, options: list[str] | None
+) -> AsyncIterator[Backend]:
+    from kvtier.core.factory import build_backend
+
+    backend = build_backend(url, capacity=_capacity(capacity), options=parse_options(options))
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@app.command()
+def demo(
+    config: Annotated[
+        Path | None, typer.Option(help="Tier-chain YAML (default: embedded).")
+    ] = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Prompt length in tokens.")] = 4096,
+) -> None:
+    """Store a KV cache through the tier chain, reload it, and print what happened."""
+    from kvtier.core.demo import run_demo
+
+    steps = run_demo(config, tokens=tokens, console=console)
+    if any(step.identical is False for step in steps):
+        _fail("reloaded KV differs from what was stored", code=1)
+
+
+@app.command()
+def plugins() -> None:
+    """List every plugin with its distribution, version and what it provides."""
+    table = Table(title="kvtier plugins")
+    for column in ("plugin", "distribution", "version", "provides", "hooks"):
+        table.add_column(column)
+    for info in get_registry().plugins():
+        table.add_row(info.name, info.distribution, info.version,
+                      ", ".join(info.provides), ", ".join(info.hooks))  # fmt: skip
+    console.print(table)
+
+
+@config_app.command("validate")
+def config_validate(file: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Validate a config file and show the tier chain it defines."""
+    cfg = load_config(file)
+    registry = get_registry(frozenset(cfg.plugins.disable))
+    table = Table(title=f"{file}: valid")
+    for column in ("tier", "url", "backend", "capacity", "codec", "write", "promote"):
+        table.add_column(column)
+    for tier in cfg.tiers:
+        spec = registry.backend_for_url(tier.url)
+        from kvtier.core.blob import CodecPipeline
+
+        pipeline = CodecPipeline.from_config(tier.codec, registry)
+        capacity = "-" if tier.capacity is None else f"{tier.capacity / 2**30:.2f} GiB"
+        table.add_row(str(tier.name), tier.url, spec.name, capacity, pipeline.name,
+                      tier.write_policy, "yes" if tier.promote else "no")  # fmt: skip
+    console.print(table)
+
+
+async def _describe_keys(backend: Backend, prefix: str, limit: int) -> list[tuple[str, str, str]]:
+    from kvtier.core.blob import read_header
+    from kvtier.core.keys import ChunkKey
+
+    rows: list[tuple[str, str, str]] = []
+    async for key in backend.iter_keys(prefix):
+        if len(rows) >= limit:
+            break
+        (blob,) = await backend.get_many([key])
+        if blob is None:
+            continue
+        with blob:
+            try:
+                header = read_header(blob.view)
+                what = f"{'+'.join(n for n, _ in header.stages)} {list(header.shape)}"
+            except KVTierError as exc:
+                what = f"CORRUPT: {exc}"
+            rows.append((ChunkKey.parse(key).namespace, key, f"{blob.nbytes} B  {what}"))
+    return rows
+
+
+@app.command("ls")
+def ls(
+    url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
+    prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many keys.")] = 100,
+    capacity: CapacityOption = None,
+    option: OptionOption = None,
+) -> None:
+    """List the chunks in a store: namespace, key, size, codec and shape."""
+
+    async def run() -> list[tuple[str, str, str]]:
+        async with _opened(url, capacity, option) as backend:
+            return await _describe_keys(backend, prefix, limit)
+
+    table = Table(title=url)
+    for column in ("namespace", "key", "blob"):
+        table.add_column(column)
+    for row in asyncio.run(run()):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def stats(
+    url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
+    capacity: CapacityOption = None,
+    option: OptionOption = None,
+) -> None:
+    """Show a store's counters and its chunks per namespace."""
+    from kvtier.core.keys import ChunkKey
+
+    async def run() -> tuple[Any, dict[str, int]]:
+        async with _opened(url, capacity, option) as backend:
+            per_namespace: dict[str, int] = {}
+            async for key in backend.iter_keys():
+                ns = ChunkKey.parse(key).namespace
+                per_namespace[ns] = per_namespace.get(ns, 0) + 1
+            return await backend.stats(), per_namespace
+
+    snapshot, per_namespace = asyncio.run(run())
+    table = Table(title=url)
+    table.add_column("stat")
+    table.add_column("value", justify="right")
+    for name in ("keys", "bytes_used", "capacity_bytes", "evictions"):
+        table.add_row(name, str(getattr(snapshot, name)))
+    for name, value in snapshot.details.items():
+        table.add_row(name, str(value))
+    for ns, count in sorted(per_namespace.items()):
+        table.add_row(f"chunks in {ns}", str(count))
+    console.print(table)
+
+
+@app.command("check-backend")
+def check_backend(
+    url: Annotated[str, typer.Argument(help="URL of a live store to test (data is written).")],
+    capacity: CapacityOption = None,
+    option: OptionOption = None,
+    pytest_args: Annotated[
+        list[str] | None, typer.Option("--pytest-arg", help="Extra pytest argument.")
+    ] = None,
+) -> None:
+    """Run kvtier's backend conformance suite against a live store."""
+    import pytest
+
+    get_registry().backend_for_url(url)
+    args = ["-q", "--pyargs", "kvtier.core.testing.live", f"--kvtier-backend-url={url}"]
+    if capacity is not None:
+        args.append(f"--kvtier-backend-capacity={_capacity(capacity)}")
+    args += [f"--kvtier-backend-option={pair}" for pair in option or ()]
+    raise SystemExit(int(pytest.main(args + list(pytest_args or ()))))
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Typer's usage errors: its own since it vendors click, click's before that."""
+    errors: list[type[Exception]] = [TyperException]
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        errors.append(click.ClickException)
+    return tuple(errors)
+
+
+def _run(entry: Callable[..., Any]) -> None:
+    try:
+        entry(standalone_mode=False, prog_name="kvtier")
+    except _usage_errors() as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(f"{exc.format_message()}{hint}", code=getattr(exc, "exit_code", 2))  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("aborted", code=130)
+    except ConfigError as exc:
+        _fail(str(exc).replace("\n", "; "))
+    except BackendError as exc:
+        _fail(str(exc), code=1)
+    except KVTierError as exc:
+        _fail(str(exc), code=2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _run(app)
