@@ -178,3 +178,66 @@ def test_every_hook_is_documented_with_an_example():
         signature = inspect.signature(hook)
         assert signature.return_annotation is not inspect.Signature.empty, hook.__name__
         assert all(p.annotation is not p.empty for p in signature.parameters.values())
+
+
+EXTENSION_PLUGIN = """
+    import numpy as np
+    from kvtier.core import hookimpl
+    from kvtier.core.codec import ByteCodec
+    from kvtier.core.errors import ChunkCorruptedError
+    from kvtier.core.eviction import LRUPolicy
+    from kvtier.core.specs import CodecSpec, EvictionPolicySpec
+
+    class InvertCodec(ByteCodec):
+        name = "invert"
+
+        def encode(self, data, itemsize):
+            return np.bitwise_not(np.frombuffer(data, np.uint8)).tobytes(), {"v": 1}
+
+        def decode(self, data, params, nbytes):
+            if params != {"v": 1} or len(data) != nbytes:
+                raise ChunkCorruptedError("invert: bad parameters or size")
+            return np.bitwise_not(np.frombuffer(data, np.uint8)).tobytes()
+
+    class FIFOPolicy(LRUPolicy):
+        def touch(self, key):
+            pass
+
+    @hookimpl
+    def kvtier_codecs():
+        return [CodecSpec(name="invert", cls=InvertCodec)]
+
+    @hookimpl
+    def kvtier_eviction_policies():
+        return [EvictionPolicySpec(name="fifo", cls=FIFOPolicy)]
+"""
+
+
+def test_third_party_codec_and_eviction_policy_work_in_a_tier(fake_dist):
+    import torch
+
+    from kvtier.core import KVLayout, KVTier
+    from kvtier.core.blob import read_header
+
+    fake_dist("kvtier-ext", {"ext": "ext_plugin"}, {"ext_plugin": EXTENSION_PLUGIN})
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype=torch.float32)
+    chunk_bytes = 8 * layout.bytes_per_token()
+    tier = {"url": "cpu://", "capacity": 3 * (chunk_bytes + 1024), "codec": "raw+invert",
+            "options": {"eviction": "fifo"}}  # fmt: skip
+    tokens, kv = torch.arange(32), torch.randn(layout.chunk_shape(32))
+    with KVTier.open({"chunk_tokens": 8, "tiers": [tier]}, model="m", layout=layout,
+                     registry=PluginRegistry()) as cache:  # fmt: skip
+        keys = [str(k) for k in cache.hasher.keys(tokens)]
+        backend = cache.chain.tiers[0].backend
+        cache.store(tokens[:24], kv[:, :, :24])
+        cache.flush()
+        n, got = cache.retrieve(tokens[:24])
+        assert n == 24 and torch.equal(got, kv[:, :, :24]), "the plugin codec round-trips"
+        (blob,) = cache._io.run(backend.get_many([keys[1]]))
+        with blob:
+            assert [name for name, _ in read_header(blob.view).stages] == ["raw", "invert"]
+        cache.retrieve(tokens[:8])  # chunk 0 is now the most recently used
+        cache.store(tokens, kv)  # only chunk 3 is new: one eviction
+        cache.flush()
+        present = cache._io.run(backend.contains_many(keys))
+        assert present == [False, True, True, True], "fifo evicts the oldest, not the LRU"
