@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +116,9 @@ def test_check_backend_runs_the_conformance_suite(monkeypatch, capsys):
 
 
 def test_console_script_exit_code():
+    script = Path(sys.executable).with_name("kvtier")  # installed beside this interpreter
     result = subprocess.run(
-        ["kvtier", "ls", "s4://bucket"], capture_output=True, text=True, check=False
+        [str(script), "ls", "s4://bucket"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 2
     assert result.stderr.startswith("kvtier: error: no backend handles URL scheme 's4'")
