@@ -38,7 +38,8 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 """Rich output; 120 columns when piped (logs, CI) instead of rich's default 80."""
 
 INSPECT_CAPACITY = 1 << 62
-"""Capacity given to bounded backends opened only for inspection (nothing is written)."""
+"""Capacity given to bounded backends opened only for inspection: so large that opening
+never evicts anything (a file tier trims an over-full folder on open)."""
 
 CapacityOption = Annotated[
     str | None,
@@ -66,9 +67,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def _capacity(text: str | None) -> int:
-    if text is None:
-        return INSPECT_CAPACITY
+def _capacity(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -76,12 +75,11 @@ def _capacity(text: str | None) -> int:
 
 
 @asynccontextmanager
-async def _opened(
-    url: str, capacity: str | None, options: list[str] | None
-) -> AsyncIterator[Backend]:
+async def _inspected(url: str, options: list[str] | None) -> AsyncIterator[Backend]:
+    """``url``'s backend, opened to read: nothing is written, nothing is evicted."""
     from kvtier.core.factory import build_backend
 
-    backend = build_backend(url, capacity=_capacity(capacity), options=parse_options(options))
+    backend = build_backend(url, capacity=INSPECT_CAPACITY, options=parse_options(options))
     await backend.open()
     try:
         yield backend
@@ -161,13 +159,12 @@ def ls(
     url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
     prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
     limit: Annotated[int, typer.Option(min=1, help="At most this many keys.")] = 100,
-    capacity: CapacityOption = None,
     option: OptionOption = None,
 ) -> None:
     """List the chunks in a store: namespace, key, size, codec and shape."""
 
     async def run() -> list[tuple[str, str, str]]:
-        async with _opened(url, capacity, option) as backend:
+        async with _inspected(url, option) as backend:
             return await _describe_keys(backend, prefix, limit)
 
     table = Table(title=url)
@@ -181,14 +178,13 @@ def ls(
 @app.command()
 def stats(
     url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
-    capacity: CapacityOption = None,
     option: OptionOption = None,
 ) -> None:
     """Show a store's counters and its chunks per namespace."""
     from kvtier.core.keys import ChunkKey
 
     async def run() -> tuple[Any, dict[str, int]]:
-        async with _opened(url, capacity, option) as backend:
+        async with _inspected(url, option) as backend:
             per_namespace: dict[str, int] = {}
             async for key in backend.iter_keys():
                 ns = ChunkKey.parse(key).namespace
@@ -199,7 +195,7 @@ def stats(
     table = Table(title=url)
     table.add_column("stat")
     table.add_column("value", justify="right")
-    for name in ("keys", "bytes_used", "capacity_bytes", "evictions"):
+    for name in ("keys", "bytes_used", "evictions"):
         table.add_row(name, str(getattr(snapshot, name)))
     for name, value in snapshot.details.items():
         table.add_row(name, str(value))

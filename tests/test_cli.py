@@ -77,7 +77,7 @@ def test_config_validate(monkeypatch, capsys, tmp_path):
         (["ls", "file://relative/path"], "file://"),
         (["ls", "cpu://", "--option", "novalue"], "KEY=VALUE"),
         (["ls", "cpu://", "--option", "colour=red"], "unknown key 'colour'"),
-        (["ls", "cpu://", "--capacity", "lots"], "--capacity"),
+        (["check-backend", "cpu://", "--capacity", "lots"], "--capacity"),
         (["config", "validate", "/does/not/exist.yaml"], "cannot read config file"),
     ],
 )
