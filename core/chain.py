@@ -38,7 +38,7 @@ def blob_tensor(blob: Buffer, header: BlobHeader, registry: PluginRegistry) -> t
     """The chunk a blob holds: a zero-copy view for ``raw`` blobs, else decoded."""
     if [name for name, _ in header.stages] != ["raw"] or header.payload_nbytes == 0:
         return decode_blob(blob.view, registry)[1]
-    start = header.nbytes - 8 - header.payload_nbytes
+    start = header.payload_offset
     payload = blob.view[start : start + header.payload_nbytes]
     return torch.frombuffer(payload, dtype=header.dtype).view(header.shape)
 

@@ -82,8 +82,9 @@ def kvtier_tier_event(event: TierEvent) -> None:
     """Observe one batch outcome: chunks stored, hit, missed, evicted, failed, corrupt
     or dropped in one tier.
 
-    Fired once per batch from kvtier's I/O thread; keep it to microseconds (count,
-    don't do I/O). Exceptions are logged and ignored. Example::
+    Fired once per batch, from kvtier's I/O thread (or, for ``dropped``, from the thread
+    calling ``store``): keep it thread safe and to microseconds (count, don't do I/O).
+    Exceptions are logged and ignored. Example::
 
         @hookimpl
         def kvtier_tier_event(event):
