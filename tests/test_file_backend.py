@@ -84,6 +84,22 @@ def disk_bytes(root: Path) -> int:
     return sum(sizes.values())
 
 
+def paused(
+    real: Callable[..., Any], when: Callable[[], bool] = lambda: True
+) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
+    """``real`` wrapped so that calls for which ``when()`` holds set ``started`` and
+    block until ``resume`` is set; returns ``(wrapper, started, resume)``."""
+    started, resume = threading.Event(), threading.Event()
+
+    def wrapper(*args: Any) -> Any:
+        if when():
+            started.set()
+            resume.wait(10)
+        return real(*args)
+
+    return wrapper, started, resume
+
+
 def chunk_path(root: Path, k: str) -> Path:
     return root / k.rpartition(".")[2][:2] / k
 
@@ -335,13 +351,7 @@ def test_open_removes_only_stale_temp_files(root: Path, url: str) -> None:
 def test_open_leaves_a_running_write_alone(
     root: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started, resume = threading.Event(), threading.Event()
-    real_pwrite = os.pwrite
-
-    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
-        started.set()
-        resume.wait(10)
-        return real_pwrite(fd, view, offset)
+    slow_pwrite, started, resume = paused(os.pwrite)
 
     async def scenario() -> None:
         async with make(url) as writer:
@@ -362,14 +372,10 @@ def test_open_leaves_a_running_write_alone(
 def test_create_loses_to_a_key_stored_while_it_was_writing(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started, resume = threading.Event(), threading.Event()
-    real_pwrite = os.pwrite
-
-    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
-        if threading.current_thread() is not threading.main_thread() and not started.is_set():
-            started.set()
-            resume.wait(10)
-        return real_pwrite(fd, view, offset)
+    slow_pwrite, started, resume = paused(
+        os.pwrite,
+        lambda: threading.current_thread() is not threading.main_thread() and not started.is_set(),
+    )
 
     async def scenario() -> None:
         async with make(url) as a, make(url) as b:
@@ -444,13 +450,7 @@ def test_disk_never_exceeds_capacity(root: Path, url: str, o_direct: bool) -> No
 def test_a_chunk_deleted_while_read_is_returned_whole_and_stays_deleted(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started, resume = threading.Event(), threading.Event()
-    real_preadv = os.preadv
-
-    def slow_preadv(fd: int, buffers: Any, offset: int) -> int:
-        started.set()
-        resume.wait(10)
-        return int(real_preadv(fd, buffers, offset))
+    slow_preadv, started, resume = paused(os.preadv)
 
     payload = data(1, 100 * KiB)
 
@@ -549,13 +549,7 @@ def test_invalid_keys_never_become_paths(url: str) -> None:
 def test_cancelled_put_leaves_keys_absent_or_complete(
     root: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started, resume = threading.Event(), threading.Event()
-    real_pwrite = os.pwrite
-
-    def slow_pwrite(fd: int, view: Any, offset: int) -> int:
-        started.set()
-        resume.wait(10)
-        return real_pwrite(fd, view, offset)
+    slow_pwrite, started, resume = paused(os.pwrite)
 
     items = {key(i): data(i, 50 * KiB) for i in range(3)}
 
