@@ -23,7 +23,7 @@ import collections
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,7 +55,6 @@ class KVTierStats:
     stores_dropped: int = 0
     tokens_stored: int = 0
     queue_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def tier(self, name: str) -> TierStats:
         return next(t for t in self.tiers if t.name == name)
