@@ -5,13 +5,12 @@
 A Llama-3-8B-shaped KV cache (32 layers, 8 KV heads of 128, fp16; 128 KiB per token)
 goes through the public API:
 
-* ``store``: the caller's view of a store (chunks copied into pooled blobs and
-  queued), and ``store`` + ``flush`` into a ``cpu`` tier, against a memcpy of the
-  same bytes into a preallocated tensor;
-* ``retrieve`` from the ``cpu`` tier into a preallocated tensor (checksum + copy per
-  chunk) against the same memcpy;
-* ``retrieve`` from a ``file`` tier after a restart, page cache dropped (root), against
-  reading the same files with ``os.preadv`` into a preallocated buffer, cold too.
+* ``store`` (the caller's view: chunks copied into pooled blobs and queued) and
+  ``store`` + ``flush`` into a ``cpu`` tier that is full and evicting (steady state),
+  and ``retrieve`` from it into a preallocated tensor, against the same chunk-by-chunk
+  strided copies made with plain torch (and a single contiguous memcpy for scale);
+* ``retrieve`` from a ``file`` tier by a new ``KVTier`` (as after a restart), page
+  cache dropped (root), against reading the same files with ``os.preadv``, cold too.
 
 Medians of ``--reps`` runs; ratios are kvtier / raw from this run.
 """
