@@ -15,9 +15,9 @@ Guarantees:
   write and hit), so the cache survives restarts. Temp files of dead writers are
   removed; other files are ignored and counted as ``foreign_files``, never deleted.
 * Capacity (required): before each write, victims chosen by the eviction policy are
-  deleted until the blob fits, counting writes in flight, so this process never makes
-  the folder exceed ``capacity``. A folder found over capacity at ``open()`` is
-  trimmed.
+  deleted until the blob fits, counting writes in flight, so a process alone never
+  makes the folder exceed ``capacity`` (several: see below). A folder found over
+  capacity at ``open()`` is trimmed.
 * Byte store: blobs are returned exactly as stored, without parsing them. The tier
   chain checks integrity and deletes corrupt keys through ``delete_many``.
 * Blocking I/O runs in a small thread pool, one thread call per batch.
@@ -28,10 +28,23 @@ Several processes may share one folder. Each keeps its own index and policy:
   ``contains_many`` and adopted into the index if found; an indexed key whose file
   another process deleted is a miss and leaves the index. ``contains_many`` answers
   indexed keys from memory, so it may report a chunk another process removed since.
-* Capacity is enforced per process, on the chunks it knows: those found at
-  ``open()``, written or adopted by it. Chunks other processes wrote later and this
-  one never read are not counted, so N processes writing different keys can fill up
-  to N x ``capacity``; give each process its share of the disk.
+* Capacity holds across processes, within a bound. Each process evicts from the
+  chunks it knows: those found at ``open()``, written or adopted by it. Before a
+  write, once ``rescan_interval`` seconds (default 2) passed since its last rescan,
+  it lists the folder again, adopts the chunks other processes wrote (oldest first,
+  by file time), forgets those they deleted and evicts down to ``capacity``, telling
+  its eviction listener. So after a write by any process the folder holds at most
+  ``capacity`` plus what other processes wrote since that process's last rescan
+  began (within one ``rescan_interval`` plus one scan and one chunk write), plus
+  their temp files in flight. The excess goes at the next rescanning write; a folder
+  nobody writes to does not grow. Give every process the same ``capacity`` (the
+  largest applies). Rescans that race may evict a little more than needed.
+* A rescan lists names and ``stat``-s only files the process does not know: about
+  2 us per file (40 ms for 20k files, 0.2 s for 100k, on a warm local disk). A
+  known key's size is not read again (equal keys hold equal chunks); a key another
+  process rewrote with another size is counted anew when read. Raise
+  ``rescan_interval`` for huge folders; ``0`` turns rescans off, and then N
+  processes writing different keys can fill up to N x ``capacity``.
 * A temp file is removed only when no process holds its ``flock`` (a writer holds it
   until the rename) or when it is over an hour old: this works across processes and
   pid namespaces of one host. On network filesystems it relies on their lock support.
@@ -43,6 +56,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import re
 import secrets
@@ -100,6 +114,9 @@ class FileOptions(BaseModel):
     """Bypass the page cache with O_DIRECT (the filesystem must support it)."""
     threads: int = Field(default=2, ge=1, le=64)
     """Threads doing the blocking file I/O; each batch runs in one of them."""
+    rescan_interval: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+    """Seconds between rescans of the folder, made before a write, that count the
+    chunks other processes wrote or deleted; 0 turns them off (see the module doc)."""
 
 
 def root_from_url(url: str) -> str:
@@ -214,6 +231,8 @@ class FileBackend(Backend):
         self._reserved = 0
         self._evictions = 0
         self._counts: Counter[str] = Counter()
+        self._rescan_due = math.inf
+        """``time.monotonic()`` from which the next write rescans; ``inf``: none due."""
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -308,6 +327,7 @@ class FileBackend(Backend):
                 "stale_temps_removed",
                 "adopted",
                 "vanished",
+                "rescans",
                 "rejected_no_space",
             ):
                 details[name] = self._counts[name]
@@ -421,6 +441,7 @@ class FileBackend(Backend):
             _, evicted = self._make_room(0)
         except OSError as exc:
             raise BackendUnavailableError(f"{self.url}: cannot open {self.root}: {exc}") from exc
+        self._schedule_rescan()
         if evicted:
             report(evicted)
 
@@ -453,7 +474,18 @@ class FileBackend(Backend):
 
     def _scan(self) -> None:
         """Index every chunk file, least recently used first."""
-        found: list[tuple[int, str, int]] = []
+        found, _, foreign = self._walk(set())
+        with self._lock:
+            self._counts["foreign_files"] += foreign
+            for _, key, nbytes in found:
+                self._remember(key, nbytes)
+
+    def _walk(self, known: set[str]) -> tuple[list[tuple[int, str, int]], set[str], int]:
+        """List the chunk files: ``(time, key, size)`` of those not in ``known``, least
+        recently used first; the keys of ``known`` found, without ``stat``; the number of
+        foreign entries."""
+        new: list[tuple[int, str, int]] = []
+        seen: set[str] = set()
         foreign = 0
         with os.scandir(self.root) as top:
             for shard in top:
@@ -462,25 +494,60 @@ class FileBackend(Backend):
                 if not (_SHARD_RE.match(shard.name) and shard.is_dir(follow_symlinks=False)):
                     foreign += 1
                     continue
-                with os.scandir(shard.path) as files:
-                    for entry in files:
-                        if not (
-                            _is_key(entry.name)
-                            and _shard(entry.name) == shard.name
-                            and entry.is_file(follow_symlinks=False)
-                        ):
-                            foreign += 1
-                            continue
-                        with contextlib.suppress(FileNotFoundError):
-                            st = entry.stat(follow_symlinks=False)
-                            found.append(
-                                (max(st.st_atime_ns, st.st_mtime_ns), entry.name, st.st_size)
-                            )
-        found.sort()
+                names = os.listdir(shard.path)
+                seen.update(known.intersection(names))
+                for name in set(names).difference(known):
+                    if not (_is_key(name) and _shard(name) == shard.name):
+                        foreign += 1
+                        continue
+                    try:
+                        st = os.lstat(f"{shard.path}/{name}")
+                    except FileNotFoundError:  # deleted meanwhile
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        foreign += 1
+                        continue
+                    new.append((max(st.st_atime_ns, st.st_mtime_ns), name, st.st_size))
+        new.sort()
+        return new, seen, foreign
+
+    def _schedule_rescan(self) -> None:
+        """Make the next rescan due ``rescan_interval`` from now (never if it is 0)."""
+        interval = self.options.rescan_interval
+        self._rescan_due = time.monotonic() + interval if interval else math.inf
+
+    def _rescan_if_due(self, report: Callable[[Evicted], None]) -> None:
+        """:meth:`_rescan` if ``rescan_interval`` passed since the last one ended; one
+        thread rescans, the others go on meanwhile. Cheap when none is due."""
+        if time.monotonic() < self._rescan_due:
+            return
         with self._lock:
-            self._counts["foreign_files"] += foreign
-            for _, key, nbytes in found:
-                self._remember(key, nbytes)
+            if time.monotonic() < self._rescan_due:  # another thread took it
+                return
+            self._rescan_due = math.inf
+        try:
+            evicted = self._rescan()
+        finally:
+            self._schedule_rescan()
+        if evicted:
+            report(evicted)
+
+    def _rescan(self) -> Evicted:
+        """Match the index to the folder: adopt the chunks other processes wrote, forget
+        those they deleted, then evict down to capacity; return what was evicted.
+
+        The walk runs unlocked, so each difference it finds is checked again with
+        :meth:`_probe` under the lock, where this process's own writes and deletions
+        change the index and the folder together."""
+        with self._lock:
+            known = set(self._sizes)
+            self._counts["rescans"] += 1
+        new, seen, _ = self._walk(known)
+        for _, key, _ in new:
+            self._probe(key, self._path(key))
+        for key in known - seen:
+            self._probe(key, self._path(key))
+        return self._make_room(0)[1]
 
     def _get_batch(self, keys: Sequence[str], paths: Sequence[str]) -> list[Buffer | None]:
         out: list[Buffer | None] = []
@@ -562,6 +629,7 @@ class FileBackend(Backend):
     def _put(
         self, key: str, path: str, buf: Buffer, mode: PutMode, report: Callable[[Evicted], None]
     ) -> bool:
+        self._rescan_if_due(report)
         if mode is PutMode.CREATE and self._probe(key, path):
             return False
         fits, evicted = self._make_room(buf.nbytes)

@@ -150,6 +150,8 @@ def test_unknown_options_and_policies_are_config_errors(url: str) -> None:
         make(url, o_drect=True)
     with pytest.raises(ConfigError, match="lru"):
         make(url, eviction="lruu")
+    with pytest.raises(ConfigError, match="rescan_interval"):
+        make(url, rescan_interval=-1)
 
 
 def test_refused_o_direct_is_a_clear_error(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,6 +316,116 @@ def test_another_process_writes_and_this_one_reads(url: str) -> None:
     run(scenario)
 
 
+RESCAN_S = 0.02
+"""A short ``rescan_interval`` for tests; sleeping twice as long makes a rescan due."""
+
+
+def test_rescans_hold_capacity_across_instances_sharing_a_folder(root: Path, url: str) -> None:
+    size, capacity = 100 * KiB, 500 * KiB
+    evicted: dict[str, list[tuple[str, int]]] = {"a": [], "b": []}
+
+    async def scenario() -> None:
+        options = {"capacity": capacity, "rescan_interval": RESCAN_S}
+        async with make(url, **options) as a, make(url, **options) as b:
+            writers = {"a": a, "b": b}
+            for ns, backend in writers.items():
+                backend.eviction_listener = evicted[ns].extend
+            for i in range(20):  # a and b take turns, each writing its own keys
+                ns = "ab"[i % 2]
+                await asyncio.sleep(2 * RESCAN_S)
+                assert await put(writers[ns], {key(i, ns): data(i, size)}) == [True]
+                assert disk_bytes(root) <= capacity
+            for ns, backend in writers.items():
+                stats = await backend.stats()
+                assert stats.details["rescans"] == 10  # one before each write
+                assert stats.evictions == len(evicted[ns])
+                other = "b" if ns == "a" else "a"
+                assert any(k.startswith(f"{other}.") for k, _ in evicted[ns])
+
+    run(scenario)
+    survivors = {key(i, "ab"[i % 2]) for i in range(15, 20)}  # LRU over both writers
+    assert {p.name for p in root.glob("??/*")} == survivors
+    everyone = [k for ns in "ab" for k, _ in evicted[ns]]
+    assert sorted(everyone) == sorted({key(i, "ab"[i % 2]) for i in range(20)} - survivors)
+
+
+def test_a_rescan_forgets_chunks_other_instances_deleted(url: str) -> None:
+    async def scenario() -> None:
+        async with make(url, rescan_interval=RESCAN_S) as a, make(url) as b:
+            await put(a, {key(i): b"x" * 1000 for i in range(3)})
+            assert await b.delete_many([key(0), key(1)]) == [True, True]
+            await asyncio.sleep(2 * RESCAN_S)
+            await put(a, {key(9): b"y" * 10})
+            stats = await a.stats()
+            assert (stats.keys, stats.bytes_used) == (2, 1010)
+            assert (stats.details["vanished"], stats.details["adopted"]) == (2, 0)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("interval", [0, 60])
+def test_no_rescan_before_its_interval(root: Path, url: str, interval: float) -> None:
+    async def scenario() -> None:
+        options = {"capacity": 300 * KiB, "rescan_interval": interval}
+        async with make(url, **options) as a, make(url, **options) as b:
+            for i in range(6):
+                await put(a if i % 2 else b, {key(i): data(i, 100 * KiB)})
+            for backend in (a, b):
+                stats = await backend.stats()
+                assert (stats.details["rescans"], stats.bytes_used) == (0, 300 * KiB)
+
+    run(scenario)
+    assert disk_bytes(root) == 600 * KiB  # the documented excess: others' writes in between
+
+
+def _child_fills(url: str, ns: str, turn: int, barrier: Any, results: Any) -> None:
+    """Write 3x the capacity of ``ns`` keys racing a sibling; then, on ``turn``, once
+    more after a rescan is due; put ``(ns, evicted keys, stats.evictions)`` on
+    ``results``."""
+
+    async def scenario() -> tuple[list[str], int]:
+        evicted: list[tuple[str, int]] = []
+        async with make(url, capacity=1 << 20, rescan_interval=RESCAN_S) as backend:
+            backend.eviction_listener = evicted.extend
+            barrier.wait(30)  # both indexes start empty
+            for i in range(0, 30, 3):
+                items = {key(j, ns): data(j, 100 * KiB) for j in range(i, i + 3)}
+                assert all(await put(backend, items))
+            for t in range(2):
+                barrier.wait(30)
+                if t == turn:
+                    await asyncio.sleep(2 * RESCAN_S)
+                    assert await put(backend, {key(99, ns): data(99, 100 * KiB)}) == [True]
+            evictions = (await backend.stats()).evictions
+        return [k for k, _ in evicted], evictions
+
+    results.put((ns, *run(scenario)))
+
+
+def test_processes_sharing_a_folder_stay_within_capacity(root: Path, url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_child_fills, args=(url, ns, turn, barrier, results))
+        for turn, ns in enumerate("ab")
+    ]
+    for proc in procs:
+        proc.start()
+    reports = {}
+    for _ in procs:
+        ns, evicted, evictions = results.get(timeout=120)
+        assert len(evicted) == evictions
+        reports[ns] = evicted
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert disk_bytes(root) <= 1 << 20  # without rescans: about 2 MiB, 1 MiB each
+    written = {key(j, ns) for ns in "ab" for j in [*range(30), 99]}
+    on_disk = {p.name for p in root.glob("??/*")}
+    assert on_disk <= written
+    assert written - on_disk <= set(reports["a"]) | set(reports["b"])  # all reported
+
+
 # -- cleanup on open -------------------------------------------------------------------
 
 
@@ -418,8 +530,11 @@ def test_foreign_files_are_counted_and_never_deleted(root: Path, url: str) -> No
 # -- capacity --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rescan_interval", [2.0, 1e-6])  # 1e-6: rescans race the writes
 @pytest.mark.parametrize("o_direct", [False, True])
-def test_disk_never_exceeds_capacity(root: Path, url: str, o_direct: bool) -> None:
+def test_disk_never_exceeds_capacity(
+    root: Path, url: str, o_direct: bool, rescan_interval: float
+) -> None:
     capacity = 1 << 20
     rng = random.Random(7)
     evicted: list[tuple[str, int]] = []
@@ -434,7 +549,8 @@ def test_disk_never_exceeds_capacity(root: Path, url: str, o_direct: bool) -> No
             assert (await backend.stats()).bytes_used <= capacity
 
     async def scenario() -> None:
-        async with make(url, capacity=capacity, o_direct=o_direct) as backend:
+        options = {"o_direct": o_direct, "rescan_interval": rescan_interval}
+        async with make(url, capacity=capacity, **options) as backend:
             backend.eviction_listener = evicted.extend
             await asyncio.gather(writer(backend, 0), writer(backend, 1000))
             assert await put(backend, {key(9999): b"x" * (capacity + 1)}) == [False]
@@ -443,6 +559,7 @@ def test_disk_never_exceeds_capacity(root: Path, url: str, o_direct: bool) -> No
             assert stats.evictions == len(evicted) > 0
             assert stats.details["reserved_bytes"] == 0
             assert stats.keys + len(evicted) == 80
+            assert stats.details["rescans"] > 0 or rescan_interval > 1
 
     run(scenario)
 
