@@ -39,9 +39,10 @@ from kvtier.core.errors import ConfigError
 FP8_MAX = 448.0
 """Largest finite ``float8_e4m3fn`` value."""
 
-_BLOCK_ELEMS = 1 << 19
-"""Elements per block: large enough that per-op dispatch costs little, small enough
-that the fp32 scratch (2 MiB) stays in the last-level cache."""
+_BLOCK_ELEMS = 3 << 19
+"""Elements per block: large enough that per-op dispatch costs little (a 256-token
+chunk of a small model, such as all-MiniLM-L6-v2's 1.2 M values, is a single block),
+small enough that the fp32 scratch (6 MiB) stays in the last-level cache."""
 
 _ROUND_MAGIC = float(1 << 23)
 """``v + 2**23`` rounds ``0 <= v < 2**22`` half to even and leaves ``rint(v)`` in the
@@ -87,6 +88,11 @@ def _row_blocks(x: torch.Tensor, max_rows: int) -> Iterator[tuple[int, torch.Ten
             row += block.shape[0] * inner
 
 
+def _head(tensors: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
+    """The first ``n`` rows of each of ``tensors`` (which all have the same number)."""
+    return tensors if tensors[0].shape[0] == n else tuple(t[:n] for t in tensors)
+
+
 def _check_bits(bits: int) -> int:
     if bits not in (4, 8):
         raise ConfigError(f"quantisation supports 4 or 8 bits, got {bits}")
@@ -112,12 +118,17 @@ def _require(cond: bool, what: str) -> None:
         raise ValueError(what)
 
 
+def _non_finite(what: str) -> ConfigError:
+    """The error for a chunk with inf/NaN values or an overflowing row range."""
+    return ConfigError(
+        f"{what} needs finite values with a finite per-row range; the chunk holds "
+        "inf/NaN or overflows, use a lossless codec for it"
+    )
+
+
 def _check_finite(scale: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(scale).all()):
-        raise ConfigError(
-            f"{what} needs finite values with a finite per-row range; the chunk holds "
-            "inf/NaN or overflows, use a lossless codec for it"
-        )
+        raise _non_finite(what)
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,29 +164,48 @@ def quantize_into(
         scale.zero_()
         zero.zero_()
         return
-    q2, scale1, zero1 = q.view(rows, packed), scale.view(rows), zero.view(rows)
+    q2, scale2, zero2 = q.view(rows, packed), scale.view(rows, 1), zero.view(rows, 1)
     max_rows = max(1, _BLOCK_ELEMS // head_dim)
     cap, dev = min(rows, max_rows), x.device
-    xs = _scratch("x", cap * head_dim, torch.float32, dev)
-    pairs = _scratch("pairs", cap * packed, torch.float32, dev)
-    los, ss = _scratch("lo", cap, torch.float32, dev), _scratch("s", cap, torch.float32, dev)
+    full = (
+        _scratch("x", cap * head_dim, torch.float32, dev).view(cap, head_dim),
+        _scratch("pairs", cap * packed, torch.float32, dev).view(cap, packed),
+        _scratch("lo", cap, torch.float32, dev).view(cap, 1),
+        _scratch("s", cap, torch.float32, dev).view(cap, 1),
+        _scratch("sign", cap, torch.float32, dev).view(cap, 1),
+    )
+    bounds = _scratch("bounds", 2, torch.float32, dev)
+    # The clamp matters only where s rounded so far below (hi - lo) / qmax that
+    # (hi - lo) / s reaches qmax + 0.5: possible for int8 with a bfloat16 scale (8-bit
+    # significand) or a subnormal scale, never otherwise (nor for inf/NaN): skip it there.
+    always_clamp = bits == 8 and x.dtype == torch.bfloat16
+    tiny = torch.finfo(x.dtype).tiny
+    finite = True
     for r0, block in _row_blocks(x, max_rows):
-        n = block.numel() // head_dim
-        t, lo, s = xs[: n * head_dim].view(n, head_dim), los[:n], ss[:n]
+        t, pairs, lo, s, sign = _head(full, block.numel() // head_dim)
+        n = t.shape[0]
         t.view(block.shape).copy_(block)
-        torch.amin(t, dim=1, out=lo)
-        torch.amax(t, dim=1, out=s)
+        torch.amin(t, dim=1, keepdim=True, out=lo)
+        torch.amax(t, dim=1, keepdim=True, out=s)
         s.sub_(lo).div_(qmax)
-        scale1[r0 : r0 + n].copy_(s)
-        zero1[r0 : r0 + n].copy_(lo)
-        s.copy_(scale1[r0 : r0 + n]).masked_fill_(s == 0, 1.0)
-        t.sub_(lo[:, None]).div_(s[:, None]).clamp_max_(qmax)
+        scale_b = scale2[r0 : r0 + n]
+        scale_b.copy_(s)
+        zero2[r0 : r0 + n].copy_(lo)
+        s.copy_(scale_b)
+        # s - (sign(s) - 1) turns 0 into 1 and keeps every other s (inf and NaN too).
+        s.sub_(torch.sign(s, out=sign).sub_(1))
+        torch.aminmax(s, out=(bounds[0], bounds[1]))
+        s_min, s_max = bounds.tolist()
+        finite &= s_max < math.inf
+        t.sub_(lo).div_(s)
+        if always_clamp or not s_min >= tiny:
+            t.clamp_max_(qmax)
         if bits == 4:
-            evens, odds = t.round_()[:, 0::2], t[:, 1::2]
-            t = torch.add(evens, odds, alpha=16, out=pairs[: n * packed].view(n, packed))
+            t = torch.add(t.round_()[:, 0::2], t[:, 1::2], alpha=16, out=pairs)
         t.add_(_ROUND_MAGIC)
         q2[r0 : r0 + n].copy_(t.view(torch.int32))
-    _check_finite(scale, f"int{bits} quantisation")
+    if not finite:
+        raise _non_finite(f"int{bits} quantisation")
 
 
 def dequantize_into(
@@ -195,25 +225,27 @@ def dequantize_into(
     _require(scale.numel() == rows and zero.numel() == rows, "scale/zero have the wrong size")
     if out.numel() == 0:
         return
-    q2, scale1, zero1 = q.view(rows, packed), scale.view(rows), zero.view(rows)
+    q2, scale2, zero2 = q.view(rows, packed), scale.view(rows, 1), zero.view(rows, 1)
     max_rows = max(1, _BLOCK_ELEMS // head_dim)
     cap, dev = min(rows, max_rows), out.device
-    xs = _scratch("x", cap * head_dim, torch.float32, dev)
-    nibbles = _scratch("nibble", cap * packed, torch.uint8, dev)
-    ss, zs = _scratch("s", cap, torch.float32, dev), _scratch("lo", cap, torch.float32, dev)
+    full = (
+        _scratch("x", cap * head_dim, torch.float32, dev).view(cap, head_dim),
+        _scratch("nibble", cap * packed, torch.uint8, dev).view(cap, packed),
+        _scratch("s", cap, torch.float32, dev).view(cap, 1),
+        _scratch("lo", cap, torch.float32, dev).view(cap, 1),
+    )
     for r0, block in _row_blocks(out, max_rows):
-        n = block.numel() // head_dim
-        t, s, z = xs[: n * head_dim].view(n, head_dim), ss[:n], zs[:n]
+        t, nibble, s, z = _head(full, block.numel() // head_dim)
+        n = t.shape[0]
         qb = q2[r0 : r0 + n]
         if bits == 8:
             t.copy_(qb)
         else:
-            nibble = nibbles[: n * packed].view(n, packed)
             t[:, 0::2].copy_(torch.bitwise_and(qb, 15, out=nibble))
             t[:, 1::2].copy_(torch.bitwise_right_shift(qb, 4, out=nibble))
-        s.copy_(scale1[r0 : r0 + n])
-        z.copy_(zero1[r0 : r0 + n])
-        t.mul_(s[:, None]).add_(z[:, None])
+        s.copy_(scale2[r0 : r0 + n])
+        z.copy_(zero2[r0 : r0 + n])
+        t.mul_(s).add_(z)
         block.copy_(t.view(block.shape))
 
 
