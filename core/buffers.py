@@ -12,10 +12,12 @@ the memory returns to the pool when the last holder calls :meth:`Buffer.release`
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
+import weakref
 from types import TracebackType
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 """Anything exposing the buffer protocol as contiguous bytes."""
@@ -123,6 +125,22 @@ class Buffer:
         return f"Buffer(nbytes={self.nbytes}, refs={self._refs})"
 
 
+def address_of(view: memoryview) -> int:
+    """The address of the first byte of a writable, contiguous ``view``."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class MemoryRegistrar(Protocol):
+    """Told about every memory block a pool maps, e.g. to register it with an RDMA or
+    transfer engine so that transfers land in pool buffers with no copy."""
+
+    def register(self, address: int, nbytes: int) -> None:
+        """``[address, address + nbytes)`` is mapped and may be handed out from now on."""
+
+    def deregister(self, address: int, nbytes: int) -> None:
+        """The block will be unmapped right after this returns; stop using it."""
+
+
 class BufferPool:
     """Page-aligned buffers in size classes, reused after release.
 
@@ -134,9 +152,51 @@ class BufferPool:
         self.max_idle_bytes = max_idle_bytes
         self._free: dict[int, list[memoryview]] = {}
         self._idle_bytes = 0
-        self._lock = threading.Lock()
+        # Reentrant: a garbage collection inside a locked section may unmap a block,
+        # and its finalizer takes the lock.
+        self._lock = threading.RLock()
+        self._blocks: dict[int, int] = {}
+        """Address -> size of every block this pool has mapped and not yet unmapped."""
+        self._registrars: list[MemoryRegistrar] = []
         self.allocations = 0
         self.reuses = 0
+
+    def add_registrar(self, registrar: MemoryRegistrar) -> None:
+        """Register every block mapped now and later with ``registrar``, and deregister
+        each before it is unmapped, until :meth:`remove_registrar`."""
+        with self._lock:
+            blocks = list(self._blocks.items())
+            self._registrars.append(registrar)
+        for address, nbytes in blocks:
+            registrar.register(address, nbytes)
+
+    def remove_registrar(self, registrar: MemoryRegistrar) -> None:
+        """Deregister every live block from ``registrar`` and stop telling it about more."""
+        with self._lock:
+            self._registrars.remove(registrar)
+            blocks = list(self._blocks.items())
+        for address, nbytes in blocks:
+            registrar.deregister(address, nbytes)
+
+    def _map(self, size: int) -> memoryview:
+        memory = mmap.mmap(-1, size)
+        block = memoryview(memory)
+        address = address_of(block)
+        with self._lock:
+            self._blocks[address] = size
+            registrars = list(self._registrars)
+        for registrar in registrars:
+            registrar.register(address, size)
+        # Runs when the last view of the mapping goes, before munmap; not at exit.
+        weakref.finalize(memory, self._unmapped, address, size).atexit = False
+        return block
+
+    def _unmapped(self, address: int, size: int) -> None:
+        with self._lock:
+            self._blocks.pop(address, None)
+            registrars = list(self._registrars)
+        for registrar in registrars:
+            registrar.deregister(address, size)
 
     def acquire(self, nbytes: int) -> Buffer:
         """Lease a buffer of exactly ``nbytes`` (contents undefined), page aligned."""
@@ -152,7 +212,7 @@ class BufferPool:
                 return Buffer(block, nbytes, self)
             self.allocations += 1
         # The memoryview keeps the anonymous mapping alive; dropping it unmaps.
-        return Buffer(memoryview(mmap.mmap(-1, size)), nbytes, self)
+        return Buffer(self._map(size), nbytes, self)
 
     def copy_of(self, data: BytesLike) -> Buffer:
         """Lease a buffer holding a copy of ``data``."""
@@ -175,8 +235,9 @@ class BufferPool:
     def clear(self) -> None:
         """Drop every idle buffer, unmapping its memory."""
         with self._lock:
-            self._free.clear()
+            dropped, self._free = self._free, {}
             self._idle_bytes = 0
+        dropped.clear()  # unmaps outside the lock: the finalizers take it
 
 
 _default_pool: BufferPool | None = None

@@ -40,6 +40,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "codecs": "kvtier.core.codecs",
     "cpu": "kvtier.backends.memory",
     "file": "kvtier.backends.file",
+    "redis": "kvtier.backends.redis",
+    "s3": "kvtier.backends.s3",
+    "mooncake": "kvtier.backends.mooncake",
+    "nixl": "kvtier.backends.nixl",
 }
 """Built-in plugins by name; a config can disable them like any other plugin."""
 

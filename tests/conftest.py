@@ -1,4 +1,4 @@
-"""Shared fixtures: installed fake plugin distributions."""
+"""Shared fixtures: installed fake plugin distributions; real servers from ``servers/``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 FakeDist = Callable[..., Path]
+
+pytest_plugins = sorted(
+    f"servers.{path.stem}"
+    for path in (Path(__file__).parent / "servers").glob("*.py")
+    if not path.stem.startswith("_")
+)
 
 
 @pytest.fixture

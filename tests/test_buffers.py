@@ -1,8 +1,10 @@
 """The buffer pool: reuse, reference counting, sizes."""
 
+import gc
+
 import pytest
 
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer, BufferPool, address_of
 
 
 def test_released_buffers_are_reused():
@@ -61,3 +63,47 @@ def test_resize_and_copy_of():
     assert bytes(buf) == b"hello"
     with pytest.raises(ValueError):
         buf.resize(buf.capacity + 1)
+
+
+class RecordingRegistrar:
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def register(self, address: int, nbytes: int) -> None:
+        assert address not in self.live, "registered twice"
+        self.live[address] = nbytes
+        self.calls.append(("register", address, nbytes))
+
+    def deregister(self, address: int, nbytes: int) -> None:
+        assert self.live.pop(address) == nbytes, "deregistered a block it was not told of"
+        self.calls.append(("deregister", address, nbytes))
+
+
+def test_registrar_sees_existing_and_new_blocks() -> None:
+    pool = BufferPool()
+    before = pool.acquire(10_000)
+    registrar = RecordingRegistrar()
+    pool.add_registrar(registrar)
+    after = pool.acquire(1 << 20)
+    for buf in (before, after):
+        address = address_of(buf.block)
+        assert registrar.live[address] == buf.capacity
+    assert len(registrar.live) == 2
+
+
+def test_registrar_deregisters_before_unmap_and_on_removal() -> None:
+    pool = BufferPool(max_idle_bytes=0)  # a released buffer is unmapped at once
+    registrar = RecordingRegistrar()
+    pool.add_registrar(registrar)
+    kept, dropped = pool.acquire(4096), pool.acquire(8192)
+    dropped_address = address_of(dropped.block)
+    dropped.release()
+    del dropped
+    gc.collect()
+    assert ("deregister", dropped_address, 8192) in registrar.calls
+    assert list(registrar.live) == [address_of(kept.block)]
+    pool.remove_registrar(registrar)
+    assert registrar.live == {}
+    pool.acquire(4096)  # after removal: not told
+    assert registrar.live == {}

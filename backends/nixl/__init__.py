@@ -1,0 +1,1 @@
+"""The `nixl` tier (being built)."""

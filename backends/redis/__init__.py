@@ -1,0 +1,1 @@
+"""The `redis` tier (being built)."""
