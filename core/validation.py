@@ -48,7 +48,9 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str) -> str:
         elif err["type"] == "missing":
             lines.append(f"{where}: {path!r} is required but missing")
         else:
-            lines.append(f"{where}: {path}: {err['msg']} (got {err.get('input')!r})")
+            hidden = model.model_config.get("hide_input_in_errors")  # e.g. secrets
+            shown = "" if hidden else f" (got {err.get('input')!r})"
+            lines.append(f"{where}: {path}: {err['msg']}{shown}")
     return "\n".join(lines)
 
 
