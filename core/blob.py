@@ -402,8 +402,13 @@ def decode_blob(
     The chunk is written into ``out`` when given (its shape and dtype must match the
     header; any strides), else into a new tensor that does not alias the blob. A key
     other than ``expected_key``, an unknown codec, or any failure while decoding
-    raises :class:`ChunkCorruptedError`; ``out`` may then be partly written.
+    raises :class:`ChunkCorruptedError`; ``out`` may then be partly written. An ``out``
+    that cannot be written here (an inference tensor outside inference mode) raises
+    :class:`ValueError` before anything is read.
     """
+    if out is not None and out.is_inference() and not torch.is_inference_mode_enabled():
+        # The caller's mistake, not the blob's: never let it discard a valid chunk.
+        raise ValueError("out is an inference tensor: decode into it inside torch.inference_mode()")
     header = read_header(blob)
     if expected_key is not None and header.key != expected_key:
         raise _corrupt(f"foreign blob: key {header.key!r:.120}, expected {expected_key!r:.120}")

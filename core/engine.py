@@ -10,6 +10,10 @@
         n, kv_tensor = kv.retrieve(tokens)
         kv.stats()
 
+``start`` (a multiple of ``chunk_tokens``) restricts ``store`` and ``retrieve`` to the
+chunks from token ``start`` on: the keys still chain over ``tokens[:start]``, but no
+data of that prefix is passed, read or written (for an engine that holds it already).
+
 All backend I/O runs on one asyncio loop thread; these methods are a thin facade over
 it. Storing never blocks on storage: chunks are copied into pooled buffers and queued,
 and when the queue's byte budget is full new stores are dropped and counted. A tier
@@ -175,32 +179,45 @@ class KVTier:
     # -- keys -------------------------------------------------------------------------
 
     def _chunks(
-        self, tokens: Tokens, extra_keys: Sequence[ExtraKeys]
+        self, tokens: Tokens, extra_keys: Sequence[ExtraKeys], start: int = 0
     ) -> tuple[list[str], list[tuple[int, int]]]:
+        """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on."""
+        if not 0 <= start <= len(tokens) or start % self.config.chunk_tokens:
+            raise ConfigError(
+                f"start must be a multiple of chunk_tokens ({self.config.chunk_tokens}) "
+                f"between 0 and len(tokens) ({len(tokens)}), got {start}"
+            )
         partial = self.config.store_partial_chunks
         keys = self.hasher.keys(tokens, extra_keys=extra_keys, partial=partial)
         bounds = self.hasher.chunk_bounds(len(tokens), partial=partial)
-        return [str(k) for k in keys], bounds
+        first = start // self.config.chunk_tokens
+        return [str(k) for k in keys[first:]], bounds[first:]
 
     # -- store ------------------------------------------------------------------------
 
     def store(
-        self, tokens: Tokens, kv: torch.Tensor, *, extra_keys: Sequence[ExtraKeys] = ()
+        self,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        start: int = 0,
     ) -> int:
-        """Queue the chunks of ``kv`` (``[num_layers, 2, len(tokens), kv_heads, head_dim]``)
-        for every write-through tier; return the number of tokens accepted.
+        """Queue the chunks of ``kv`` (``[num_layers, 2, len(tokens) - start, kv_heads,
+        head_dim]``, the KV of ``tokens[start:]``) for every write-through tier; return
+        the end of the accepted tokens (``start`` when none was).
 
         The data is copied before returning, so the caller may reuse ``kv``. Chunks
         that do not fit the store queue's byte budget are dropped (counted), as are
         chunks already queued; nothing here waits for storage.
         """
         self._check_open()
-        self.layout.check(kv, len(tokens))
-        keys, bounds = self._chunks(tokens, extra_keys)
+        keys, bounds = self._chunks(tokens, extra_keys, start)
+        self.layout.check(kv, len(tokens) - start)
         batch: list[tuple[str, Buffer]] = []
-        accepted = 0
-        for i, (key, (start, end)) in enumerate(zip(keys, bounds, strict=True)):
-            nbytes = (end - start) * self.layout.bytes_per_token()
+        accepted = start
+        for i, (key, (chunk_start, end)) in enumerate(zip(keys, bounds, strict=True)):
+            nbytes = (end - chunk_start) * self.layout.bytes_per_token()
             with self._lock:
                 queued = key in self._inflight
                 full = not queued and self._queue_bytes + nbytes > self.config.store_queue_bytes
@@ -211,12 +228,13 @@ class KVTier:
                 self._drop(keys[i:])
                 break
             if not queued:
-                batch.append((key, self._raw.encode(key, kv[:, :, start:end], self.pool)))
+                part = kv[:, :, chunk_start - start : end - start]
+                batch.append((key, self._raw.encode(key, part, self.pool)))
             accepted = end
         if batch:
             with self._lock:
                 self._queued += len(batch)
-                self._tokens_stored += accepted
+                self._tokens_stored += accepted - start
             self._io.loop.call_soon_threadsafe(self._enqueue, batch)
         return accepted
 
@@ -275,44 +293,52 @@ class KVTier:
         *,
         extra_keys: Sequence[ExtraKeys] = (),
         out: torch.Tensor | None = None,
+        start: int = 0,
     ) -> tuple[int, torch.Tensor]:
-        """The longest available prefix of ``tokens`` and its KV.
+        """The longest available run of ``tokens`` from ``start`` and its KV.
 
-        Returns ``(n, kv)`` with ``kv`` shaped ``[num_layers, 2, n, kv_heads, head_dim]``
-        (a view of ``out`` if given: it must have room for ``len(tokens)`` tokens). Each
-        chunk comes from the fastest tier holding it; a corrupt blob is deleted and the
-        next tier is tried; chunks served by slower tiers are promoted into faster
-        tiers with ``promote`` set.
+        Returns ``(n, kv)``: ``tokens[start:n]`` are available (``n == start`` when none
+        is) and ``kv``, shaped ``[num_layers, 2, n - start, kv_heads, head_dim]``, holds
+        their KV (a view of ``out`` if given: it must have room for ``len(tokens) -
+        start`` tokens). Each chunk comes from the fastest tier holding it; a corrupt
+        blob is deleted and the next tier is tried; chunks served by slower tiers are
+        promoted into faster tiers with ``promote`` set.
         """
         self._check_open()
-        keys, bounds = self._chunks(tokens, extra_keys)
+        keys, bounds = self._chunks(tokens, extra_keys, start)
         if out is not None:
-            want = self.layout.chunk_shape(len(tokens))
-            if out.dtype != self.layout.dtype or out.dim() != 5 or out.shape[2] < len(tokens):
+            want = self.layout.chunk_shape(len(tokens) - start)
+            if (
+                out.dtype != self.layout.dtype
+                or out.dim() != 5
+                or out.shape[2] < len(tokens) - start
+            ):
                 raise ConfigError(f"out must have dtype {self.layout.dtype} and shape {want}")
         if not keys:
-            return 0, self._result(out, 0)
+            return start, self._result(out, 0)
         fetched = self._io.run(self.chain.fetch(keys))
         if out is None and fetched:
             out = torch.empty(
-                self.layout.chunk_shape(bounds[len(fetched) - 1][1]), dtype=self.layout.dtype
+                self.layout.chunk_shape(bounds[len(fetched) - 1][1] - start),
+                dtype=self.layout.dtype,
             )
         served: list[Fetched] = []
         pending = collections.deque(fetched)
         try:
             while pending:
                 item = pending.popleft()
-                start, end = bounds[item.index]
-                done = self._decode(keys[item.index], item, out[:, :, start:end])  # type: ignore[index]
+                chunk_start, end = bounds[item.index]
+                target = out[:, :, chunk_start - start : end - start]  # type: ignore[index]
+                done = self._decode(keys[item.index], item, target)
                 if done is None:
                     break
                 served.append(done)
         finally:
             for item in pending:
                 item.blob.release()
-        n = bounds[len(served) - 1][1] if served else 0
+        n = bounds[len(served) - 1][1] if served else start
         self._promote(keys, served)
-        return n, self._result(out, n)
+        return n, self._result(out, n - start)
 
     def _result(self, out: torch.Tensor | None, n: int) -> torch.Tensor:
         if out is None:

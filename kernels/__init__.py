@@ -1,5 +1,26 @@
-"""Compute kernels behind kvtier's codecs.
+"""Compute kernels behind kvtier's codecs and engine integrations.
 
-:mod:`kvtier.kernels.quant` holds the pure-torch reference kernels; an accelerated
-kernel must reproduce their output byte for byte.
+:mod:`kvtier.kernels.quant` holds the pure-torch reference quantisation kernels and
+:mod:`kvtier.kernels.paged` the reference gather and scatter of paged KV caches; an
+accelerated kernel must reproduce their output byte for byte. Integrations call the
+paged-KV functions through this package, so an accelerated implementation replaces
+the reference here without touching them.
 """
+
+from kvtier.kernels.paged import (
+    PagedLayout,
+    gather_paged,
+    gather_paged_layer,
+    paged_view,
+    scatter_paged,
+    scatter_paged_layer,
+)
+
+__all__ = [
+    "PagedLayout",
+    "gather_paged",
+    "gather_paged_layer",
+    "paged_view",
+    "scatter_paged",
+    "scatter_paged_layer",
+]

@@ -273,3 +273,15 @@ def test_third_party_tensor_codec_errors_surface_as_corruption(registry: PluginR
     other.codecs["raw"] = type(other.codecs["raw"])(name="raw", cls=Broken)
     with pytest.raises(ChunkCorruptedError, match="OverflowError: boom"):
         decode_blob(data, other)
+
+
+def test_unwritable_out_is_the_callers_error_not_corruption(registry: PluginRegistry) -> None:
+    x = chunk()
+    with CodecPipeline.from_config("raw", registry).encode("key-1", x, BufferPool()) as blob:
+        with torch.inference_mode():
+            out = torch.empty_like(x)
+        with pytest.raises(ValueError, match="inference tensor"):
+            decode_blob(blob.view, registry, out, expected_key="key-1")
+        with torch.inference_mode():
+            decode_blob(blob.view, registry, out, expected_key="key-1")
+    assert torch.equal(out, x)

@@ -1,0 +1,307 @@
+"""``KVTierConnector``: kvtier as a vLLM v1 KV connector (vLLM 0.32).
+
+vLLM builds one instance per role: the scheduler's asks kvtier how much of each
+prompt it holds and plans every step's loads and saves (:mod:`.scheduler`); each
+worker's copies the KV between the paged cache and kvtier (:mod:`.worker`). This
+module only translates between vLLM's objects and those two.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from kvtier.core.errors import MissingExtraError
+
+    raise MissingExtraError("kvtier's vLLM connector", "vllm") from exc
+
+import torch
+
+from kvtier.core.engine import KVTier
+from kvtier.core.errors import ConfigError
+from kvtier.core.keys import ExtraKeys
+from kvtier.core.layout import KVLayout
+from kvtier.plugins.vllm import shared
+from kvtier.plugins.vllm.metadata import StepPlan
+from kvtier.plugins.vllm.scheduler import Scheduled, SchedulerSide, check_chunk_size
+from kvtier.plugins.vllm.settings import load_settings
+from kvtier.plugins.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class KVTierConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    """One step's :class:`StepPlan`, from the scheduler side to the workers."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+
+class KVTierConnectorStats(KVConnectorStats):  # type: ignore[misc]
+    """The workers' counters (:data:`kvtier.plugins.vllm.worker.COUNTERS`), summed."""
+
+    def reset(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVTierConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    """Load with ``--kv-transfer-config '{"kv_connector": "KVTierConnector",
+    "kv_connector_module_path": "kvtier.plugins.vllm", "kv_role": "kv_both",
+    "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"config":
+    "kvtier.yaml"}}'``; see :mod:`kvtier.plugins.vllm.settings` for the extra keys."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        parallel = vllm_config.parallel_config
+        _check_parallelism(parallel)
+        self.layer_names, layout = _kv_layout(kv_cache_config)
+        block_size = vllm_config.cache_config.block_size
+        check_chunk_size(settings.config.chunk_tokens, block_size)
+        model = settings.model or _model_id(vllm_config)
+        tp_size = parallel.tensor_parallel_size
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning(
+                "kvtier: kv_load_failure_policy is %r: a chunk evicted or corrupted between "
+                "lookup and load fails its request; set it to 'recompute'",
+                self._kv_transfer_config.kv_load_failure_policy,
+            )
+        self.kvtier: KVTier = shared.acquire(
+            settings.config, model=model, layout=layout, tp_rank=tp_rank, tp_size=tp_size
+        )
+        """The tier chain this connector reads and writes (``.stats()`` for counters)."""
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            chunk = settings.config.chunk_tokens
+            self._scheduler = SchedulerSide(self.kvtier, chunk_tokens=chunk, block_size=block_size)
+        else:
+            self._worker = WorkerSide(self.kvtier, self.layer_names)
+        self._closed = False
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a later miss, never a lost request
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # wait_for_layer_load / save_kv_layer run between layers
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """The worker's counters since start (empty on the scheduler side)."""
+        return dict(self._worker.totals) if self._worker else {}
+
+    # -- scheduler side ---------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> SchedulerSide:
+        assert self._scheduler is not None, "a scheduler-side method ran on a worker"
+        return self._scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if not _cacheable(request):
+            return 0, False
+        n = self.scheduler.match(
+            request.request_id, request.all_token_ids, _extra_keys(request), num_computed_tokens
+        )
+        return n, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if not _cacheable(request):
+            return
+        self.scheduler.allocated(
+            request.request_id,
+            request.all_token_ids,
+            _extra_keys(request),
+            blocks.get_block_ids()[0],
+            num_external_tokens,
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTierConnectorMetadata:
+        counts = scheduler_output.num_scheduled_tokens
+        scheduled = [
+            Scheduled(r.req_id, r.block_ids[0], True, r.num_computed_tokens, counts[r.req_id])
+            for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new = cached.new_block_ids[i]
+            scheduled.append(
+                Scheduled(
+                    req_id,
+                    new[0] if new is not None else [],
+                    new is not None and req_id in cached.resumed_req_ids,
+                    cached.num_computed_tokens[i],
+                    counts.get(req_id, 0),
+                )
+            )
+        return KVTierConnectorMetadata(self.scheduler.build(scheduled))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if connector_output.invalid_block_ids:
+            self.scheduler.load_failed(set(connector_output.invalid_block_ids))
+        self.scheduler.step_done()
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self.scheduler.finished(request.request_id)
+        return False, None  # saves copied the blocks during the step
+
+    # -- worker side ------------------------------------------------------------------
+
+    @property
+    def worker(self) -> WorkerSide:
+        assert self._worker is not None, "a worker-side method ran on the scheduler"
+        return self._worker
+
+    def _plan(self) -> StepPlan:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVTierConnectorMetadata)
+        return meta.plan
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        context = self._vllm_config.compilation_config.static_forward_context
+        backends = {context[name].attn_backend.get_name() for name in self.layer_names}
+        if len(backends) != 1:
+            raise ConfigError(f"kvtier needs one attention backend for all layers, got {backends}")
+        self.worker.register(kv_caches, backends.pop())
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker.start_load(self._plan())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker.wait_layer(layer_name)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        self.worker.save_layer(layer_name, self._plan())
+
+    def wait_for_save(self) -> None:
+        self.worker.finish_step(self._plan())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_load_errors()
+
+    def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
+        data = self._worker.take_stats() if self._worker else None
+        return KVTierConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVTierConnectorStats | None:
+        return KVTierConnectorStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        """Stop the worker's load thread; flush queued saves and close kvtier."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            self._worker.close()
+        shared.release(self.kvtier)
+
+
+def _check_parallelism(parallel: Any) -> None:
+    for name in (
+        "pipeline_parallel_size",
+        "decode_context_parallel_size",
+        "prefill_context_parallel_size",
+    ):
+        if getattr(parallel, name, 1) != 1:
+            raise ConfigError(
+                f"kvtier's vLLM connector supports tensor parallelism only; {name} is "
+                f"{getattr(parallel, name)}"
+            )
+
+
+def _kv_layout(kv_cache_config: KVCacheConfig) -> tuple[list[str], KVLayout]:
+    """The attention layers and kvtier's layout of their KV, from vLLM's cache config."""
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if (
+        spec is None
+        or not isinstance(spec, FullAttentionSpec)
+        or isinstance(spec, MLAAttentionSpec)
+        or spec.head_size_v != spec.head_size
+    ):
+        kinds = [type(g.kv_cache_spec).__name__ for g in groups]
+        raise ConfigError(
+            f"kvtier's vLLM connector supports models whose layers all use full "
+            f"attention with equal key and value sizes; this model's KV cache groups are "
+            f"{kinds}"
+        )
+    layers = list(groups[0].layer_names)
+    layout = KVLayout(
+        num_layers=len(layers),
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=spec.dtype,
+    )
+    return layers, layout
+
+
+def _model_id(vllm_config: VllmConfig) -> str:
+    model = vllm_config.model_config
+    return f"{model.model}@{model.revision}" if model.revision else str(model.model)
+
+
+def _cacheable(request: Request) -> bool:
+    """Requests whose KV is a function of their token ids (not of prompt embeddings)."""
+    return request.prompt_embeds is None and bool(request.prompt_token_ids)
+
+
+def _extra_keys(request: Request) -> tuple[ExtraKeys, ...]:
+    """What besides the tokens determines the KV: mixed into the first chunk's key, so
+    tenants (``cache_salt``), LoRA adapters and multimodal inputs never share chunks."""
+    lora = request.lora_request
+    parts = (
+        ("cache_salt", request.cache_salt),
+        ("lora", lora.lora_name if lora is not None else None),
+        ("mm", tuple(f.identifier for f in request.mm_features)),
+    )
+    extra = tuple((name, value) for name, value in parts if value)
+    return (extra,) if extra else ()

@@ -1,0 +1,141 @@
+"""Run vLLM (CPU) engines one after another in this process, as a JSON spec says.
+
+    python kvtier_app.py MODEL_DIR SPEC.json RESULT.json
+
+The spec lists engines; each has ``kvtier`` (``kv_connector_extra_config`` for
+kvtier's connector, or ``null`` for an engine without it) and ``steps``:
+
+* ``{"generate": [{"tokens": [...], "cache_salt": "..."}], "max_tokens": 8}``: greedy
+  generation; records each prompt's output tokens and ``num_cached_tokens``, then
+  flushes kvtier's queued saves and records its stats and the connector's counters;
+* ``{"corrupt": {"tokens": [...], "cache_salt": "...", "chunk": 1}}``: flips bytes in
+  the payload of that chunk's file in the first ``file://`` tier;
+* ``{"keys": [{"tokens": [...], "cache_salt": "..."}]}``: records each prompt's chunk
+  keys as the connector computes them.
+
+Used by ``tests/test_vllm_e2e.py`` (the file name keeps pytest from collecting it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def make_llm(model: str, kvtier: dict[str, Any] | None, max_model_len: int) -> Any:
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if kvtier is not None:
+        transfer = KVTransferConfig(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.plugins.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=kvtier,
+        )
+    return LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        enable_prefix_caching=False,  # every hit below is kvtier's, not vLLM's own cache
+        seed=0,
+        kv_transfer_config=transfer,
+    )
+
+
+def connector() -> Any:
+    """The worker-side connector of the in-process engine."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
+def scheduler_requests(llm: Any) -> int | None:
+    """Requests the scheduler-side connector holds state for."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    conn = getattr(getattr(core, "scheduler", None), "connector", None)
+    return None if conn is None else int(conn.scheduler.num_requests)
+
+
+def generate(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    prompts = []
+    for p in step["generate"]:
+        prompt: dict[str, Any] = {"prompt_token_ids": p["tokens"]}
+        if p.get("cache_salt"):
+            prompt["cache_salt"] = p["cache_salt"]
+        prompts.append(prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=step.get("max_tokens", 8))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result: dict[str, Any] = {
+        "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+        "cached": [o.num_cached_tokens for o in outputs],
+    }
+    conn = connector()
+    if conn is not None:
+        conn.kvtier.flush()
+        result["stats"] = conn.kvtier.stats().as_dict()
+        result["totals"] = conn.totals
+        result["scheduler_requests"] = scheduler_requests(llm)
+    return result
+
+
+def corrupt(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
+    """Flip bytes in the middle of the chunk's file (its payload, not its header)."""
+    spec = step["corrupt"]
+    kv = connector().kvtier
+    extra = ((("cache_salt", spec["cache_salt"]),),) if spec.get("cache_salt") else ()
+    key = str(kv.hasher.keys(spec["tokens"], extra_keys=extra)[spec["chunk"]])
+    root = next(t.url for t in kv.config.tiers if t.url.startswith("file://"))
+    paths = list(Path(root.removeprefix("file://")).rglob(key))
+    for path in paths:
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+        path.write_bytes(bytes(data))
+    return {"corrupted": [str(p) for p in paths]}
+
+
+def keys(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
+    """The chunk keys of each prompt, as the connector computes them."""
+    kv = connector().kvtier
+    out = []
+    for p in step["keys"]:
+        extra = ((("cache_salt", p["cache_salt"]),),) if p.get("cache_salt") else ()
+        out.append([str(k) for k in kv.hasher.keys(p["tokens"], extra_keys=extra)])
+    return {"keys": out}
+
+
+STEPS = {"generate": generate, "corrupt": corrupt, "keys": keys}
+
+
+def main() -> None:
+    model, spec_path, out_path = sys.argv[1:4]
+    spec = json.loads(Path(spec_path).read_text())
+    results = []
+    for engine in spec["engines"]:
+        llm = make_llm(model, engine.get("kvtier"), spec.get("max_model_len", 1024))
+        steps = []
+        for step in engine["steps"]:
+            kind = next(k for k in STEPS if k in step)
+            steps.append(STEPS[kind](llm, step))
+        results.append({"steps": steps})
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    Path(out_path).write_text(json.dumps({"engines": results}))
+
+
+if __name__ == "__main__":
+    main()
