@@ -59,7 +59,10 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     key = (name, dtype, device)
     tensor = cache.get(key)
     if tensor is None or tensor.numel() < numel:
-        tensor = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+        # Never an inference tensor: one made under inference_mode() could not be
+        # written outside it later.
+        with torch.inference_mode(False):
+            tensor = cache[key] = torch.empty(numel, dtype=dtype, device=device)
     return tensor[:numel]
 
 

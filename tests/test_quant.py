@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -225,3 +226,19 @@ def test_quantize_into_rejects_wrong_output_sizes() -> None:
         quantize_into(x, 8, torch.empty(2, 7, dtype=torch.uint8), torch.empty(2), torch.empty(2))
     with pytest.raises(ConfigError, match="4 or 8"):
         quantize(x, 3)
+
+
+def test_scratch_made_under_inference_mode_works_outside_it() -> None:
+    x = torch.randn(3, 5, 64)
+    results: list[tuple[torch.Tensor, ...]] = []
+
+    def fresh_thread() -> None:  # scratch tensors are per thread: these are its first
+        with torch.inference_mode():
+            results.append(quant.quantize(x, bits=8))
+        results.append(quant.quantize(x, bits=8))
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert len(results) == 2, "quantize failed outside inference mode"
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
