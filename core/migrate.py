@@ -1,0 +1,451 @@
+"""Copy chunks from one store to another through the Backend API (``kvtier migrate``).
+
+:func:`migrate` streams the keys of ``source`` (narrowed by a :class:`ChunkFilter`) in
+batches through ``concurrency`` workers, using only ``iter_keys``, ``contains_many``,
+``get_many``, ``put_many`` and ``delete_many``, so it works between any two backends,
+third-party ones included. Per batch:
+
+1. ``contains_many`` on the destination: chunks already there are skipped, so running
+   an interrupted migration again copies only the rest.
+2. ``get_many`` on the source. Each blob's framing, checksum and key are checked
+   (:func:`~kvtier.core.blob.read_header`): a corrupt or foreign blob is reported and
+   never copied; a chunk gone since it was listed is a failure.
+3. With ``recode``, the chunk is decoded and encoded again with that pipeline under the
+   same key, dtype and shape. A blob whose codecs already are the pipeline's is copied
+   unchanged, so nothing is quantised twice.
+4. ``put_many`` with ``PutMode.CREATE`` (a chunk another writer stored meanwhile is
+   kept), then every written chunk is read back: it must pass its checksum and equal
+   what was written. One that does not is a failure and is deleted from the
+   destination again, so a later run retries it.
+5. ``verify`` also reads the chunks that were already present and compares them with
+   the blob this migration would have written; a difference is a mismatch, reported
+   and left in place.
+6. ``delete_source`` deletes a source chunk only once the destination holds a verified
+   copy: written and read back equal, or already present and compared equal (it
+   compares present chunks as ``verify`` does).
+
+Two blobs are equal when both pass their checksum and have the same length and the
+same xxh3-64 checksum (which covers every other byte). Recoding is deterministic, so a
+rerun with the same ``recode`` compares equal.
+
+Memory does not grow with the store: keys are streamed, never collected; at most
+``concurrency`` batches hold blobs at a time, each at most two per key (the source
+blob and its recoded copy, or the blob read back).
+
+``dry_run`` lists the source and asks the destination which chunks it has; it reads
+no blob (except, with ``verify``, to compare present chunks) and writes and deletes
+nothing. ``copied`` then counts the chunks a real run would copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvtier.core.backend import Backend, PutMode
+from kvtier.core.blob import CodecPipeline, decode_blob, read_header
+from kvtier.core.buffers import Buffer
+from kvtier.core.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ChunkCorruptedError,
+    ConfigError,
+    KVTierError,
+)
+from kvtier.core.keys import ChunkKey, model_slug, tenant_tag
+
+MAX_PROBLEMS = 50
+"""Problems (corrupt, failed, mismatched chunks) a report keeps by key; more are counted."""
+
+_NAMESPACE_RE = re.compile(
+    r"^(?P<slug>[A-Za-z0-9_-]+)-(?P<fingerprint>[0-9a-f]{16})(?:-(?P<tenant>t[0-9a-f]{12}))?$"
+)
+"""A namespace from :func:`~kvtier.core.keys.namespace_for`: the model slug, the
+fingerprint hash, and the tenant tag if any. A tenant tag (``t`` + 12 hex digits) can
+never be read as a fingerprint hash (16 hex digits), so the split is unambiguous."""
+
+
+class Outcome(str, enum.Enum):
+    """What happened to one chunk."""
+
+    COPIED = "copied"
+    SKIPPED = "skipped"
+    MISMATCHED = "mismatched"
+    CORRUPT = "corrupt"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ChunkFilter:
+    """Which chunks to migrate: all of them when every field is empty.
+
+    A chunk matches when its namespace is one of ``namespaces`` (exact), its model slug
+    equals that of one of ``models``, and its tenant tag that of one of ``tenants``;
+    an empty field accepts any chunk. A namespace records only the model's slug (the id
+    with characters other than letters, digits and ``_`` turned into ``-``, at most 40
+    characters), so ``org/m`` also selects ``org-m``; use ``namespaces`` to tell such
+    models apart. ``tenants`` selects only chunks stored for one of those tenants.
+    """
+
+    models: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    _slugs: frozenset[str] = field(init=False, repr=False, compare=False)
+    _tags: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for label, values in (("model", self.models), ("tenant", self.tenants)):
+            if any(not value for value in values):
+                raise ConfigError(f"--{label} must not be empty")
+        for namespace in self.namespaces:
+            try:
+                ChunkKey.parse(f"{namespace}.{'0' * 32}")
+            except ConfigError:
+                raise ConfigError(
+                    f"--namespace {namespace!r} is not a namespace: 1-80 characters of "
+                    "[A-Za-z0-9_-], starting with a letter or digit (see 'kvtier stats URL')"
+                ) from None
+        object.__setattr__(self, "_slugs", frozenset(map(model_slug, self.models)))
+        object.__setattr__(self, "_tags", frozenset(map(tenant_tag, self.tenants)))
+
+    @property
+    def prefix(self) -> str:
+        """A prefix every matching key starts with, to narrow ``iter_keys``."""
+        if len(self.namespaces) == 1:
+            return f"{self.namespaces[0]}."
+        if len(self._slugs) == 1:
+            return f"{next(iter(self._slugs))}-"
+        return ""
+
+    def matches(self, key: ChunkKey) -> bool:
+        """Whether the chunk ``key`` is selected."""
+        if self.namespaces and key.namespace not in self.namespaces:
+            return False
+        if not (self._slugs or self._tags):
+            return True
+        parts = _NAMESPACE_RE.match(key.namespace)
+        if parts is None:
+            return False
+        if self._slugs and parts["slug"] not in self._slugs:
+            return False
+        return not self._tags or parts["tenant"] in self._tags
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    """How to migrate; see the module docstring for what each switch does."""
+
+    select: ChunkFilter = ChunkFilter()
+    recode: CodecPipeline | None = None
+    batch_size: int = 8
+    """Chunks per Backend call."""
+    concurrency: int = 4
+    """Batches in flight at once."""
+    verify: bool = False
+    dry_run: bool = False
+    delete_source: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "concurrency"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class MigrationReport:
+    """Counts per :class:`Outcome`, bytes moved, and the first problems by key."""
+
+    dry_run: bool = False
+    copied: int = 0
+    skipped: int = 0
+    mismatched: int = 0
+    corrupt: int = 0
+    failed: int = 0
+    deleted: int = 0
+    """Source chunks deleted (``delete_source``)."""
+    bytes_read: int = 0
+    """Bytes of source blobs read."""
+    bytes_written: int = 0
+    seconds: float = 0.0
+    problems: list[tuple[Outcome, str, str]] = field(default_factory=list)
+    """``(outcome, key, reason)`` of the first :data:`MAX_PROBLEMS` problem chunks."""
+
+    @property
+    def processed(self) -> int:
+        """Chunks with an outcome so far."""
+        return self.copied + self.skipped + self.mismatched + self.corrupt + self.failed
+
+    @property
+    def ok(self) -> bool:
+        """No chunk failed and none mismatched (corrupt source chunks are not errors:
+        they are unusable wherever they are)."""
+        return not (self.failed or self.mismatched)
+
+    def record(self, key: str, outcome: Outcome, reason: str = "") -> None:
+        setattr(self, outcome.value, getattr(self, outcome.value) + 1)
+        if outcome not in (Outcome.COPIED, Outcome.SKIPPED) and len(self.problems) < MAX_PROBLEMS:
+            self.problems.append((outcome, key, reason))
+
+
+Progress = Callable[[MigrationReport], None]
+"""Called with the running report after every batch."""
+
+
+async def count_chunks(source: Backend, select: ChunkFilter = ChunkFilter()) -> int:
+    """How many chunks of ``source`` ``select`` matches (one listing, nothing read)."""
+    count = 0
+    async for key in source.iter_keys(select.prefix):
+        parsed = _parse(key)
+        count += parsed is None or select.matches(parsed)
+    return count
+
+
+async def migrate(
+    source: Backend,
+    destination: Backend,
+    options: MigrateOptions = MigrateOptions(),
+    progress: Progress | None = None,
+) -> MigrationReport:
+    """Copy the selected chunks of ``source`` to ``destination`` (both open).
+
+    Returns the report; raises :class:`BackendUnavailableError` if either store becomes
+    unreachable (what was copied stays, a rerun resumes). Other backend errors fail the
+    batch they hit and the migration goes on.
+    """
+    if source is destination:
+        raise ConfigError("source and destination are the same backend")
+    return await _Migration(source, destination, options, progress).run()
+
+
+def _parse(key: str) -> ChunkKey | None:
+    try:
+        return ChunkKey.parse(key)
+    except ConfigError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What makes two valid blobs equal: length and stored checksum."""
+
+    nbytes: int
+    checksum: bytes
+
+    @classmethod
+    def of(cls, blob: Buffer) -> _Identity:
+        return cls(blob.nbytes, bytes(blob.view[-8:]))
+
+
+@dataclass(frozen=True)
+class _Problem:
+    outcome: Outcome
+    reason: str
+
+
+_Outcomes = dict[str, tuple[Outcome, str]]
+
+
+class _Migration:
+    def __init__(
+        self,
+        source: Backend,
+        destination: Backend,
+        options: MigrateOptions,
+        progress: Progress | None,
+    ) -> None:
+        self.source = source
+        self.destination = destination
+        self.options = options
+        self.progress = progress
+        self.report = MigrationReport(dry_run=options.dry_run)
+        self.compare_present = options.verify or (options.delete_source and not options.dry_run)
+
+    async def run(self) -> MigrationReport:
+        start = time.perf_counter()
+        queue: asyncio.Queue[list[str] | None] = asyncio.Queue(self.options.concurrency)
+        tasks = [asyncio.ensure_future(self._produce(queue))]
+        tasks += [asyncio.ensure_future(self._work(queue)) for _ in range(self.options.concurrency)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.report.seconds = time.perf_counter() - start
+        return self.report
+
+    async def _produce(self, queue: asyncio.Queue[list[str] | None]) -> None:
+        batch: list[str] = []
+        async for key in self.source.iter_keys(self.options.select.prefix):
+            parsed = _parse(key)
+            if parsed is None:
+                self.report.record(key[:200], Outcome.FAILED, "the source listed an invalid key")
+                continue
+            if not self.options.select.matches(parsed):
+                continue
+            batch.append(key)
+            if len(batch) == self.options.batch_size:
+                await queue.put(batch)
+                batch = []
+        if batch:
+            await queue.put(batch)
+        for _ in range(self.options.concurrency):
+            await queue.put(None)
+
+    async def _work(self, queue: asyncio.Queue[list[str] | None]) -> None:
+        while (keys := await queue.get()) is not None:
+            outcomes: _Outcomes = {}
+            try:
+                await self._batch(keys, outcomes)
+            except BackendUnavailableError:
+                raise
+            except BackendError as exc:
+                for key in keys:
+                    outcomes.setdefault(key, (Outcome.FAILED, str(exc)))
+            for key, (outcome, reason) in outcomes.items():
+                self.report.record(key, outcome, reason)
+            if self.progress is not None:
+                self.progress(self.report)
+
+    async def _batch(self, keys: list[str], out: _Outcomes) -> None:
+        present = await self.destination.contains_many(keys)
+        missing = [key for key, there in zip(keys, present, strict=True) if not there]
+        compare = [key for key, there in zip(keys, present, strict=True) if there]
+        if not self.compare_present:
+            out.update((key, (Outcome.SKIPPED, "")) for key in compare)
+            compare = []
+        if self.options.dry_run:
+            out.update((key, (Outcome.COPIED, "")) for key in missing)
+            missing = []
+        reads = missing + compare
+        if not reads:
+            return
+        expected, written = await self._read_and_write(reads, missing, out)
+        stored_elsewhere = set(missing) - set(written) - set(out)
+        compare += [key for key in missing if key in stored_elsewhere]
+        verified = await self._check(written, [k for k in compare if k in expected], expected, out)
+        if self.options.delete_source and not self.options.dry_run and verified:
+            deleted = await self.source.delete_many(verified)
+            self.report.deleted += sum(deleted)
+
+    async def _read_and_write(
+        self, reads: list[str], missing: list[str], out: _Outcomes
+    ) -> tuple[dict[str, _Identity], list[str]]:
+        """Read ``reads`` from the source and write those in ``missing``; returns the
+        identity of each valid blob and the keys written."""
+        blobs = await self.source.get_many(reads)
+        owned: list[Buffer] = [blob for blob in blobs if blob is not None]
+        try:
+            self.report.bytes_read += sum(blob.nbytes for blob in owned)
+            prepared = await asyncio.to_thread(self._prepare_all, reads, blobs)
+            ready: dict[str, Buffer] = {}
+            for key, blob, item in zip(reads, blobs, prepared, strict=True):
+                if isinstance(item, _Problem):
+                    out[key] = (item.outcome, item.reason)
+                    continue
+                ready[key] = item
+                if item is not blob:  # a recoded copy
+                    owned.append(item)
+            expected = {key: _Identity.of(blob) for key, blob in ready.items()}
+            items = [(key, ready[key]) for key in missing if key in ready]
+            stored = await self.destination.put_many(items, PutMode.CREATE) if items else []
+        finally:
+            for blob in owned:
+                blob.release()
+        written = [key for (key, _), ok in zip(items, stored, strict=True) if ok]
+        self.report.bytes_written += sum(expected[key].nbytes for key in written)
+        refused = [key for (key, _), ok in zip(items, stored, strict=True) if not ok]
+        if refused:  # present now (another writer): compared by the caller; else rejected
+            there = await self.destination.contains_many(refused)
+            for key, found in zip(refused, there, strict=True):
+                if not found:
+                    out[key] = (
+                        Outcome.FAILED,
+                        "the destination refused it (full, or larger than its capacity)",
+                    )
+        return expected, written
+
+    def _prepare_all(
+        self, keys: Sequence[str], blobs: Sequence[Buffer | None]
+    ) -> list[Buffer | _Problem]:
+        """Validate each source blob and recode it if asked; runs in a worker thread."""
+        return [self._prepare(key, blob) for key, blob in zip(keys, blobs, strict=True)]
+
+    def _prepare(self, key: str, blob: Buffer | None) -> Buffer | _Problem:
+        """The blob to write for ``key``: the source blob itself, a recoded copy the
+        caller owns, or the problem that stops the chunk."""
+        if blob is None:
+            return _Problem(Outcome.FAILED, "gone from the source since it was listed")
+        recode = self.options.recode
+        try:
+            header = read_header(blob)
+            if header.key != key:
+                return _Problem(Outcome.CORRUPT, f"foreign blob: it holds key {header.key!r:.120}")
+            if recode is None or [name for name, _ in header.stages] == [
+                codec.name for codec in recode.stages
+            ]:
+                return blob
+            _, chunk = decode_blob(blob, self.source.registry, expected_key=key)
+        except ChunkCorruptedError as exc:
+            return _Problem(Outcome.CORRUPT, str(exc))
+        try:
+            return recode.encode(key, chunk, self.destination.pool)
+        except KVTierError as exc:
+            return _Problem(Outcome.FAILED, f"recoding to {recode.name} failed: {exc}")
+
+    async def _check(
+        self,
+        written: list[str],
+        compare: list[str],
+        expected: dict[str, _Identity],
+        out: _Outcomes,
+    ) -> list[str]:
+        """Read ``written`` and ``compare`` back from the destination and record their
+        outcomes; returns the keys whose destination copy is verified."""
+        keys = written + compare
+        if not keys:
+            return []
+        blobs = await self.destination.get_many(keys)
+        verified, undo = [], []
+        try:
+            problems = await asyncio.to_thread(
+                lambda: [_difference(k, b, expected[k]) for k, b in zip(keys, blobs, strict=True)]
+            )
+            for i, (key, problem) in enumerate(zip(keys, problems, strict=True)):
+                if i < len(written):
+                    outcome = Outcome.COPIED if problem is None else Outcome.FAILED
+                    if problem is not None:
+                        problem = f"read back from the destination: {problem}"
+                        undo.append(key)
+                else:
+                    outcome = Outcome.SKIPPED if problem is None else Outcome.MISMATCHED
+                out[key] = (outcome, problem or "")
+                if problem is None:
+                    verified.append(key)
+        finally:
+            for blob in blobs:
+                if blob is not None:
+                    blob.release()
+        if undo:
+            await self.destination.delete_many(undo)
+        return verified
+
+
+def _difference(key: str, blob: Buffer | None, expected: _Identity) -> str | None:
+    """Why the destination's ``blob`` is not the ``expected`` one; ``None`` if it is."""
+    if blob is None:
+        return "missing at the destination"
+    try:
+        header = read_header(blob)
+    except ChunkCorruptedError as exc:
+        return f"corrupt at the destination: {exc}"
+    if header.key != key:
+        return f"the destination holds a foreign blob (key {header.key!r:.120})"
+    if _Identity.of(blob) != expected:
+        return "the destination's blob differs from the source's"
+    return None
