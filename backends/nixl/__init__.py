@@ -1,1 +1,132 @@
-"""The `nixl` tier (being built)."""
+"""The ``nixl`` tier: RAM of this process that peers read directly through NIXL.
+
+URL: ``nixl://`` or ``nixl://<group>``. Each kvtier instance with this tier holds its
+own bounded RAM store (like ``cpu://``) whose pool memory is registered with a NIXL
+agent (UCX backend). A shared index (Redis or Valkey) maps every stored chunk key to
+the agent holding it and its address and length, so a peer in the same group that
+misses a chunk locally reads it straight from the owner's memory (one-sided READ) and
+verifies it. Groups are separate namespaces in one index. Example tier::
+
+    - url: nixl://prefill-pool
+      capacity: 20GiB
+      options:
+        index: redis://127.0.0.1:6379/0
+        ttl: 10                    # a dead owner's entries vanish after this long
+        transfer_timeout: 2        # a peer that does not answer in time is a miss
+
+Security: by default UCX uses loopback only (``net_devices: lo``), so it listens on
+127.0.0.1 and only processes of this host (allowed to ptrace this one: same user or
+root) can read its memory. The index holds what a peer needs to read this process's
+pool memory: protect it like the cache itself (password, TLS, private network).
+
+This module registers the tier and validates its options without importing NIXL or
+redis; the implementation (:mod:`kvtier.backends.nixl.backend`) needs
+``pip install 'kvtier[nixl]'``.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kvtier.core.errors import ConfigError
+from kvtier.core.hookspecs import hookimpl
+from kvtier.core.specs import BackendSpec
+
+INDEX_SCHEMES = ("redis", "rediss", "unix")
+_GROUP_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
+_DEVICES_RE = re.compile(r"[A-Za-z0-9_.:,-]+")
+
+
+class NixlOptions(BaseModel):
+    """Options of the ``nixl`` tier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str
+    """URL of the Redis/Valkey index shared by the group: ``redis://host:port/db``,
+    ``rediss://...`` (TLS) or ``unix:///path/redis.sock``."""
+    eviction: str = "lru"
+    """Eviction policy of the local store: ``lru``, ``lfu`` or one a plugin registers."""
+    ttl: float = Field(default=10.0, ge=0.5, le=3600, allow_inf_nan=False)
+    """Seconds this agent's index entries outlive its last heartbeat (sent every
+    ``ttl / 3``): peers stop asking a dead process after at most this long."""
+    transfer_timeout: float = Field(default=2.0, gt=0, le=600, allow_inf_nan=False)
+    """Seconds a batch of peer reads may take; slower reads are misses. Keep it below
+    the tier's ``timeout``."""
+    concurrency: int = Field(default=2, ge=1, le=64)
+    """Peer reads in flight at once (threads, one NIXL transfer each)."""
+    progress_thread: bool = False
+    """Answer peers from NIXL's progress thread (at once, event driven) instead of a
+    poller every 20 ms (about 1% of a core). Peers read this process's memory without
+    its help (CMA on one host, RDMA across hosts) once connected; over TCP (other
+    hosts, no RDMA) every transfer needs it: turn it on there. It slowed this
+    process's own reads by ~20% on loopback."""
+    net_devices: str = "lo"
+    """UCX network devices of the agent (``UCX_NET_DEVICES`` while it is created):
+    ``lo`` (default) keeps it on loopback, for peers on this host; name the NIC
+    (``mlx5_0:1``, ``eth0``) or ``all`` for peers on other hosts."""
+
+    @field_validator("index")
+    @classmethod
+    def _check_index(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in INDEX_SCHEMES or not (parts.hostname or parts.path):
+            raise ValueError(
+                "index must be a Redis/Valkey URL such as redis://127.0.0.1:6379/0, "
+                f"rediss://host:6380/0 or unix:///run/redis.sock; got {redact(value)!r}"
+            )
+        return value
+
+    @field_validator("net_devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        if not _DEVICES_RE.fullmatch(value):
+            raise ValueError(
+                f"net_devices is a comma-separated list of UCX devices (lo, eth0, "
+                f"mlx5_0:1) or 'all'; got {value!r}"
+            )
+        return value
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and stats."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def group_from_url(url: str) -> str:
+    """The group of ``nixl://<group>`` (``"default"`` for ``nixl://``)."""
+    parts = urlsplit(url)
+    if (
+        parts.scheme != "nixl"
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or not _GROUP_RE.fullmatch(parts.netloc)
+    ):
+        raise ConfigError(
+            f"invalid nixl tier URL {url!r}: write 'nixl://' or 'nixl://<group>' (a group "
+            "of up to 64 letters, digits, '-' and '_'; the index goes in options.index)"
+        )
+    return parts.netloc or "default"
+
+
+@hookimpl
+def kvtier_backends() -> list[BackendSpec]:
+    return [
+        BackendSpec(
+            name="nixl",
+            schemes=("nixl",),
+            cls="kvtier.backends.nixl.backend:NixlBackend",
+            options=NixlOptions,
+            extra="nixl",
+            description="RAM shared with peer processes: direct NIXL reads, Redis index",
+        )
+    ]
