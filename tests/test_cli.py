@@ -89,13 +89,37 @@ def test_bad_arguments_give_one_line_and_exit_2(monkeypatch, capsys, args, messa
     assert "Traceback" not in err + out
 
 
-def test_demo_stores_and_reloads(monkeypatch, capsys, tmp_path):
+def test_demo_runs_on_the_default_chain(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("transformers")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    code, out, err = run(monkeypatch, capsys, "demo", "--tokens", "600")
+    plot = tmp_path / "ttft.png"
+    args = ("--model", "tiny", "--users", "2", "--turns", "2", "--contexts", "256", "--plot")
+    code, out, err = run(monkeypatch, capsys, "demo", *args, str(plot))
     assert code == 0, err
-    assert "retrieve after restart" in out and "NO" not in out
-    assert out.count("yes") == 2
-    assert (tmp_path / "kvtier" / "chunks").is_dir()
+    for text in ("user 2 turn 2", "RAG, documents in the same order", "changed order",
+                 "TTFT vs context", "hit rate", f"written to {plot}"):  # fmt: skip
+        assert text in out
+    assert " NO " not in out  # every request's next token matched the full prefill's
+    assert (tmp_path / "kvtier" / "chunks").is_dir() and plot.is_file()
+
+
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny")
+    assert code == 2 and out == ""
+    assert err == (
+        "kvtier: error: kvtier demo needs optional dependencies: pip install 'kvtier[demo]'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--contexts", "1k"], "--contexts '1k'"), (["--model", "7b"], "unknown model size '7b'")],
+)
+def test_demo_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code, _, err = run(monkeypatch, capsys, "demo", *args, "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and err.startswith("kvtier: error: ") and message in err, err
 
 
 def test_check_backend_runs_the_conformance_suite(monkeypatch, capsys):
