@@ -77,7 +77,7 @@ from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
 from kvtier.core.hookspecs import hookimpl
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import is_valid_key, validate_key
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import BackendSpec
 
@@ -133,14 +133,6 @@ def root_from_url(url: str) -> str:
     if not path.startswith("/"):
         raise ConfigError(f"{url!r} has a relative path; {hint}")
     return os.path.normpath(path)
-
-
-def _is_key(name: str) -> bool:
-    try:
-        validate_key(name)
-    except ConfigError:
-        return False
-    return True
 
 
 def _shard(key: str) -> str:
@@ -497,7 +489,7 @@ class FileBackend(Backend):
                 names = os.listdir(shard.path)
                 seen.update(known.intersection(names))
                 for name in set(names).difference(known):
-                    if not (_is_key(name) and _shard(name) == shard.name):
+                    if not (is_valid_key(name) and _shard(name) == shard.name):
                         foreign += 1
                         continue
                     try:
@@ -782,7 +774,7 @@ class FileBackend(Backend):
                     e.name
                     for e in files
                     if e.name.startswith(prefix)
-                    and _is_key(e.name)
+                    and is_valid_key(e.name)
                     and _shard(e.name) == name
                     and e.is_file(follow_symlinks=False)
                 ]

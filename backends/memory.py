@@ -22,7 +22,7 @@ from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import validate_keys
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import BackendSpec
 
@@ -51,11 +51,6 @@ def _check_url(url: str) -> None:
             f"invalid cpu tier URL {url!r}: write 'cpu://' or 'cpu://<name>' "
             "(a name of letters, digits, '-' and '_')"
         )
-
-
-def _validate(keys: Iterable[str]) -> None:
-    for key in keys:
-        validate_key(key)
 
 
 async def _iterate(keys: Iterable[str]) -> AsyncIterator[str]:
@@ -116,7 +111,7 @@ class MemoryBackend(Backend):
         return buf.nbytes
 
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        _validate(keys)
+        validate_keys(keys)
         out: list[Buffer | None] = []
         with self._lock:
             self._check_open()
@@ -134,7 +129,7 @@ class MemoryBackend(Backend):
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
-        _validate(key for key, _ in items)
+        validate_keys(key for key, _ in items)
         results: list[bool] = []
         evicted: list[tuple[str, int]] = []
         handed: list[Buffer] = []
@@ -166,13 +161,13 @@ class MemoryBackend(Backend):
         return results
 
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         with self._lock:
             self._check_open()
             return [key in self._blobs for key in keys]
 
     async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         with self._lock:
             self._check_open()
             results = []

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -77,6 +77,21 @@ def validate_key(text: str) -> str:
     """
     ChunkKey.parse(text)
     return text
+
+
+def validate_keys(keys: Iterable[str]) -> None:
+    """:func:`validate_key` on each of ``keys``."""
+    for key in keys:
+        validate_key(key)
+
+
+def is_valid_key(text: str) -> bool:
+    """Whether ``text`` is a valid key string (e.g. a name found in a listing)."""
+    try:
+        validate_key(text)
+    except ConfigError:
+        return False
+    return True
 
 
 def _tag(text: str, digits: int) -> str:

@@ -57,7 +57,7 @@ from kvtier.backends.mooncake import P2P_HANDSHAKE, MooncakeOptions, parse_moonc
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool, address_of
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import is_valid_key, validate_keys
 from kvtier.core.plugins import PluginRegistry
 
 log = logging.getLogger(__name__)
@@ -94,19 +94,6 @@ MAX_REMEMBERED_SIZES = 1 << 16
 
 def _marker(key: str) -> str:
     return key + EMPTY_MARKER
-
-
-def _validate(keys: Sequence[str]) -> None:
-    for key in keys:
-        validate_key(key)
-
-
-def _is_key(text: str) -> bool:
-    try:
-        validate_key(text)
-    except ConfigError:
-        return False
-    return True
 
 
 def _unreachable(what: str, code: int) -> BackendUnavailableError:
@@ -437,7 +424,7 @@ class MooncakeBackend(Backend):
     # -- reads --------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        _validate(keys)
+        validate_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -554,7 +541,7 @@ class MooncakeBackend(Backend):
         return [code == 1 for code in codes]
 
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -570,7 +557,7 @@ class MooncakeBackend(Backend):
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
-        _validate([key for key, _ in items])
+        validate_keys([key for key, _ in items])
         self._check_open()
         if not items:
             return []
@@ -698,7 +685,7 @@ class MooncakeBackend(Backend):
     # -- deletes ------------------------------------------------------------------------
 
     async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -740,7 +727,7 @@ class MooncakeBackend(Backend):
         seen: set[str] = set()
         for line in text.splitlines():
             key = line.strip().removesuffix(EMPTY_MARKER)
-            if key.startswith(prefix) and key not in seen and _is_key(key):
+            if key.startswith(prefix) and key not in seen and is_valid_key(key):
                 seen.add(key)
                 yield key
 

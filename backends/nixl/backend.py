@@ -50,7 +50,7 @@ from kvtier.core.errors import (
     ConfigError,
     KVTierError,
 )
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import validate_keys
 from kvtier.core.plugins import PluginRegistry
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,6 @@ _COUNTERS = (
     "index_errors",
     "copied_in",
 )
-
-
-def _validate(keys: Iterable[str]) -> None:
-    for key in keys:
-        validate_key(key)
 
 
 def _release_all(buffers: Iterable[Buffer | None]) -> None:
@@ -261,7 +256,7 @@ class NixlBackend(Backend):
     # -- the Backend API ---------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        _validate(keys)
+        validate_keys(keys)
         self._ready()
         out: list[Buffer | None] = []
         missing: list[str] = []
@@ -294,7 +289,7 @@ class NixlBackend(Backend):
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
-        _validate(key for key, _ in items)
+        validate_keys(key for key, _ in items)
         agent, _ = self._ready()
         results: list[bool] = []
         evicted: list[tuple[str, int]] = []
@@ -333,7 +328,7 @@ class NixlBackend(Backend):
 
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key is stored here or, as far as this process knows, by a peer."""
-        _validate(keys)
+        validate_keys(keys)
         self._ready()
         with self._lock:
             found = [key in self._blobs for key in keys]
@@ -345,7 +340,7 @@ class NixlBackend(Backend):
         return found
 
     async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         self._ready()
         results = []
         with self._lock:

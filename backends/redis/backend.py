@@ -56,7 +56,7 @@ from kvtier.backends.redis import RedisOptions
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import is_valid_key, validate_keys
 from kvtier.core.plugins import PluginRegistry
 
 Client: TypeAlias = "Redis | RedisCluster"
@@ -366,19 +366,6 @@ def _glob_escape(text: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
-def _validate(keys: Iterable[str]) -> None:
-    for key in keys:
-        validate_key(key)
-
-
-def _is_key(text: str) -> bool:
-    try:
-        validate_key(text)
-    except ConfigError:
-        return False
-    return True
-
-
 # -- the backend ---------------------------------------------------------------------
 
 
@@ -639,7 +626,7 @@ class RedisBackend(Backend):
     # -- reads ------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        _validate(keys)
+        validate_keys(keys)
         self._connected()
         names = [self._name(key) for key in keys]
         ttl = self._ttl_ms if self.options.refresh_ttl else None
@@ -717,7 +704,7 @@ class RedisBackend(Backend):
         return buf
 
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         self._connected()
         names = [self._name(key) for key in keys]
         replies = await self._batch(
@@ -726,7 +713,7 @@ class RedisBackend(Backend):
         return [self._flag(reply, "contains") for reply in replies]
 
     async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        _validate(keys)
+        validate_keys(keys)
         self._connected()
         names = [self._name(key) for key in keys]
         replies = await self._batch(
@@ -744,7 +731,7 @@ class RedisBackend(Backend):
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
-        _validate(key for key, _ in items)
+        validate_keys(key for key, _ in items)
         self._connected()
         whole = [i for i, (_, buf) in enumerate(items) if buf.nbytes <= self._max_value]
         split = [i for i, (_, buf) in enumerate(items) if buf.nbytes > self._max_value]
@@ -834,7 +821,7 @@ class RedisBackend(Backend):
     def _key_of(self, name: bytes) -> str | None:
         text = name.decode("utf-8", "replace")
         key = text[len(self._prefix) + 1 : -1]
-        return key if _is_key(key) else None
+        return key if is_valid_key(key) else None
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every stored key starting with ``prefix`` (SCAN; a key written or deleted while

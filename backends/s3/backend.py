@@ -56,7 +56,7 @@ from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blob import MAX_CHUNK_BYTES, MAX_HEADER_BYTES
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import BackendUnavailableError, ConfigError
-from kvtier.core.keys import validate_key
+from kvtier.core.keys import is_valid_key, validate_key
 from kvtier.core.plugins import PluginRegistry
 
 if TYPE_CHECKING:
@@ -110,14 +110,6 @@ def _total_size(response: GetObjectOutputTypeDef) -> int:
     if content_range:
         return int(content_range.rpartition("/")[2])
     return response["ContentLength"]
-
-
-def _is_key(name: str) -> bool:
-    try:
-        validate_key(name)
-    except ConfigError:
-        return False
-    return True
 
 
 def _no_expect_header(params: dict[str, Any], **_: Any) -> None:
@@ -606,5 +598,7 @@ class S3Backend(Backend):
         with translated(self._place, f"LIST {self.prefix}{prefix}*"):
             page = self.client.list_objects_v2(**request)
         start = len(self.prefix)
-        keys = [o["Key"][start:] for o in page.get("Contents", []) if _is_key(o["Key"][start:])]
+        keys = [
+            o["Key"][start:] for o in page.get("Contents", []) if is_valid_key(o["Key"][start:])
+        ]
         return keys, page.get("NextContinuationToken") if page.get("IsTruncated") else None
