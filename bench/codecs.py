@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from tiers import write_json
 
 from kvtier.core.blob import CodecPipeline, decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
@@ -284,16 +283,13 @@ def main(argv: list[str]) -> int:
     for line in verdicts(rows):
         console.print(line)
     if args.json:
-        meta = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+        write_json(
+            args.json,
+            [asdict(r) for r in rows],
+            reps=args.reps,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+        )
     return 0
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,9 +29,9 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
+from tiers import write_json
 
 from kvtier.core.backend import Backend
 from kvtier.core.blob import CodecPipeline
@@ -240,18 +238,14 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     print(table(rows, args.batch, args.concurrency))
     if args.json:
-        meta: dict[str, Any] = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "batch": args.batch,
-            "concurrency": args.concurrency,
-            "dir": args.dir,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        results = [{**asdict(r), "ratio": r.ratio} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio} for r in rows],
+            reps=args.reps,
+            batch=args.batch,
+            concurrency=args.concurrency,
+            dir=args.dir,
+        )
     return 0
 
 

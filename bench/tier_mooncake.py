@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -45,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare
+from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
 from kvtier.core.backend import Backend
 from kvtier.core.blob import CodecPipeline, decode_blob
@@ -399,17 +397,13 @@ def main(argv: list[str]) -> int:
         rows = asyncio.run(run_all(args))
     print(table(rows, args.batch, args.inflight))
     if args.json:
-        meta: dict[str, Any] = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "batch": args.batch,
-            "inflight": args.inflight,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        results = [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows],
+            reps=args.reps,
+            batch=args.batch,
+            inflight=args.inflight,
+        )
     return 0
 
 

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import mmap
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -58,7 +56,7 @@ from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiers import CHUNKS, MIN_RUN_BYTES, Bench, Measured, compare
+from tiers import CHUNKS, MIN_RUN_BYTES, Bench, Measured, compare, write_json
 
 TARGET = 0.9
 """Minimum tier / raw ratio reported against."""
@@ -303,18 +301,14 @@ def main(argv: list[str]) -> int:
         index_proc.wait()
     print(table(rows))
     if args.json:
-        meta = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "batch": args.batch,
-            "concurrency": args.concurrency,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-            "transport": "UCX over loopback (UCX_NET_DEVICES=lo): CMA between processes",
-        }
-        results = [{**asdict(r), "ratio": r.ratio, "target": TARGET} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio, "target": TARGET} for r in rows],
+            reps=args.reps,
+            batch=args.batch,
+            concurrency=args.concurrency,
+            transport="UCX over loopback (UCX_NET_DEVICES=lo): CMA between processes",
+        )
     return 0
 
 

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -37,7 +34,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio as aredis
 import torch
@@ -50,7 +46,7 @@ from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare
+from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
 TARGETS = {"put": 0.9, "get": 0.9}
 """Minimum tier / raw ratios reported against."""
@@ -301,17 +297,13 @@ def main(argv: list[str]) -> int:
         server = asyncio.run(server_version(url))
     print(table(rows, args.batch))
     if args.json:
-        meta: dict[str, Any] = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "batch": args.batch,
-            "server": server,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        results = [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows],
+            reps=args.reps,
+            batch=args.batch,
+            server=server,
+        )
     return 0
 
 

@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -59,7 +57,7 @@ from kvtier.core.plugins import get_registry
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from servers.seaweedfs import BUCKET, REGION, SeaweedFS
-from tiers import Bench, Measured, compare
+from tiers import Bench, Measured, compare, write_json
 
 CHUNKS: dict[str, tuple[int, ...]] = {
     # [layers, K/V, tokens, kv heads, head dim] in fp16
@@ -357,19 +355,15 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     print(table(rows, args.batch, args.concurrency))
     if args.json:
-        meta: dict[str, Any] = {
-            "command": " ".join(["python", *sys.argv]),
-            "store": "seaweedfs (weed mini, 127.0.0.1)" if server else args.endpoint,
-            "reps": args.reps,
-            "batch": args.batch,
-            "concurrency": args.concurrency,
-            "run_mib": args.run_mib,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        results = [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows],
+            store="seaweedfs (weed mini, 127.0.0.1)" if server else args.endpoint,
+            reps=args.reps,
+            batch=args.batch,
+            concurrency=args.concurrency,
+            run_mib=args.run_mib,
+        )
     return 0
 
 

@@ -310,6 +310,15 @@ def table(rows: list[Row], batch: int) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, results: list[dict[str, Any]], **meta: Any) -> None:
+    """Write ``{"meta": ..., "results": results}`` to ``path``; ``meta`` gets the command
+    line, the machine and its CPU count added."""
+    meta = {"command": " ".join(["python", *sys.argv]), **meta}
+    meta.update(machine=platform.platform(), cpus=os.cpu_count())
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", help="write the results to this file")
@@ -339,17 +348,13 @@ def main(argv: list[str]) -> int:
         "bytes / lookup time"
     )
     if args.json:
-        meta: dict[str, Any] = {
-            "command": " ".join(["python", *sys.argv]),
-            "reps": args.reps,
-            "batch": args.batch,
-            "dir": args.dir,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-        }
-        results = [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows]
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(
+            args.json,
+            [{**asdict(r), "ratio": r.ratio, "target": r.target} for r in rows],
+            reps=args.reps,
+            batch=args.batch,
+            dir=args.dir,
+        )
     return 0
 
 
