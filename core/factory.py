@@ -21,11 +21,14 @@ def build_backend(
 ) -> Backend:
     """An unopened backend for ``url``, its ``options`` validated by the spec's model.
 
-    Raises :class:`ConfigError` for an unknown scheme or bad options and
+    Raises :class:`ConfigError` for an unknown scheme, a URL the spec's ``check_url``
+    refuses or bad options (checked before the backend's module is imported), and
     :class:`MissingExtraError` when the backend's optional dependencies are missing.
     """
     registry = registry or get_registry()
     spec = registry.backend_for_url(url)
-    backend_cls = spec.load()
+    if spec.check_url is not None:
+        spec.check_url(url)
     parsed = validate_model(spec.options, options, f"options of tier {url!r}")
+    backend_cls = spec.load()  # after the checks: they need no optional dependency
     return backend_cls(url, parsed, capacity=capacity, pool=pool, registry=registry)

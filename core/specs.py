@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -73,6 +74,9 @@ class BackendSpec(_ClassSpec):
     cls: type[Backend] | str
     """The backend class, or ``"module:Class"`` to import it on first use."""
     schemes: tuple[str, ...]
+    check_url: Callable[[str], Any] | None = None
+    """Raises :class:`~kvtier.core.errors.ConfigError` for a URL the backend cannot use;
+    runs before ``cls`` is imported, so a bad URL is reported even without the extra."""
 
     def load(self) -> type[Backend]:
         """The backend class, importing it if it was given as ``"module:Class"``."""

@@ -9,6 +9,14 @@ from pathlib import Path
 
 import pytest
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+# `python -m pytest` puts the working directory first on sys.path, where the checkout's
+# top-level folders (kernels/, core/, ...) would shadow installed distributions of the
+# same name (Hugging Face's `kernels`, imported by transformers). kvtier itself is
+# imported through its installed package-dir mapping, never from the checkout root.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != CHECKOUT]
+
 FakeDist = Callable[..., Path]
 
 pytest_plugins = sorted(

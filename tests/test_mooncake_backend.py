@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from servers._process import require
 from servers.mooncake import MooncakeStore
 
+from kvtier.backends.mooncake import parse_mooncake_url
 from kvtier.core import BufferPool, KVLayout, KVTier, PutMode
 from kvtier.core.backend import Backend
 from kvtier.core.buffers import Buffer, address_of
@@ -259,7 +261,13 @@ def test_bad_configuration_is_a_clear_error(
         build_backend(url, options=options)
 
 
-def test_default_master_port_and_options() -> None:
+def test_default_master_port() -> None:
+    assert parse_mooncake_url("mooncake://10.1.2.3") == "10.1.2.3:50051"
+    assert parse_mooncake_url("mooncake://[::1]:7") == "[::1]:7"
+
+
+def test_options_become_the_clients_replicate_config() -> None:
+    require("mooncake.store", "kvtier[mooncake]")  # builds Mooncake's own config type
     backend = build_backend(
         "mooncake://10.1.2.3",
         options={"metadata_server": "P2PHANDSHAKE", "soft_pin": True, "soft_pin_ttl": 2.5},

@@ -137,6 +137,7 @@ def kvtier_backends() -> list[BackendSpec]:
             schemes=("mooncake",),
             cls="kvtier.backends.mooncake.backend:MooncakeBackend",
             options=MooncakeOptions,
+            check_url=parse_mooncake_url,
             extra="mooncake",
             description="a Mooncake Store (master + clients lending memory), zero copy",
         )

@@ -126,6 +126,7 @@ def kvtier_backends() -> list[BackendSpec]:
             schemes=("nixl",),
             cls="kvtier.backends.nixl.backend:NixlBackend",
             options=NixlOptions,
+            check_url=group_from_url,
             extra="nixl",
             description="RAM shared with peer processes: direct NIXL reads, Redis index",
         )

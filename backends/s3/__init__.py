@@ -147,6 +147,7 @@ def kvtier_backends() -> list[BackendSpec]:
             schemes=("s3",),
             cls="kvtier.backends.s3.backend:S3Backend",
             options=S3Options,
+            check_url=parse_s3_url,
             extra="s3",
             description="one object per chunk in an S3-compatible store (AWS, MinIO, Ceph, ...)",
         )
