@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
@@ -22,7 +22,6 @@ from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
-from kvtier.core.keys import validate_keys
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import BackendSpec
 
@@ -72,6 +71,7 @@ class MemoryBackend(Backend):
         listing=True,
         create_mode=True,
         hands_over_evictions=True,
+        verified_reads=True,
     )
 
     def __init__(
@@ -110,11 +110,9 @@ class MemoryBackend(Backend):
         buf.release()
         return buf.nbytes
 
-    async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
-        validate_keys(keys)
+    async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         out: list[Buffer | None] = []
         with self._lock:
-            self._check_open()
             for key in keys:
                 buf = self._blobs.get(key)
                 if buf is None:
@@ -126,15 +124,11 @@ class MemoryBackend(Backend):
                     out.append(buf.retain())
         return out
 
-    async def put_many(
-        self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
-    ) -> list[bool]:
-        validate_keys(key for key, _ in items)
+    async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         results: list[bool] = []
         evicted: list[tuple[str, int]] = []
         handed: list[Buffer] = []
         with self._lock:
-            self._check_open()
             for key, buf in items:
                 exists = key in self._blobs
                 if exists and mode is PutMode.CREATE:
@@ -160,16 +154,12 @@ class MemoryBackend(Backend):
         self._evicted(evicted, handed)
         return results
 
-    async def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        validate_keys(keys)
+    async def _contains_unique(self, keys: list[str]) -> list[bool]:
         with self._lock:
-            self._check_open()
             return [key in self._blobs for key in keys]
 
-    async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        validate_keys(keys)
+    async def _delete_unique(self, keys: list[str]) -> list[bool]:
         with self._lock:
-            self._check_open()
             results = []
             for key in keys:
                 exists = key in self._blobs
@@ -178,15 +168,13 @@ class MemoryBackend(Backend):
                 results.append(exists)
             return results
 
-    def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
+    def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """A snapshot of the stored keys taken at the call."""
         with self._lock:
-            self._check_open()
             return _iterate([key for key in self._blobs if key.startswith(prefix)])
 
-    async def stats(self) -> BackendStats:
+    async def _stats(self) -> BackendStats:
         with self._lock:
-            self._check_open()
             return BackendStats(
                 keys=len(self._blobs),
                 bytes_used=self._bytes,
@@ -200,9 +188,8 @@ class MemoryBackend(Backend):
                 },
             )
 
-    async def close(self) -> None:
-        """Release every stored buffer; later calls raise ``BackendUnavailableError``."""
-        await super().close()
+    async def _close(self) -> None:
+        """Release every stored buffer."""
         with self._lock:
             blobs, self._blobs = self._blobs, {}
             for key in blobs:

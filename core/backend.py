@@ -9,26 +9,38 @@ Contract (checked for every backend by :mod:`kvtier.core.testing`):
 * A miss is ``None`` (``get_many``) or ``False``, never an exception.
 * ``get_many`` returns buffers the caller owns and must release. ``put_many`` does not
   take ownership of its buffers: a backend that keeps one calls ``retain()``.
-* Client-library errors are translated: unreachable or closed ->
-  :class:`BackendUnavailableError`; a value that cannot fit -> :class:`CapacityError`
-  or a ``False`` result; anything else -> :class:`BackendError`.
+* Client-library errors are translated: unreachable, timed out or closed ->
+  :class:`BackendUnavailableError`; a value that cannot fit -> a ``False`` result;
+  any other failure of the store -> :class:`BackendError`. Anything else escaping a
+  backend is a bug in it, and the tier chain treats it as one (never as an outage).
 * A cancelled ``put_many`` leaves each key either absent or fully written.
+
+The public batch methods live here, once: they check that the backend is open,
+validate every key (:class:`ConfigError`, before any I/O), return ``[]`` for an
+empty batch and fold duplicate keys, then call the ``_*_unique`` hooks a backend
+implements, which see each key once (see :meth:`Backend._put_unique` for which
+duplicate is written). Blocking work runs in :attr:`Backend.workers`, a private
+:class:`~kvtier.core.blocking.BlockingPool` started with :meth:`Backend._start_workers`.
 """
 
 from __future__ import annotations
 
 import enum
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
+from kvtier.core.blocking import BlockingPool, Orphan
 from kvtier.core.buffers import Buffer, BufferPool, default_pool
 from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.keys import validate_key
 from kvtier.core.plugins import PluginRegistry, get_registry
+
+T = TypeVar("T")
 
 
 class PutMode(str, enum.Enum):
@@ -55,6 +67,12 @@ class Capabilities:
     hands_over_evictions: bool = False
     """Passes evicted blobs to ``demotion_sink``, so a ``write_policy: back`` tier below
     can receive them."""
+    verified_reads: bool = False
+    """``get_many`` returns only blobs that were checked when they entered this process
+    (an in-process store keeps the very buffers the tier chain verified or encoded; a
+    backend that reads from peers verifies each blob itself), so the tier chain does
+    not compute their checksum again. Bytes read from storage outside the process are
+    never trusted: leave it ``False``."""
 
 
 @dataclass
@@ -74,12 +92,13 @@ DemotionSink = Callable[[Sequence[tuple[str, Buffer]]], None]
 """Takes ownership of evicted blobs (one reference each) to write them to a lower tier."""
 
 
-class Backend(ABC):
+class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend has them
     """Base class of storage backends.
 
     Subclasses are built by the tier chain as ``cls(url, options, capacity=...,
     pool=..., registry=...)`` where ``options`` is an instance of the spec's options model, then
-    opened with ``await backend.open()``.
+    opened with ``await backend.open()``. They implement the ``_*_unique`` hooks,
+    ``_iter_keys`` and ``_stats``, and may override ``_open`` and ``_close``.
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities()
@@ -101,19 +120,53 @@ class Backend(ABC):
         """Resolves plugin-provided names in options (eviction policies, codecs)."""
         self.eviction_listener: EvictionListener | None = None
         self.demotion_sink: DemotionSink | None = None
+        self.workers: BlockingPool | None = None
+        """This backend's threads for blocking calls, once :meth:`_start_workers` ran."""
         self._closed = False
 
-    async def open(self) -> None:  # noqa: B027 - a no-op default, not abstract
-        """Connect, create folders, rebuild indexes. Raise ``BackendUnavailableError``
-        if the store cannot be reached."""
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create folders, rebuild indexes (:meth:`_open`). Raises
+        ``BackendUnavailableError`` if the store cannot be reached."""
+        self._check_open()
+        await self._open()
 
     async def close(self) -> None:
-        """Release connections and memory; later calls raise ``BackendUnavailableError``."""
+        """Release connections, memory and threads (:meth:`_close`, once); later calls
+        raise ``BackendUnavailableError``."""
+        if self._closed:
+            return
         self._closed = True
+        try:
+            await self._close()
+        finally:
+            workers, self.workers = self.workers, None
+            if workers is not None:
+                await workers.shutdown()
+
+    async def _open(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Backend-specific :meth:`open`; called again after a failed open."""
+
+    async def _close(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Backend-specific :meth:`close`; runs once, before the workers stop."""
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackendUnavailableError(f"{self.url}: backend is closed")
+
+    def _start_workers(self, threads: int) -> BlockingPool:
+        """Start (once) the threads :meth:`_blocking` runs calls in; call from ``_open``."""
+        if self.workers is None:
+            self.workers = BlockingPool(self.url, threads, name=f"kvtier-{type(self).__name__}")
+        return self.workers
+
+    async def _blocking(self, call: Callable[[], T], *, orphan: Orphan | None = None) -> T:
+        """``call()`` in this backend's workers (see :meth:`BlockingPool.run`)."""
+        self._check_open()
+        if self.workers is None:
+            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+        return await self.workers.run(call, orphan=orphan)
 
     def _evicted(
         self, items: Sequence[tuple[str, int]], blobs: Sequence[Buffer] | None = None
@@ -130,32 +183,107 @@ class Backend(ABC):
             for blob in blobs:
                 blob.release()
 
-    @abstractmethod
+    # -- the batch API (once, for every backend) ---------------------------------------
+
+    def _unique(self, keys: Sequence[str]) -> list[str]:
+        """``keys`` without repeats, first occurrences first, each validated; raises
+        ``BackendUnavailableError`` when closed (checked first)."""
+        self._check_open()
+        unique = list(dict.fromkeys(keys))
+        for key in unique:
+            validate_key(key)
+        return unique
+
     async def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         """Blobs for ``keys`` (``None`` for a miss); the caller releases each buffer."""
+        unique = self._unique(keys)
+        if not unique:
+            return []
+        first = dict(zip(unique, await self._get_unique(unique), strict=True))
+        out: list[Buffer | None] = []
+        handed: set[str] = set()
+        for key in keys:
+            buf = first[key]
+            if buf is not None and key in handed:  # a repeat: another reference
+                buf = buf.retain()
+            handed.add(key)
+            out.append(buf)
+        return out
 
-    @abstractmethod
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
         """Store blobs; ``True`` where stored, ``False`` where skipped (``CREATE`` and the
         key exists) or rejected (too large, store full)."""
+        if not self._unique([key for key, _ in items]):
+            return []
+        chosen: dict[str, int] = {}  # key -> index of the item written
+        for i, (key, _) in enumerate(items):
+            if mode is PutMode.OVERWRITE or key not in chosen:
+                chosen[key] = i  # OVERWRITE: the last value wins; CREATE: the first
+        written = [items[i] for i in chosen.values()]
+        stored = dict(zip(chosen, await self._put_unique(written, mode), strict=True))
+        if mode is PutMode.OVERWRITE:
+            return [stored[key] for key, _ in items]
+        return [stored[key] and chosen[key] == i for i, (key, _) in enumerate(items)]
 
-    @abstractmethod
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key is stored."""
+        unique = self._unique(keys)
+        if not unique:
+            return []
+        found = dict(zip(unique, await self._contains_unique(unique), strict=True))
+        return [found[key] for key in keys]
 
-    @abstractmethod
     async def delete_many(self, keys: Sequence[str]) -> list[bool]:
-        """Delete keys; ``True`` where a key existed."""
+        """Delete keys; ``True`` where a key existed (for its first occurrence)."""
+        unique = self._unique(keys)
+        if not unique:
+            return []
+        deleted = dict(zip(unique, await self._delete_unique(unique), strict=True))
+        return [deleted.pop(key, False) for key in keys]
 
-    @abstractmethod
     def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every stored key starting with ``prefix``, each once, in no set order."""
+        self._check_open()
+        return self._iter_keys(prefix)
 
-    @abstractmethod
     async def stats(self) -> BackendStats:
         """A snapshot of the backend's counters."""
+        self._check_open()
+        return await self._stats()
+
+    # -- what a backend implements -----------------------------------------------------
+    #
+    # The hooks get valid keys, each once, in non-empty batches of an open backend, and
+    # return one result per key in the same order.
+
+    async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
+        """Blobs for ``keys``, each a reference the caller owns; ``None`` for a miss."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
+
+    async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
+        """Store each blob (retaining any buffer kept past the call); ``False`` where
+        ``CREATE`` found the key or the blob was rejected. Of keys repeated in the
+        caller's batch, this sees the last value for ``OVERWRITE``, the first for
+        ``CREATE``."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
+
+    async def _contains_unique(self, keys: list[str]) -> list[bool]:
+        """Whether each key is stored."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
+
+    async def _delete_unique(self, keys: list[str]) -> list[bool]:
+        """Delete each key; ``True`` where it existed."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
+
+    def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
+        """Every stored key starting with ``prefix``, each once (an async generator)."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
+
+    async def _stats(self) -> BackendStats:
+        """A snapshot of the backend's counters."""
+        raise NotImplementedError  # abstract once every built-in backend implements it
 
     async def __aenter__(self) -> Backend:
         await self.open()

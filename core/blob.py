@@ -344,6 +344,15 @@ def read_header(blob: BytesLike | Buffer) -> BlobHeader:
     return _parse_header(bytes(view[_PREFIX.size : _PREFIX.size + header_len]), payload_len, nbytes)
 
 
+def verify(blob: BytesLike | Buffer, *, expected_key: str | None = None) -> BlobHeader:
+    """:func:`read_header`, and the header's key must be ``expected_key`` (when given):
+    the one check for bytes that come from outside this process."""
+    header = read_header(blob)
+    if expected_key is not None and header.key != expected_key:
+        raise _corrupt(f"foreign blob: key {header.key!r:.120}, expected {expected_key!r:.120}")
+    return header
+
+
 _decoders: weakref.WeakKeyDictionary[PluginRegistry, dict[str, Codec]] = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
@@ -409,9 +418,7 @@ def decode_blob(
     if out is not None and out.is_inference() and not torch.is_inference_mode_enabled():
         # The caller's mistake, not the blob's: never let it discard a valid chunk.
         raise ValueError("out is an inference tensor: decode into it inside torch.inference_mode()")
-    header = read_header(blob)
-    if expected_key is not None and header.key != expected_key:
-        raise _corrupt(f"foreign blob: key {header.key!r:.120}, expected {expected_key!r:.120}")
+    header = verify(blob, expected_key=expected_key)
     payload = _view_of(blob)[header.payload_offset : header.payload_offset + header.payload_nbytes]
     try:
         return header, _decode_stages(header, payload, registry, out)
