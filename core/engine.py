@@ -150,7 +150,7 @@ class KVTier:
         if tenant is not None:
             cfg = cfg.model_copy(update={"tenant": tenant})
         registry = registry or get_registry(frozenset(cfg.plugins.disable))
-        registry.pm.hook.kvtier_configure.call_historic(kwargs={"config": cfg})
+        registry.pm.hook.kvtier_configure(config=cfg)
         fingerprint = ModelFingerprint(model, layout, tp_rank=tp_rank, tp_size=tp_size)
         return cls(cfg, fingerprint, registry=registry, pool=pool or default_pool())
 

@@ -62,11 +62,13 @@ def kvtier_eviction_policies() -> Iterable[EvictionPolicySpec]:  # type: ignore[
     """
 
 
-@hookspec(historic=True)
+@hookspec
 def kvtier_configure(config: KVTierConfig) -> None:
-    """Called with the validated config each time a :class:`KVTier` is opened.
+    """Called with the validated config each time a :class:`KVTier` is opened, before
+    any tier is built.
 
-    Historic: a plugin registered later still receives every earlier call. Use it to
+    Not historic: a registry lives for the process and is opened against many times,
+    so keeping every call for late plugins would hold every config forever. Use it to
     read plugin settings or start exporters; raise :class:`ConfigError` to reject the
     configuration. Example::
 

@@ -3,14 +3,16 @@ codecs per tier, corruption, dropped stores, failing tiers, hooks."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from kvtier.core import KVLayout, KVTier
+from kvtier.core import KVLayout, KVTier, load_config
 from kvtier.core.errors import ConfigError
 from kvtier.core.plugins import PluginRegistry
 
@@ -388,3 +390,16 @@ def test_codec_that_cannot_handle_the_layout_fails_at_open(tmp_path):
     cfg = {"tiers": [{"url": "cpu://", "capacity": "1MiB", "codec": "int4"}]}
     with pytest.raises(ConfigError, match="tier 'cpu': codec 'int4'"):
         KVTier.open(cfg, model="m", layout=odd)
+
+
+def test_opening_keeps_no_config_alive(tmp_path):
+    """The configure hook is not historic: a registry opened against many times keeps
+    none of the configs of closed chains."""
+    registry = PluginRegistry()
+    cfg = load_config(config(tmp_path))
+    ref = weakref.ref(cfg)
+    for _ in range(3):
+        open_kv(cfg, registry=registry).close()
+    del cfg
+    gc.collect()
+    assert ref() is None, "a closed KVTier's config is still referenced"
