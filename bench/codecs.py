@@ -35,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 from tiers import write_json
 
-from kvtier.core.blob import CodecPipeline, decode_blob
+from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.plugins import PluginRegistry
 
 PIPELINES = ["raw", "shuffle+zstd", "zstd", "int8", "int8+zstd", "int4", "int4+zstd", "fp8"]

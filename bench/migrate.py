@@ -34,8 +34,8 @@ import torch
 from tiers import write_json
 
 from kvtier.core.backend import Backend
-from kvtier.core.blob import CodecPipeline
 from kvtier.core.buffers import BufferPool
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.migrate import MigrateOptions, migrate
 from kvtier.core.plugins import get_registry

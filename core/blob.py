@@ -1,4 +1,4 @@
-"""kvtier's self-describing blob format, and the codec pipeline that writes it.
+"""kvtier's self-describing blob format: the one module that knows its bytes.
 
 Layout (integers little-endian)::
 
@@ -19,7 +19,13 @@ encoder pads the JSON with spaces so that the payload starts at a multiple of 64
 bytes. Everything read from a blob is validated before it is used: lengths first
 (so a lying header cannot make the reader allocate), then the checksum, then the
 header's fields. Any inconsistency raises :class:`ChunkCorruptedError`, which the
-tier chain treats as a miss.
+tier chain treats as a miss (and deletes the blob).
+
+Checksums are computed once per hop: :func:`seal` when a blob is made, :func:`verify`
+when its bytes come from outside the process. A blob that never left the process (an
+in-process tier keeps the buffers it was given) is read with :func:`parse`, which
+checks framing and header but not the checksum. Writing blobs is
+:class:`~kvtier.core.codecs.pipeline.CodecPipeline`'s job, through :func:`frame`.
 """
 
 from __future__ import annotations
@@ -29,19 +35,22 @@ import math
 import struct
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from kvtier.core.buffers import Buffer, BufferPool, BytesLike
-from kvtier.core.codec import ByteCodec, Codec, Params, TensorCodec
-from kvtier.core.errors import ChunkCorruptedError, ConfigError, PluginError
+from kvtier.core.codec import ByteCodec, Codec, TensorCodec
+from kvtier.core.codecs._views import tensor_view
+from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError, ConfigError
 from kvtier.core.layout import DTYPES, dtype_name
 from kvtier.core.plugins import PluginRegistry
-from kvtier.core.validation import validate_model
+
+if TYPE_CHECKING:
+    from kvtier.core.codecs.pipeline import CodecPipeline
 
 MAGIC = b"KVTB"
 FORMAT_VERSION = 1
@@ -53,10 +62,9 @@ MAX_STAGE_BYTES = MAX_CHUNK_BYTES + (64 << 20)
 
 _PREFIX = struct.Struct("<4sHHIQ")
 _CHECKSUM = struct.Struct("<Q")
-_OVERHEAD = _PREFIX.size + _CHECKSUM.size
+OVERHEAD = _PREFIX.size + _CHECKSUM.size
+"""Bytes of a blob besides its header and payload."""
 _PAYLOAD_ALIGN = 64
-_PARAMS_SLACK = 128
-"""Header bytes reserved for the tensor codec's parameters before they are known."""
 _HEADER_KEYS = frozenset({"key", "dtype", "shape", "stages", "sizes"})
 _STAGE_KEYS = frozenset({"name", "params"})
 
@@ -78,191 +86,121 @@ class BlobHeader:
         """Where the payload starts in the blob."""
         return self.nbytes - _CHECKSUM.size - self.payload_nbytes
 
-
-Steps: TypeAlias = str | Sequence[str | Mapping[str, Any]]
-"""A pipeline in a config: ``"int8+zstd"`` or ``["int8", {"name": "zstd", "level": 9}]``."""
-
-
-def _parse_steps(steps: Steps) -> list[tuple[str, dict[str, Any]]]:
-    if not isinstance(steps, (str, Sequence)):
-        raise ConfigError(f"a codec pipeline is a string or a list of steps, got {steps!r}")
-    items = steps.split("+") if isinstance(steps, str) else steps
-    parsed = []
-    for item in items:
-        if isinstance(item, str):
-            name, options = item.strip(), {}
-        elif isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            options = {k: v for k, v in item.items() if k != "name"}
-            name = item["name"].strip()
-        else:
-            raise ConfigError(
-                f"codec pipeline {steps!r}: each step is a codec name or a mapping with a "
-                f"'name' key and the codec's options, got {item!r}"
-            )
-        if not name:
-            raise ConfigError(f"codec pipeline {steps!r} has an empty step")
-        parsed.append((name, options))
-    if not parsed:
-        raise ConfigError("codec pipeline is empty; use 'raw' to store chunks unencoded")
-    return parsed
+    @property
+    def pipeline(self) -> str:
+        """The pipeline that wrote the blob, as a config names it (``int8+zstd``)."""
+        return "+".join(name for name, _ in self.stages)
 
 
-def _build(name: str, options: Mapping[str, Any], registry: PluginRegistry) -> Codec:
-    spec = registry.codec(name)
-    return spec.load()(validate_model(spec.options, options, where=f"codec {name!r}"))
+class Blob:
+    """An encoded chunk in a :class:`Buffer`, with its validated header.
+
+    The holder owns one reference of ``buf``: pass it on or :meth:`release` it (or use
+    the blob as a context manager).
+    """
+
+    __slots__ = ("buf", "header")
+
+    def __init__(self, buf: Buffer, header: BlobHeader) -> None:
+        self.buf = buf
+        self.header = header
+
+    @property
+    def key(self) -> str:
+        return self.header.key
+
+    @property
+    def view(self) -> memoryview:
+        return self.buf.view
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+    def retain(self) -> Blob:
+        """Another reference to the same bytes; release each."""
+        return Blob(self.buf.retain(), self.header)
+
+    def release(self) -> None:
+        self.buf.release()
+
+    def __enter__(self) -> Blob:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Blob({self.key!r}, {self.header.pipeline}, {self.nbytes} bytes)"
 
 
-def _padded_header_len(nbytes: int) -> int:
+# -- writing --------------------------------------------------------------------------
+
+
+def header_json(
+    key: str,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    stages: list[tuple[str, dict[str, Any]]],
+    sizes: list[int],
+) -> bytes:
+    """The header's JSON text; :class:`ConfigError` if it would exceed the limit."""
+    header = {
+        "key": key,
+        "dtype": dtype_name(dtype),
+        "shape": list(shape),
+        "stages": [{"name": name, "params": params} for name, params in stages],
+        "sizes": sizes,
+    }
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if padded_header_len(len(text)) > MAX_PADDED_HEADER:
+        raise ConfigError(
+            f"blob header for key {key[:80]!r} is {len(text)} bytes; the limit is "
+            f"{MAX_HEADER_BYTES} (is the key that long?)"
+        )
+    return text
+
+
+def padded_header_len(nbytes: int) -> int:
     """Header length >= ``nbytes`` that puts the payload on a 64-byte boundary."""
     return -(-(_PREFIX.size + nbytes) // _PAYLOAD_ALIGN) * _PAYLOAD_ALIGN - _PREFIX.size
 
 
-_MAX_PADDED_HEADER = (
+MAX_PADDED_HEADER = (
     _PREFIX.size + MAX_HEADER_BYTES
 ) // _PAYLOAD_ALIGN * _PAYLOAD_ALIGN - _PREFIX.size
 
 
-def _seal(view: memoryview, header: bytes, header_len: int, payload_len: int) -> None:
-    """Write prefix and space-padded header in front of the payload, checksum after it."""
+def payload_start(header_len: int) -> int:
+    """Offset of the payload in a blob whose (padded) header is ``header_len`` bytes."""
+    return _PREFIX.size + header_len
+
+
+def frame(view: memoryview, header: bytes, header_len: int, payload_len: int) -> None:
+    """Write the prefix and the space-padded header in front of a payload already in
+    place; ``view`` is the whole blob. The blob still needs :func:`seal`."""
     _PREFIX.pack_into(view, 0, MAGIC, FORMAT_VERSION, 0, header_len, payload_len)
     end = _PREFIX.size + header_len
     view[_PREFIX.size : _PREFIX.size + len(header)] = header
     view[_PREFIX.size + len(header) : end] = b" " * (header_len - len(header))
+
+
+def seal(view: memoryview) -> None:
+    """Write the checksum of a framed blob (the one pass over its bytes on the way in)."""
     body = view.nbytes - _CHECKSUM.size
     _CHECKSUM.pack_into(view, body, xxhash.xxh3_64_intdigest(view[:body]))
 
 
-def _assemble(header: bytes, payload: memoryview, pool: BufferPool) -> Buffer:
-    header_len = _padded_header_len(len(header))
-    buf = pool.acquire(_OVERHEAD + header_len + payload.nbytes)
-    start = _PREFIX.size + header_len
-    buf.view[start : start + payload.nbytes] = payload
-    _seal(buf.view, header, header_len, payload.nbytes)
-    return buf
+# -- reading ----------------------------------------------------------------------------
 
 
-class CodecPipeline:
-    """One :class:`TensorCodec` then zero or more :class:`ByteCodec` stages.
-
-    Encodes chunks into blobs; :func:`decode_blob` reads them back using only the
-    blob's header, whatever pipeline wrote it. Thread safe when its codecs are (the
-    built-in ones are). Each byte codec may appear once.
-    """
-
-    def __init__(self, stages: Sequence[Codec]) -> None:
-        stages = tuple(stages)
-        if not stages or not isinstance(stages[0], TensorCodec):
-            first = stages[0].name if stages else "nothing"
-            raise ConfigError(
-                f"a codec pipeline starts with a tensor codec (raw, int8, int4, fp8), not {first}"
-            )
-        names = [codec.name for codec in stages]
-        for codec in stages[1:]:
-            if not isinstance(codec, ByteCodec):
-                raise ConfigError(
-                    f"codec {codec.name!r} transforms tensors and must come first in "
-                    f"{'+'.join(names)!r}; only byte codecs (shuffle, zstd) may follow"
-                )
-            if names.count(codec.name) > 1:
-                raise ConfigError(f"codec {codec.name!r} appears twice in {'+'.join(names)!r}")
-        self.stages: tuple[Codec, ...] = stages
-        self.tensor_codec: TensorCodec = stages[0]
-        self.byte_codecs = tuple(c for c in stages[1:] if isinstance(c, ByteCodec))
-        self.name = "+".join(names)
-
-    @classmethod
-    def from_config(cls, steps: Steps, registry: PluginRegistry) -> CodecPipeline:
-        """Build from ``"int8+zstd"`` or ``["int8", {"name": "zstd", "level": 9}]``.
-
-        A pipeline that does not start with a tensor codec gets ``raw`` in front
-        (``"zstd"`` means ``"raw+zstd"``). Unknown codecs and invalid options raise
-        :class:`ConfigError` naming them.
-        """
-        codecs = [_build(name, options, registry) for name, options in _parse_steps(steps)]
-        if not isinstance(codecs[0], TensorCodec):
-            codecs.insert(0, _build("raw", {}, registry))
-        return cls(codecs)
-
-    def __repr__(self) -> str:
-        return f"CodecPipeline({self.name!r})"
-
-    def _header(
-        self, key: str, chunk: torch.Tensor, params: list[Params], sizes: list[int]
-    ) -> bytes:
-        for codec, p in zip(self.stages, params, strict=True):
-            if not isinstance(p, dict):
-                raise PluginError(f"codec {codec.name!r} returned parameters {p!r}, not a dict")
-        header = {
-            "key": key,
-            "dtype": dtype_name(chunk.dtype),
-            "shape": list(chunk.shape),
-            "stages": [
-                {"name": c.name, "params": p} for c, p in zip(self.stages, params, strict=True)
-            ],
-            "sizes": sizes,
-        }
-        try:
-            text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise PluginError(f"pipeline {self.name!r}: parameters are not JSON: {exc}") from exc
-        if _padded_header_len(len(text)) > _MAX_PADDED_HEADER:
-            raise ConfigError(
-                f"blob header for key {key[:80]!r} is {len(text)} bytes; the limit is "
-                f"{MAX_HEADER_BYTES} (is the key that long?)"
-            )
-        return text
-
-    def encode(self, key: str, chunk: torch.Tensor, pool: BufferPool) -> Buffer:
-        """Encode ``chunk`` (``[L, 2, T, H, D]``, any strides) into a blob.
-
-        The blob lives in a buffer leased from ``pool``; the caller owns (and
-        releases) it. With a tensor codec alone the payload is written in place, so
-        ``raw`` costs one copy plus the checksum.
-        """
-        dtype_name(chunk.dtype)  # ConfigError for dtypes a blob cannot name
-        if chunk.dim() != 5:
-            raise ConfigError(f"a chunk is [L, 2, T, H, D]; got shape {tuple(chunk.shape)}")
-        if chunk.numel() * chunk.element_size() > MAX_CHUNK_BYTES:
-            raise ConfigError(f"chunk {tuple(chunk.shape)} is larger than {MAX_CHUNK_BYTES} bytes")
-        payload_len = self.tensor_codec.encoded_nbytes(chunk.shape, chunk.dtype)
-        if not self.byte_codecs:
-            return self._encode_in_place(key, chunk, payload_len, pool)
-        with pool.acquire(payload_len) as first:
-            params = [self.tensor_codec.encode_into(chunk, first.view)]
-            data: BytesLike = first.view
-            sizes = [payload_len]
-            itemsize = self.tensor_codec.payload_itemsize(chunk.dtype)
-            for codec in self.byte_codecs:
-                data, stage_params = codec.encode(memoryview(data).cast("B"), itemsize)
-                params.append(stage_params)
-                sizes.append(memoryview(data).nbytes)
-            header = self._header(key, chunk, params, sizes)
-            return _assemble(header, memoryview(data).cast("B"), pool)
-
-    def _encode_in_place(
-        self, key: str, chunk: torch.Tensor, payload_len: int, pool: BufferPool
-    ) -> Buffer:
-        guess = self._header(key, chunk, [{}], [payload_len])
-        header_len = min(_padded_header_len(len(guess) + _PARAMS_SLACK), _MAX_PADDED_HEADER)
-        start = _PREFIX.size + header_len
-        buf = pool.acquire(_OVERHEAD + header_len + payload_len)
-        try:
-            payload = buf.view[start : start + payload_len]
-            params = self.tensor_codec.encode_into(chunk, payload)
-            header = self._header(key, chunk, [params], [payload_len])
-            if len(header) <= header_len:
-                _seal(buf.view, header, header_len, payload_len)
-                return buf
-            relocated = _assemble(header, payload, pool)
-        except BaseException:
-            buf.release()
-            raise
-        buf.release()
-        return relocated
-
-
-def _view_of(blob: BytesLike | Buffer) -> memoryview:
-    view = blob.view if isinstance(blob, Buffer) else memoryview(blob)
+def _view_of(blob: BytesLike | Buffer | Blob) -> memoryview:
+    view = blob.view if isinstance(blob, (Buffer, Blob)) else memoryview(blob)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
@@ -317,12 +255,10 @@ def _parse_header(text: bytes, payload_len: int, nbytes: int) -> BlobHeader:
     )
 
 
-def read_header(blob: BytesLike | Buffer) -> BlobHeader:
-    """Validate ``blob``'s framing, checksum and header; :class:`ChunkCorruptedError` if bad."""
-    view = _view_of(blob)
+def _read(view: memoryview, expected_key: str | None, checksum: bool) -> BlobHeader:
     nbytes = view.nbytes
-    if nbytes < _OVERHEAD:
-        raise _corrupt(f"{nbytes} bytes is shorter than the {_OVERHEAD}-byte minimum")
+    if nbytes < OVERHEAD:
+        raise _corrupt(f"{nbytes} bytes is shorter than the {OVERHEAD}-byte minimum")
     magic, version, flags, header_len, payload_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise _corrupt(f"magic is {magic!r}, expected {MAGIC!r}")
@@ -332,44 +268,75 @@ def read_header(blob: BytesLike | Buffer) -> BlobHeader:
         raise _corrupt(f"unknown flags {flags:#06x}")
     if header_len > MAX_HEADER_BYTES:
         raise _corrupt(f"header length {header_len} exceeds {MAX_HEADER_BYTES}")
-    if _OVERHEAD + header_len + payload_len != nbytes:
+    if OVERHEAD + header_len + payload_len != nbytes:
         raise _corrupt(
-            f"{nbytes} bytes, but the prefix declares {_OVERHEAD} + {header_len} (header) "
+            f"{nbytes} bytes, but the prefix declares {OVERHEAD} + {header_len} (header) "
             f"+ {payload_len} (payload)"
         )
-    body = nbytes - _CHECKSUM.size
-    (stored,) = _CHECKSUM.unpack_from(view, body)
-    if xxhash.xxh3_64_intdigest(view[:body]) != stored:
-        raise _corrupt("checksum mismatch")
-    return _parse_header(bytes(view[_PREFIX.size : _PREFIX.size + header_len]), payload_len, nbytes)
-
-
-def verify(blob: BytesLike | Buffer, *, expected_key: str | None = None) -> BlobHeader:
-    """:func:`read_header`, and the header's key must be ``expected_key`` (when given):
-    the one check for bytes that come from outside this process."""
-    header = read_header(blob)
+    if checksum:
+        body = nbytes - _CHECKSUM.size
+        (stored,) = _CHECKSUM.unpack_from(view, body)
+        if xxhash.xxh3_64_intdigest(view[:body]) != stored:
+            raise _corrupt("checksum mismatch")
+    text = bytes(view[_PREFIX.size : _PREFIX.size + header_len])
+    header = _parse_header(text, payload_len, nbytes)
     if expected_key is not None and header.key != expected_key:
         raise _corrupt(f"foreign blob: key {header.key!r:.120}, expected {expected_key!r:.120}")
     return header
 
+
+def verify(blob: BytesLike | Buffer | Blob, *, expected_key: str | None = None) -> BlobHeader:
+    """Validate framing, checksum and header (and that the header's key is
+    ``expected_key``): the one check for bytes that come from outside this process.
+    Raises :class:`ChunkCorruptedError`."""
+    return _read(_view_of(blob), expected_key, checksum=True)
+
+
+def parse(blob: BytesLike | Buffer | Blob, *, expected_key: str | None = None) -> BlobHeader:
+    """:func:`verify` without the checksum, for blobs that never left this process
+    (verified or sealed when they entered it)."""
+    return _read(_view_of(blob), expected_key, checksum=False)
+
+
+def payload_of(blob: BytesLike | Buffer | Blob, header: BlobHeader) -> memoryview:
+    """A zero-copy view of the payload of ``blob`` described by ``header``."""
+    start = header.payload_offset
+    return _view_of(blob)[start : start + header.payload_nbytes]
+
+
+# -- decoding -----------------------------------------------------------------------------
 
 _decoders: weakref.WeakKeyDictionary[PluginRegistry, dict[str, Codec]] = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
 
 def _decoder(registry: PluginRegistry, name: str) -> Codec:
-    """The registry's codec ``name`` with default options, built once per registry."""
+    """The registry's codec ``name`` with default options, built once per registry;
+    :class:`CodecUnavailableError` when no plugin provides it."""
     with _decoders_lock:
         cache = _decoders.setdefault(registry, {})
         codec = cache.get(name)
         if codec is None:
-            codec = cache[name] = registry.codec(name).load()()
+            try:
+                spec = registry.codec(name)
+            except ConfigError as exc:
+                raise CodecUnavailableError(f"blob needs {exc}") from None
+            codec = cache[name] = spec.load()()
         return codec
 
 
-def _decode_stages(
-    header: BlobHeader, payload: memoryview, registry: PluginRegistry, out: torch.Tensor | None
-) -> torch.Tensor:
+def check_out(out: torch.Tensor) -> None:
+    """Raise :class:`ValueError` for an ``out`` that cannot be written here (an
+    inference tensor outside inference mode): the caller's mistake, not the blob's."""
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("out is an inference tensor: decode into it inside torch.inference_mode()")
+
+
+def _codecs_for(
+    header: BlobHeader, registry: PluginRegistry
+) -> tuple[TensorCodec, list[ByteCodec]]:
+    """The codecs of ``header``'s stages, after checking that they can hold its shape
+    (before anything is allocated for it)."""
     names = [name for name, _ in header.stages]
     codecs = [_decoder(registry, name) for name in names]
     tensor_codec = codecs[0]
@@ -378,51 +345,91 @@ def _decode_stages(
         raise _corrupt(f"stages {names} are not one tensor codec followed by byte codecs")
     if len(set(names)) != len(names):
         raise _corrupt(f"stages {names} repeat a codec")
-    expected = tensor_codec.encoded_nbytes(header.shape, header.dtype)
+    try:
+        expected = tensor_codec.encoded_nbytes(header.shape, header.dtype)
+    except Exception as exc:
+        raise _corrupt(
+            f"{names[0]} cannot size {header.shape}: {type(exc).__name__}: {exc}"
+        ) from exc
     if header.sizes[0] != expected:
         raise _corrupt(
             f"{names[0]} payload for {header.shape} is {expected} bytes, not {header.sizes[0]}"
         )
-    if out is not None and (tuple(out.shape) != header.shape or out.dtype != header.dtype):
+    return tensor_codec, byte_codecs
+
+
+def decode_into(
+    blob: BytesLike | Buffer | Blob,
+    header: BlobHeader,
+    registry: PluginRegistry,
+    out: torch.Tensor,
+) -> None:
+    """Decode a blob whose ``header`` was validated (:func:`verify` / :func:`parse`)
+    into ``out`` (the header's shape and dtype, any strides).
+
+    A blob that does not decode to ``out``'s shape, or whose stages fail, raises
+    :class:`ChunkCorruptedError` (``out`` may then be partly written); a codec this
+    process does not have raises :class:`CodecUnavailableError` (the blob is fine).
+    """
+    check_out(out)
+    tensor_codec, byte_codecs = _codecs_for(header, registry)
+    if tuple(out.shape) != header.shape or out.dtype != header.dtype:
         raise _corrupt(
             f"blob holds {header.shape} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
         )
-    data = payload
-    stages = zip(byte_codecs, header.stages[1:], header.sizes[:-1], strict=True)
-    for codec, (name, params), nbytes in reversed(list(stages)):
-        data = memoryview(codec.decode(data, params, nbytes)).cast("B")
-        if data.nbytes != nbytes:
-            raise _corrupt(f"{name} produced {data.nbytes} bytes, expected {nbytes}")
-    if out is None:
-        out = torch.empty(header.shape, dtype=header.dtype)
-    tensor_codec.decode_into(data, header.stages[0][1], out)
+    try:
+        data = payload_of(blob, header)
+        stages = zip(byte_codecs, header.stages[1:], header.sizes[:-1], strict=True)
+        for codec, (name, params), nbytes in reversed(list(stages)):
+            data = memoryview(codec.decode(data, params, nbytes)).cast("B")
+            if data.nbytes != nbytes:
+                raise _corrupt(f"{name} produced {data.nbytes} bytes, expected {nbytes}")
+        tensor_codec.decode_into(data, header.stages[0][1], out)
+    except (ChunkCorruptedError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _corrupt(f"decoding {header.key!r:.120} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _empty_chunk(header: BlobHeader, registry: PluginRegistry) -> torch.Tensor:
+    """A new tensor for ``header``'s chunk, once its stages were checked to hold it."""
+    _codecs_for(header, registry)
+    return torch.empty(header.shape, dtype=header.dtype)
+
+
+def chunk_of(blob: Blob, registry: PluginRegistry) -> torch.Tensor:
+    """The chunk ``blob`` holds: a zero-copy view of its payload for ``raw`` blobs (valid
+    while the blob is), else decoded into a new tensor."""
+    header = blob.header
+    if header.pipeline == "raw" and header.payload_nbytes:
+        count = header.payload_nbytes // header.dtype.itemsize
+        return tensor_view(payload_of(blob, header), header.dtype, count).view(header.shape)
+    out = _empty_chunk(header, registry)
+    decode_into(blob, header, registry, out)
     return out
 
 
 def decode_blob(
-    blob: BytesLike | Buffer,
+    blob: BytesLike | Buffer | Blob,
     registry: PluginRegistry,
     out: torch.Tensor | None = None,
     *,
     expected_key: str | None = None,
 ) -> tuple[BlobHeader, torch.Tensor]:
-    """Validate and decode ``blob``; returns its header and the chunk.
+    """:func:`verify` then :func:`decode_into`; returns the header and the chunk (in
+    ``out`` when given, else in a new tensor that does not alias the blob)."""
+    if out is not None:
+        check_out(out)  # before anything is read
+    header = verify(_view_of(blob), expected_key=expected_key)
+    if out is None:
+        out = _empty_chunk(header, registry)
+    decode_into(blob, header, registry, out)
+    return header, out
 
-    The chunk is written into ``out`` when given (its shape and dtype must match the
-    header; any strides), else into a new tensor that does not alias the blob. A key
-    other than ``expected_key``, an unknown codec, or any failure while decoding
-    raises :class:`ChunkCorruptedError`; ``out`` may then be partly written. An ``out``
-    that cannot be written here (an inference tensor outside inference mode) raises
-    :class:`ValueError` before anything is read.
-    """
-    if out is not None and out.is_inference() and not torch.is_inference_mode_enabled():
-        # The caller's mistake, not the blob's: never let it discard a valid chunk.
-        raise ValueError("out is an inference tensor: decode into it inside torch.inference_mode()")
-    header = verify(blob, expected_key=expected_key)
-    payload = _view_of(blob)[header.payload_offset : header.payload_offset + header.payload_nbytes]
-    try:
-        return header, _decode_stages(header, payload, registry, out)
-    except ChunkCorruptedError:
-        raise
-    except Exception as exc:
-        raise _corrupt(f"decoding {header.key!r:.120} failed: {type(exc).__name__}: {exc}") from exc
+
+def recode(blob: Blob, pipeline: CodecPipeline, registry: PluginRegistry, pool: BufferPool) -> Blob:
+    """``blob`` in ``pipeline``'s encoding: another reference to the same bytes when it
+    already is (its checksum is passed along, not recomputed), else encoded anew."""
+    if blob.header.pipeline == pipeline.name:
+        return blob.retain()
+    return pipeline.encode(blob.key, chunk_of(blob, registry), pool)

@@ -68,6 +68,8 @@ class BlockingPool:
         """Results of ``calls`` run in parallel, in order. If one fails, the others
         still finish, their results go to ``orphan`` and the first failure is raised;
         likewise every result when the awaiting task is cancelled."""
+        if not calls:
+            return []
         futures = [self.submit(call) for call in calls]
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:

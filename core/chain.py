@@ -1,7 +1,12 @@
 """The tier chain: batched lookups, fetches and writes across ordered tiers.
 
-Runs on the I/O loop. Every backend call goes through :meth:`Tier.guarded`, so a
+Runs on the I/O loop; checksums, encoding and decoding run in the chain's codec
+threads, never on the loop. Every backend call goes through :meth:`Tier.guarded`, so a
 failing tier is skipped (its chunks look missing) and never raises into the caller.
+Everything about stored bytes is decided here, once: which tier serves a chunk,
+whether its bytes are verified (only bytes from outside the process are), what happens
+to a corrupt blob (counted, deleted, read from the next tier), and which faster tiers
+get a copy (promotion).
 """
 
 from __future__ import annotations
@@ -10,14 +15,22 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
+from kvtier.core import blob as fmt
 from kvtier.core.backend import PutMode
-from kvtier.core.blob import BlobHeader, CodecPipeline, decode_blob, read_header
+from kvtier.core.blob import Blob
+from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool
-from kvtier.core.errors import BackendUnavailableError, ChunkCorruptedError, ConfigError
+from kvtier.core.errors import (
+    BackendUnavailableError,
+    ChunkCorruptedError,
+    CodecUnavailableError,
+    ConfigError,
+)
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
@@ -26,25 +39,20 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Fetched:
-    """A blob read for chunk ``index`` from tier ``tier``; the receiver releases ``blob``."""
+class _Read:
+    """Chunk ``index``'s bytes as tier ``tier`` returned them; ``blob`` once checked."""
 
     index: int
     tier: int
-    blob: Buffer
-
-
-def blob_tensor(blob: Buffer, header: BlobHeader, registry: PluginRegistry) -> torch.Tensor:
-    """The chunk a blob holds: a zero-copy view for ``raw`` blobs, else decoded."""
-    if [name for name, _ in header.stages] != ["raw"] or header.payload_nbytes == 0:
-        return decode_blob(blob.view, registry)[1]
-    start = header.payload_offset
-    payload = blob.view[start : start + header.payload_nbytes]
-    return torch.frombuffer(payload, dtype=header.dtype).view(header.shape)
+    buf: Buffer
+    blob: Blob | None = None
 
 
 class TierChain:
-    """The ordered tiers of one :class:`KVTier`; index 0 is the fastest."""
+    """The ordered tiers of one :class:`KVTier`; index 0 is the fastest.
+
+    ``codec`` runs the CPU work on chunks (checksums, encoding, decoding).
+    """
 
     def __init__(
         self,
@@ -52,12 +60,16 @@ class TierChain:
         registry: PluginRegistry,
         pool: BufferPool,
         emit: Callable[[TierEvent], None],
+        codec: BlockingPool,
     ) -> None:
         self.tiers = tiers
         self.registry = registry
         self.pool = pool
         self.emit = emit
+        self.codec = codec
         self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifetime -----------------------------------------------------------------------
 
     async def open(self) -> None:
         """Open every backend; an unreachable one starts out skipped, a bad config raises."""
@@ -77,33 +89,6 @@ class TierChain:
             except BackendUnavailableError as exc:
                 tier.mark_unopened(exc)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in the background; :meth:`drain` waits for it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain(self) -> None:
-        """Wait for background promotions and demotions."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    def _demotion_sink(self, target: int) -> Callable[[Sequence[tuple[str, Buffer]]], None]:
-        def demote(items: Sequence[tuple[str, Buffer]]) -> None:
-            self.spawn(self.write_and_release(items, [target]))
-
-        return demote
-
-    async def write_and_release(
-        self, items: Sequence[tuple[str, Buffer]], targets: Sequence[int]
-    ) -> None:
-        """:meth:`write`, then release the blobs (which the caller handed over)."""
-        try:
-            await self.write(items, targets)
-        finally:
-            for _, blob in items:
-                blob.release()
-
     async def close(self) -> None:
         await self.drain()
         for tier in self.tiers:
@@ -111,6 +96,25 @@ class TierChain:
                 await tier.backend.close()
             except Exception:
                 log.exception("closing tier %s failed", tier.name)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background; :meth:`drain` waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background promotions and demotions (and those they start)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _demotion_sink(self, target: int) -> Callable[[Sequence[tuple[str, Buffer]]], None]:
+        def demote(items: Sequence[tuple[str, Buffer]]) -> None:
+            # Evicted blobs were checked when they entered the tier above.
+            blobs = [Blob(buf, fmt.parse(buf.view)) for _, buf in items]
+            self.spawn(self.write_and_release(blobs, [target]))
+
+        return demote
 
     def _eviction_listener(self, tier: Tier) -> Callable[[Sequence[tuple[str, int]]], None]:
         def evicted(items: Sequence[tuple[str, int]]) -> None:
@@ -127,144 +131,204 @@ class TierChain:
 
         return evicted
 
-    async def holders(self, keys: Sequence[str], *, count: bool = False) -> list[int | None]:
-        """Index of the first tier holding each key (``None`` where none does).
+    # -- lookup -------------------------------------------------------------------------
 
-        Each tier is asked only about keys the tiers above it lack. With ``count``,
-        per-tier misses are counted (a retrieval, not a side-effect-free lookup).
-        """
-        holder: list[int | None] = [None] * len(keys)
+    async def lookup(self, keys: Sequence[str]) -> int:
+        """Number of leading keys available in some tier (side-effect free: no counters
+        move, nothing is read or promoted). Each tier is asked only about the keys the
+        tiers above it lack."""
         missing = list(range(len(keys)))
-        for t, tier in enumerate(self.tiers):
+        for tier in self.tiers:
             if not missing:
                 break
             asked = [keys[i] for i in missing]
             present = await tier.guarded("contains", tier.backend.contains_many, asked)
-            if present is None:
-                continue
-            still = [i for i, ok in zip(missing, present, strict=True) if not ok]
-            for i, ok in zip(missing, present, strict=True):
-                if ok:
-                    holder[i] = t
-            if count and still:
-                tier.stats.misses += len(still)
-                self.emit(TierEvent(EventKind.MISS, tier.name, len(still)))
-            missing = still
-        return holder
+            if present is not None:
+                missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
+        return missing[0] if missing else len(keys)
 
-    async def lookup(self, keys: Sequence[str]) -> int:
-        """Number of leading keys available in some tier."""
-        holder = await self.holders(keys)
-        return next((i for i, t in enumerate(holder) if t is None), len(keys))
+    # -- fetch ------------------------------------------------------------------------------
 
-    async def fetch(self, keys: Sequence[str]) -> list[Fetched]:
-        """Blobs of the longest available prefix of ``keys``, each from the fastest tier
-        holding it (falling back to slower tiers where a read misses)."""
-        holder = await self.holders(keys, count=True)
-        prefix = next((i for i, t in enumerate(holder) if t is None), len(keys))
-        got: dict[int, Fetched] = {}
-        pending = list(range(prefix))
-        for t, tier in enumerate(self.tiers):
-            mine = [i for i in pending if (h := holder[i]) is not None and h <= t]
-            if not mine:
-                continue
-            asked = [keys[i] for i in mine]
-            blobs = await tier.guarded("get", tier.backend.get_many, asked, count=len(mine))
-            if blobs is None:
-                continue
-            for i, blob in zip(mine, blobs, strict=True):
-                if blob is not None:
-                    got[i] = Fetched(i, t, blob)
-            self._count_hits(tier, [b for b in blobs if b is not None])
-            pending = [i for i in pending if i not in got]
-        end = next((i for i in range(prefix) if i not in got), prefix)
-        for i in range(end, prefix):
-            if i in got:
-                got.pop(i).blob.release()
-        return [got[i] for i in range(end)]
+    async def fetch(self, keys: Sequence[str], targets: Sequence[torch.Tensor]) -> int:
+        """Decode the longest available run of ``keys`` (from the first) into
+        ``targets`` (one tensor per key, the chunk's shape); return its length.
 
-    async def refetch(self, key: str, below: int, index: int) -> Fetched | None:
-        """The blob of ``key`` from the first tier after ``below`` that has it."""
-        for t in range(below + 1, len(self.tiers)):
+        One ``get_many`` per tier, each asking for what the tiers above missed. A chunk
+        is served by the fastest tier holding a valid copy: bytes from tiers without
+        ``verified_reads`` are verified; a corrupt blob is counted, deleted from its
+        tier and read from the next; a blob needing a codec this process lacks is a
+        miss there and stays. Chunks served by slower tiers are copied into the faster
+        tiers that ``promote`` (:meth:`drain` waits for that).
+        """
+        reads = await self._read(keys, range(len(keys)), 0)
+        served: dict[int, _Read] = {}
+        end = len(keys)
+        try:
+            while reads:
+                # The run ends at the first chunk that is neither served nor read.
+                end = next((i for i in range(end) if i not in served and i not in reads), end)
+                for i in [i for i in reads if i >= end]:
+                    reads.pop(i).buf.release()
+                batch = [reads.pop(i) for i in sorted(reads)]
+                failed = await self._decode(batch, keys, targets)
+                served.update((r.index, r) for r in batch if r.index not in failed)
+                reads = await self._read_below(keys, [r for r in batch if r.index in failed])
+            count = next((i for i in range(end) if i not in served), end)
+            self._promote([r for i, r in served.items() if i < count])
+            return count
+        finally:
+            for r in [*served.values(), *reads.values()]:
+                r.buf.release()
+
+    async def _read(
+        self, keys: Sequence[str], wanted: Sequence[int], first_tier: int
+    ) -> dict[int, _Read]:
+        """``get_many`` of ``keys[i]`` for ``i`` in ``wanted``, tier by tier from
+        ``first_tier``, each tier asked for what the tiers before it missed."""
+        found: dict[int, _Read] = {}
+        pending = list(wanted)
+        for t in range(first_tier, len(self.tiers)):
+            if not pending:
+                break
             tier = self.tiers[t]
-            blobs = await tier.guarded("get", tier.backend.get_many, [key], count=1)
-            if blobs and blobs[0] is not None:
-                self._count_hits(tier, [blobs[0]])
-                return Fetched(index, t, blobs[0])
-        return None
+            asked = [keys[i] for i in pending]
+            got = await tier.guarded("get", tier.backend.get_many, asked, count=len(asked))
+            if got is None:
+                continue
+            hits = [(i, buf) for i, buf in zip(pending, got, strict=True) if buf is not None]
+            for i, buf in hits:
+                found[i] = _Read(i, t, buf)
+            self._count_reads(tier, [buf for _, buf in hits], len(pending) - len(hits))
+            pending = [i for i in pending if i not in found]
+        return found
 
-    def _count_hits(self, tier: Tier, blobs: Sequence[Buffer]) -> None:
-        if blobs:
-            nbytes = sum(b.nbytes for b in blobs)
-            tier.stats.hits += len(blobs)
+    async def _decode(
+        self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[torch.Tensor]
+    ) -> dict[int, str]:
+        """Check and decode each read into its target, in the codec threads; returns the
+        failures by chunk index (corrupt blobs already counted and deleted)."""
+
+        def one(r: _Read) -> str | None:
+            target = targets[r.index]
+            trusted = self.tiers[r.tier].backend.capabilities.verified_reads
+            try:
+                check = fmt.parse if trusted else fmt.verify
+                header = check(r.buf.view, expected_key=keys[r.index])
+                with torch.inference_mode(target.is_inference()), torch.no_grad():
+                    fmt.decode_into(r.buf, header, self.registry, target)
+            except ChunkCorruptedError as exc:
+                return f"corrupt:{exc}"
+            except CodecUnavailableError as exc:
+                return f"unavailable:{exc}"
+            r.blob = Blob(r.buf, header)
+            return None
+
+        results = await self.codec.run_all([partial(one, r) for r in reads])
+        failed = {r.index: why for r, why in zip(reads, results, strict=True) if why is not None}
+        for r in reads:
+            why = failed.get(r.index)
+            if why is not None and why.startswith("corrupt:"):
+                await self._discard_corrupt(r.tier, keys[r.index], why.partition(":")[2])
+            elif why is not None:
+                log.warning("tier %s: %s", self.tiers[r.tier].name, why.partition(":")[2])
+        return failed
+
+    async def _read_below(self, keys: Sequence[str], failed: Sequence[_Read]) -> dict[int, _Read]:
+        """Release reads that failed and read their chunks again from the tiers below
+        the one that served each."""
+        found: dict[int, _Read] = {}
+        by_tier: dict[int, list[int]] = {}
+        for r in failed:
+            r.buf.release()
+            by_tier.setdefault(r.tier, []).append(r.index)
+        for t, indexes in by_tier.items():
+            found.update(await self._read(keys, indexes, t + 1))
+        return found
+
+    def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int) -> None:
+        if hits:
+            nbytes = sum(b.nbytes for b in hits)
+            tier.stats.hits += len(hits)
             tier.stats.bytes_out += nbytes
-            self.emit(TierEvent(EventKind.HIT, tier.name, len(blobs), nbytes=nbytes))
+            self.emit(TierEvent(EventKind.HIT, tier.name, len(hits), nbytes=nbytes))
+        if misses:
+            tier.stats.misses += misses
+            self.emit(TierEvent(EventKind.MISS, tier.name, misses))
 
-    async def discard_corrupt(self, tier_index: int, key: str, reason: str) -> None:
-        """Delete a blob that failed validation and count it."""
-        tier = self.tiers[tier_index]
+    async def _discard_corrupt(self, t: int, key: str, reason: str) -> None:
+        """Count a blob that failed validation and delete it from tier ``t``."""
+        tier = self.tiers[t]
         tier.stats.corrupt += 1
+        log.warning("tier %s: deleting corrupt chunk %s: %s", tier.name, key, reason)
         self.emit(TierEvent(EventKind.CORRUPT, tier.name, 1, keys=(key,), detail=reason))
         await tier.guarded("delete", tier.backend.delete_many, [key], count=1)
 
-    async def write(self, items: Sequence[tuple[str, Buffer]], targets: Sequence[int]) -> None:
-        """Write blobs to each target tier that lacks them, re-encoding for each tier's
-        codec pipeline. The caller keeps ownership of ``items``."""
-        await asyncio.gather(*(self._write_tier(self.tiers[t], items) for t in targets))
+    def _promote(self, served: Sequence[_Read]) -> None:
+        """Queue chunks served by slower tiers for the faster tiers that promote."""
+        by_targets: dict[tuple[int, ...], list[Blob]] = {}
+        for r in served:
+            targets = tuple(t for t in range(r.tier) if self.tiers[t].config.promote)
+            if targets and r.blob is not None:
+                by_targets.setdefault(targets, []).append(r.blob.retain())
+        for targets, blobs in by_targets.items():
+            self.spawn(self.write_and_release(blobs, targets))
 
-    async def _write_tier(self, tier: Tier, items: Sequence[tuple[str, Buffer]]) -> None:
-        keys = [k for k, _ in items]
-        present = await tier.guarded("contains", tier.backend.contains_many, keys, count=len(keys))
-        if present is None:
-            return
-        todo = [item for item, ok in zip(items, present, strict=True) if not ok]
+    # -- write ------------------------------------------------------------------------------
+
+    async def write_and_release(self, blobs: Sequence[Blob], targets: Sequence[int]) -> None:
+        """:meth:`write`, then release the blobs (which the caller handed over)."""
+        try:
+            await self.write(blobs, targets)
+        finally:
+            for blob in blobs:
+                blob.release()
+
+    async def write(self, blobs: Sequence[Blob], targets: Sequence[int]) -> None:
+        """Write checked blobs to each target tier, in that tier's encoding. The caller
+        keeps ownership of ``blobs``."""
+        await asyncio.gather(*(self._write_tier(self.tiers[t], blobs) for t in targets))
+
+    async def _write_tier(self, tier: Tier, blobs: Sequence[Blob]) -> None:
+        """One ``put_many`` with ``CREATE`` where the backend has it (a present key is
+        left alone; no ``contains_many`` first), else ``OVERWRITE``. Blobs already in
+        the tier's encoding go as they are, checksum included; the others are encoded
+        anew, but only those the tier lacks: encoding costs more than asking."""
+        todo = list(blobs)
+        if any(b.header.pipeline != tier.pipeline.name for b in todo):
+            keys = [b.key for b in todo]
+            present = await tier.guarded(
+                "contains", tier.backend.contains_many, keys, count=len(keys)
+            )
+            if present is None:
+                return
+            todo = [b for b, ok in zip(todo, present, strict=True) if not ok]
         if not todo:
             return
-        loop = asyncio.get_running_loop()
         try:
-            blobs = await loop.run_in_executor(None, self._encode_for, tier.pipeline, todo)
+            encoded = await self.codec.run_all(
+                [partial(fmt.recode, b, tier.pipeline, self.registry, self.pool) for b in todo],
+                orphan=Blob.release,
+            )
         except Exception as exc:
             tier.encode_failed(exc, len(todo))
             return
         try:
-            stored = await tier.guarded(
-                "put", tier.backend.put_many, blobs, PutMode.OVERWRITE, count=len(blobs)
-            )
+            mode = PutMode.CREATE if tier.backend.capabilities.create_mode else PutMode.OVERWRITE
+            items = [(b.key, b.buf) for b in encoded]
+            stored = await tier.guarded("put", tier.backend.put_many, items, mode, count=len(items))
             if stored is None:
                 return
-            done = [(k, b) for (k, b), ok in zip(blobs, stored, strict=True) if ok]
-            nbytes = sum(b.nbytes for _, b in done)
+            done = [b for b, ok in zip(encoded, stored, strict=True) if ok]
+            nbytes = sum(b.nbytes for b in done)
             tier.stats.stored += len(done)
             tier.stats.bytes_in += nbytes
-            tier.stats.rejected += len(blobs) - len(done)
+            tier.stats.rejected += len(encoded) - len(done)
             if done:
-                self.emit(
-                    TierEvent(
-                        EventKind.STORED,
-                        tier.name,
-                        len(done),
-                        nbytes=nbytes,
-                        keys=tuple(k for k, _ in done),
-                    )
+                written = tuple(b.key for b in done)
+                event = TierEvent(
+                    EventKind.STORED, tier.name, len(done), nbytes=nbytes, keys=written
                 )
+                self.emit(event)
         finally:
-            for _, blob in blobs:
+            for blob in encoded:
                 blob.release()
-
-    def _encode_for(
-        self, pipeline: CodecPipeline, items: Sequence[tuple[str, Buffer]]
-    ) -> list[tuple[str, Buffer]]:
-        """Each blob in ``pipeline``'s encoding: the same buffer (retained) when it already
-        is, else re-encoded. Unreadable blobs are dropped."""
-        out = []
-        for key, blob in items:
-            try:
-                header = read_header(blob.view)
-                if "+".join(name for name, _ in header.stages) == pipeline.name:
-                    out.append((key, blob.retain()))
-                else:
-                    tensor = blob_tensor(blob, header, self.registry)
-                    out.append((key, pipeline.encode(key, tensor, self.pool)))
-            except ChunkCorruptedError:
-                log.warning("not writing unreadable blob %s", key)
-        return out

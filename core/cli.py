@@ -158,7 +158,7 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config file.
         table.add_column(column)
     for tier in cfg.tiers:
         spec = registry.backend_for_url(tier.url)
-        from kvtier.core.blob import CodecPipeline
+        from kvtier.core.codecs.pipeline import CodecPipeline
 
         pipeline = CodecPipeline.from_config(tier.codec, registry)
         capacity = "-" if tier.capacity is None else f"{tier.capacity / 2**30:.2f} GiB"
@@ -168,7 +168,7 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config file.
 
 
 async def _describe_keys(backend: Backend, prefix: str, limit: int) -> list[tuple[str, str, str]]:
-    from kvtier.core.blob import read_header
+    from kvtier.core.blob import verify
     from kvtier.core.keys import ChunkKey
 
     rows: list[tuple[str, str, str]] = []
@@ -180,8 +180,8 @@ async def _describe_keys(backend: Backend, prefix: str, limit: int) -> list[tupl
             continue
         with blob:
             try:
-                header = read_header(blob.view)
-                what = f"{'+'.join(n for n, _ in header.stages)} {list(header.shape)}"
+                header = verify(blob.view, expected_key=key)
+                what = f"{header.pipeline} {list(header.shape)}"
             except KVTierError as exc:
                 what = f"CORRUPT: {exc}"
             rows.append((ChunkKey.parse(key).namespace, key, f"{blob.nbytes} B  {what}"))
@@ -323,7 +323,7 @@ def migrate(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as ProgressBar
 
-    from kvtier.core.blob import CodecPipeline
+    from kvtier.core.codecs.pipeline import CodecPipeline
     from kvtier.core.factory import build_backend
     from kvtier.core.migrate import ChunkFilter, MigrateOptions, MigrationReport, count_chunks
     from kvtier.core.migrate import migrate as run_migration

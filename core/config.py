@@ -15,9 +15,10 @@ Example (``kvtier.yaml``)::
 Every key is checked: an unknown key is an error naming the closest valid one, sizes
 read as ``20GiB`` / ``500 GB`` / integers, and a tier missing a setting its backend
 needs is an error, never silently dropped. Environment variables ``KVTIER_<KEY>``
-override keys, nesting with ``__`` (``KVTIER_CHUNK_TOKENS=128``,
-``KVTIER_TIERS__0__CAPACITY=1GiB``); ``KVTIER_CONFIG`` names the file to load when
-no config is given.
+override keys of a config file or of the embedded default, nesting with ``__``
+(``KVTIER_CHUNK_TOKENS=128``, ``KVTIER_TIERS__0__CAPACITY=1GiB``); a mapping or
+``KVTierConfig`` given in code is taken as it is. ``KVTIER_CONFIG`` names the file to
+load when no config is given.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class KVTierConfig(_Strict):
     """Also store a trailing chunk shorter than ``chunk_tokens``."""
     store_queue_bytes: ByteSize = 1 << 30
     """Bytes of stores waiting for I/O; beyond it new stores are dropped and counted."""
+    codec_threads: int = Field(default=2, ge=1, le=64)
+    """Threads that checksum, encode and decode chunks, off the callers' threads and the
+    I/O loop (two use both cores of a small machine)."""
     retry_after: float = Field(default=5.0, gt=0)
     """Seconds a failing tier is skipped before it is tried again (doubles, up to 60)."""
     tenant: str | None = None
@@ -235,7 +239,9 @@ def load_config(
     """Validated config from a YAML path, a mapping, a config object or ``None``.
 
     ``None`` loads ``$KVTIER_CONFIG`` if set, else :func:`default_config`. ``KVTIER_*``
-    environment overrides apply to every source except a ready ``KVTierConfig``.
+    environment overrides apply to a YAML file and to the default, the configs an
+    operator deploys; a mapping passed in code is the program's own choice and is
+    taken as it is.
     """
     if isinstance(source, KVTierConfig):
         return source
@@ -243,10 +249,9 @@ def load_config(
     if source is None and env.get(CONFIG_ENV):
         source = env[CONFIG_ENV]
     if source is None:
-        data, where = default_config(), "default config"
+        data, where = apply_env(default_config(), env), "default config"
     elif isinstance(source, (str, Path)):
-        data, where = _read_yaml(Path(source)), f"config file {str(source)!r}"
+        data, where = apply_env(_read_yaml(Path(source)), env), f"config file {str(source)!r}"
     else:
         data, where = copy.deepcopy(dict(source)), "config"
-    data = apply_env(data, env)
     return validate_model(KVTierConfig, data, where)

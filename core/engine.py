@@ -23,22 +23,27 @@ that fails is skipped; callers see misses, never a tier's exception.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from kvtier.core.blob import CodecPipeline, decode_blob
-from kvtier.core.buffers import Buffer, BufferPool, default_pool
-from kvtier.core.chain import Fetched, TierChain
+from kvtier.core import blob as fmt
+from kvtier.core import tier as tier_module
+from kvtier.core.blob import Blob
+from kvtier.core.blocking import BlockingPool
+from kvtier.core.buffers import BufferPool, default_pool
+from kvtier.core.chain import TierChain
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
-from kvtier.core.errors import ChunkCorruptedError, ConfigError
+from kvtier.core.errors import ConfigError
 from kvtier.core.factory import build_backend
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
@@ -71,6 +76,15 @@ class KVTierStats:
             "tokens_stored": self.tokens_stored,
             "queue_bytes": self.queue_bytes,
         }
+
+
+@dataclass
+class _Queued:
+    """Chunks one ``store`` call queued: blobs being sealed by the codec threads."""
+
+    blobs: list[Blob]
+    sealing: list[Future[None]]
+    tokens: int
 
 
 class KVTier:
@@ -112,16 +126,21 @@ class KVTier:
             for tier_config in config.tiers
         ]
         self._check_codecs(tiers)
-        self.chain = TierChain(tiers, registry, pool, registry.emit)
+        self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
+        self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec)
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
-        self._lock = threading.Lock()
+        self._budget = threading.Lock()
+        """Guards the store queue's byte budget, which ``store`` checks synchronously."""
         self._queue_bytes = 0
+        self._inflight: dict[str, int] = {}  # queued key -> bytes it holds of the budget
+        # Counters owned by the loop thread (updated only there):
         self._queued = 0
         self._dropped = 0
         self._tokens_stored = 0
-        self._inflight: dict[str, int] = {}  # queued key -> bytes it holds of the budget
+        self._failure: BaseException | None = None
+        """A bug the writer met under ``tier.STRICT``; ``flush`` raises it."""
         self._io = LoopThread()
-        self._jobs: asyncio.Queue[list[tuple[str, Buffer]] | None] | None = None
+        self._jobs: asyncio.Queue[_Queued | None] | None = None
         self._closed = False
         try:
             self._io.run(self._start())
@@ -176,22 +195,53 @@ class KVTier:
                     f"tier {tier.name!r}: codec {tier.pipeline.name!r}: {exc}"
                 ) from None
 
-    # -- keys -------------------------------------------------------------------------
+    # -- arguments (checked before any work) ----------------------------------------------
 
     def _chunks(
         self, tokens: Tokens, extra_keys: Sequence[ExtraKeys], start: int = 0
     ) -> tuple[list[str], list[tuple[int, int]]]:
-        """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on."""
+        """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on.
+        Raises :class:`ConfigError` for bad tokens, extra keys or ``start``."""
+        keys = self.hasher.keys(
+            tokens, extra_keys=extra_keys, partial=self.config.store_partial_chunks
+        )
+        bounds = self.hasher.chunk_bounds(len(tokens), partial=self.config.store_partial_chunks)
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise ConfigError(f"start must be an int, got {type(start).__name__}")
         if not 0 <= start <= len(tokens) or start % self.config.chunk_tokens:
             raise ConfigError(
                 f"start must be a multiple of chunk_tokens ({self.config.chunk_tokens}) "
                 f"between 0 and len(tokens) ({len(tokens)}), got {start}"
             )
-        partial = self.config.store_partial_chunks
-        keys = self.hasher.keys(tokens, extra_keys=extra_keys, partial=partial)
-        bounds = self.hasher.chunk_bounds(len(tokens), partial=partial)
         first = start // self.config.chunk_tokens
         return [str(k) for k in keys[first:]], bounds[first:]
+
+    def _check_out(self, out: object, tokens: int) -> torch.Tensor:
+        """``out`` if it can hold ``tokens`` tokens of this layout; else :class:`ConfigError`
+        naming what is wrong (a caller's mistake: nothing is read, nothing deleted)."""
+        want = self.layout.chunk_shape(tokens)
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(
+                f"out must be a torch.Tensor of shape {want}, got {type(out).__name__}"
+            )
+        shape = tuple(out.shape)
+        if (
+            out.dtype != self.layout.dtype
+            or len(shape) != 5
+            or shape[:2] != want[:2]
+            or shape[3:] != want[3:]
+            or shape[2] < tokens
+        ):
+            raise ConfigError(
+                f"out has shape {shape} and dtype {out.dtype}; it must be {self.layout.dtype} "
+                f"[num_layers={want[0]}, 2, tokens >= {tokens}, kv_heads={want[3]}, "
+                f"head_dim={want[4]}]"
+            )
+        try:
+            fmt.check_out(out)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return out
 
     # -- store ------------------------------------------------------------------------
 
@@ -207,18 +257,22 @@ class KVTier:
         head_dim]``, the KV of ``tokens[start:]``) for every write-through tier; return
         the end of the accepted tokens (``start`` when none was).
 
-        The data is copied before returning, so the caller may reuse ``kv``. Chunks
-        that do not fit the store queue's byte budget are dropped (counted), as are
-        chunks already queued; nothing here waits for storage.
+        The data is copied before returning, so the caller may reuse ``kv``; the
+        checksums are computed by the codec threads meanwhile. Chunks that do not fit
+        the store queue's byte budget are dropped (counted), as are chunks already
+        queued; nothing here waits for storage.
         """
         self._check_open()
         keys, bounds = self._chunks(tokens, extra_keys, start)
+        if not isinstance(kv, torch.Tensor):
+            raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
-        batch: list[tuple[str, Buffer]] = []
+        blobs: list[Blob] = []
+        sealing: list[Future[None]] = []
         accepted = start
         for i, (key, (chunk_start, end)) in enumerate(zip(keys, bounds, strict=True)):
             nbytes = (end - chunk_start) * self.layout.bytes_per_token()
-            with self._lock:
+            with self._budget:
                 queued = key in self._inflight
                 full = not queued and self._queue_bytes + nbytes > self.config.store_queue_bytes
                 if not queued and not full:
@@ -229,51 +283,68 @@ class KVTier:
                 break
             if not queued:
                 part = kv[:, :, chunk_start - start : end - start]
-                batch.append((key, self._raw.encode(key, part, self.pool)))
+                blob = self._raw.encode(key, part, self.pool, sealed=False)
+                blobs.append(blob)
+                sealing.append(self._codec.submit(partial(fmt.seal, blob.view)))
             accepted = end
-        if batch:
-            with self._lock:
-                self._queued += len(batch)
-                self._tokens_stored += accepted - start
-            self._io.loop.call_soon_threadsafe(self._enqueue, batch)
+        if blobs:
+            job = _Queued(blobs, sealing, accepted - start)
+            self._io.loop.call_soon_threadsafe(self._enqueue, job)
         return accepted
 
     def _drop(self, keys: list[str]) -> None:
-        with self._lock:
-            self._dropped += len(keys)
-        self.registry.emit(TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys)))
+        event = TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys))
 
-    def _enqueue(self, batch: list[tuple[str, Buffer]]) -> None:
+        def count() -> None:
+            self._dropped += len(keys)
+            self.registry.emit(event)
+
+        self._io.loop.call_soon_threadsafe(count)
+
+    def _enqueue(self, job: _Queued) -> None:
         assert self._jobs is not None
-        self._jobs.put_nowait(batch)
+        self._queued += len(job.blobs)
+        self._tokens_stored += job.tokens
+        self._jobs.put_nowait(job)
 
     async def _write_loop(self) -> None:
         assert self._jobs is not None
         while True:
-            batch = await self._jobs.get()
+            job = await self._jobs.get()
             try:
-                if batch is None:
+                if job is None:
                     return
-                await self.chain.write(batch, self._through)
-            except Exception:
-                log.exception("writing %d queued chunks failed", len(batch or ()))
+                await asyncio.gather(*map(asyncio.wrap_future, job.sealing))
+                await self.chain.write(job.blobs, self._through)
+            except Exception as exc:
+                log.exception("writing %d queued chunks failed", len(job.blobs) if job else 0)
+                if tier_module.STRICT:
+                    self._failure = self._failure or exc
             finally:
-                if batch:
-                    self._finish(batch)
+                if job is not None:
+                    self._finish(job.blobs)
                 self._jobs.task_done()
 
-    def _finish(self, batch: list[tuple[str, Buffer]]) -> None:
-        with self._lock:
-            for key, _ in batch:
-                self._queue_bytes -= self._inflight.pop(key)
-        for _, blob in batch:
+    def _finish(self, blobs: list[Blob]) -> None:
+        with self._budget:
+            for blob in blobs:
+                self._queue_bytes -= self._inflight.pop(blob.key)
+        for blob in blobs:
             blob.release()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued store has reached every write-through tier (or failed)."""
+        """Wait until every queued store has reached every write-through tier (or failed)
+        and the promotions and demotions started so far are done."""
         self._check_open()
+        self._io.run(self._drained(), timeout)
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    async def _drained(self) -> None:
         assert self._jobs is not None
-        self._io.run(self._jobs.join(), timeout)
+        await self._jobs.join()
+        await self.chain.drain()
 
     # -- lookup and retrieve ----------------------------------------------------------
 
@@ -300,91 +371,40 @@ class KVTier:
         Returns ``(n, kv)``: ``tokens[start:n]`` are available (``n == start`` when none
         is) and ``kv``, shaped ``[num_layers, 2, n - start, kv_heads, head_dim]``, holds
         their KV (a view of ``out`` if given: it must have room for ``len(tokens) -
-        start`` tokens). Each chunk comes from the fastest tier holding it; a corrupt
-        blob is deleted and the next tier is tried; chunks served by slower tiers are
-        promoted into faster tiers with ``promote`` set.
+        start`` tokens, and may be written beyond ``n``). Each chunk comes from the
+        fastest tier holding a valid copy (see :meth:`TierChain.fetch`). Every argument
+        is checked before anything is read: a bad one raises :class:`ConfigError` and
+        leaves every stored chunk as it was.
         """
         self._check_open()
         keys, bounds = self._chunks(tokens, extra_keys, start)
-        if out is not None:
-            want = self.layout.chunk_shape(len(tokens) - start)
-            if (
-                out.dtype != self.layout.dtype
-                or out.dim() != 5
-                or out.shape[2] < len(tokens) - start
-            ):
-                raise ConfigError(f"out must have dtype {self.layout.dtype} and shape {want}")
-        if not keys:
-            return start, self._result(out, 0)
-        fetched = self._io.run(self.chain.fetch(keys))
-        if out is None and fetched:
-            out = torch.empty(
-                self.layout.chunk_shape(bounds[len(fetched) - 1][1] - start),
-                dtype=self.layout.dtype,
-            )
-        served: list[Fetched] = []
-        pending = collections.deque(fetched)
-        try:
-            while pending:
-                item = pending.popleft()
-                chunk_start, end = bounds[item.index]
-                target = out[:, :, chunk_start - start : end - start]  # type: ignore[index]
-                done = self._decode(keys[item.index], item, target)
-                if done is None:
-                    break
-                served.append(done)
-        finally:
-            for item in pending:
-                item.blob.release()
-        n = bounds[len(served) - 1][1] if served else start
-        self._promote(keys, served)
-        return n, self._result(out, n - start)
-
-    def _result(self, out: torch.Tensor | None, n: int) -> torch.Tensor:
+        needed = len(tokens) - start
         if out is None:
-            return torch.empty(self.layout.chunk_shape(n), dtype=self.layout.dtype)
-        return out[:, :, :n]
-
-    def _decode(self, key: str, item: Fetched | None, target: torch.Tensor) -> Fetched | None:
-        """Decode ``item`` into ``target``; on corruption discard it and try slower tiers.
-
-        Takes ownership of ``item``; returns the item that was decoded (still holding its
-        blob, for promotion) or ``None`` when no tier has a valid copy."""
-        while item is not None:
-            try:
-                decode_blob(item.blob.view, self.registry, target, expected_key=key)
-                return item
-            except ChunkCorruptedError as exc:
-                item.blob.release()
-                self._io.run(self.chain.discard_corrupt(item.tier, key, str(exc)))
-                item = self._io.run(self.chain.refetch(key, item.tier, item.index))
-        return None
-
-    def _promote(self, keys: list[str], served: list[Fetched]) -> None:
-        """Queue chunks served by slower tiers for the faster tiers that promote."""
-        by_targets: dict[tuple[int, ...], list[tuple[str, Buffer]]] = {}
-        for item in served:
-            targets = tuple(t for t in range(item.tier) if self.config.tiers[t].promote)
-            if targets:
-                by_targets.setdefault(targets, []).append((keys[item.index], item.blob))
-            else:
-                item.blob.release()
-        for targets, items in by_targets.items():
-            coro = self.chain.write_and_release(items, targets)
-            self._io.loop.call_soon_threadsafe(self.chain.spawn, coro)
+            out = torch.empty(self.layout.chunk_shape(needed), dtype=self.layout.dtype)
+        else:
+            out = self._check_out(out, needed)
+        if not keys:
+            return start, out[:, :, :0]
+        targets = [out[:, :, s - start : e - start] for s, e in bounds]
+        n = self._io.run(self.chain.fetch(keys, targets))
+        end = bounds[n - 1][1] if n else start
+        return end, out[:, :, : end - start]
 
     # -- stats and lifetime -----------------------------------------------------------
 
     def stats(self) -> KVTierStats:
         """A snapshot of per-tier counters and the store queue."""
-        with self._lock:
-            return KVTierStats(
-                tiers=[TierStats(**vars(t.stats)) for t in self.chain.tiers],
-                stores_queued=self._queued,
-                stores_dropped=self._dropped,
-                tokens_stored=self._tokens_stored,
-                queue_bytes=self._queue_bytes,
-            )
+        self._check_open()
+        return self._io.run(self._snapshot())
+
+    async def _snapshot(self) -> KVTierStats:
+        return KVTierStats(
+            tiers=[TierStats(**vars(t.stats)) for t in self.chain.tiers],
+            stores_queued=self._queued,
+            stores_dropped=self._dropped,
+            tokens_stored=self._tokens_stored,
+            queue_bytes=self._queue_bytes,
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -394,17 +414,20 @@ class KVTier:
         """Flush queued stores (unless ``flush=False``), close every tier, stop the loop."""
         if self._closed:
             return
-        if flush:
-            self.flush()
-        self._closed = True
-        assert self._jobs is not None
-        self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
-        self._io.run(self._shutdown())
-        self._io.stop()
+        try:
+            if flush:
+                self.flush()
+        finally:
+            self._closed = True
+            assert self._jobs is not None
+            self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
+            self._io.run(self._shutdown())
+            self._io.stop()
 
     async def _shutdown(self) -> None:
         await self._writer
         await self.chain.close()
+        await self._codec.shutdown()
 
     def __enter__(self) -> KVTier:
         return self

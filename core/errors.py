@@ -39,6 +39,11 @@ class ChunkCorruptedError(KVTierError):
     """
 
 
+class CodecUnavailableError(KVTierError):
+    """A valid blob needs a codec that no plugin of this process provides (a plugin
+    installed or enabled elsewhere). The tier chain treats it as a miss and keeps it."""
+
+
 class MissingExtraError(KVTierError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

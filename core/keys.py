@@ -129,9 +129,19 @@ def sha256_cbor(obj: Any) -> bytes:
 
 
 def _as_int64(tokens: Tokens) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """``tokens`` as contiguous little-endian int64; :class:`ConfigError` for anything
+    that is not a 1-D sequence of integer token ids (floats are never rounded)."""
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
-    arr = np.ascontiguousarray(tokens, dtype="<i8")
+    try:
+        given = np.asarray(tokens)
+        if given.size and given.dtype.kind not in "iu":
+            raise ConfigError(f"tokens must be integer token ids, got dtype {given.dtype}")
+        arr = np.ascontiguousarray(given, dtype="<i8")
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"tokens must be a 1-D sequence of int token ids: {exc}") from None
     if arr.ndim != 1:
         raise ConfigError(f"tokens must be one-dimensional, got shape {arr.shape}")
     return arr
@@ -186,7 +196,10 @@ class ChunkHasher:
         keys = []
         for i, (start, end) in enumerate(self.chunk_bounds(len(arr), partial=partial)):
             extra = extra_keys[i] if i < len(extra_keys) else None
-            parent = self._digest(parent, arr[start:end], extra)
+            try:
+                parent = self._digest(parent, arr[start:end], extra)
+            except cbor2.CBOREncodeError as exc:
+                raise ConfigError(f"extra_keys[{i}] cannot be hashed (CBOR): {exc}") from None
             keys.append(ChunkKey(self.namespace, parent))
         return keys
 

@@ -8,7 +8,7 @@ third-party ones included. Per batch:
 1. ``contains_many`` on the destination: chunks already there are skipped, so running
    an interrupted migration again copies only the rest.
 2. ``get_many`` on the source. Each blob's framing, checksum and key are checked
-   (:func:`~kvtier.core.blob.read_header`): a corrupt or foreign blob is reported and
+   (:func:`~kvtier.core.blob.verify`): a corrupt or foreign blob is reported and
    never copied; a chunk gone since it was listed is a failure.
 3. With ``recode``, the chunk is decoded and encoded again with that pipeline under the
    same key, dtype and shape. A blob whose codecs already are the pipeline's is copied
@@ -46,9 +46,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.core import blob as fmt
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.blob import CodecPipeline, decode_blob, read_header
 from kvtier.core.buffers import Buffer
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -381,22 +382,22 @@ class _Migration:
         caller owns, or the problem that stops the chunk."""
         if blob is None:
             return _Problem(Outcome.FAILED, "gone from the source since it was listed")
-        recode = self.options.recode
+        pipeline = self.options.recode
         try:
-            header = read_header(blob)
-            if header.key != key:
-                return _Problem(Outcome.CORRUPT, f"foreign blob: it holds key {header.key!r:.120}")
-            if recode is None or [name for name, _ in header.stages] == [
-                codec.name for codec in recode.stages
-            ]:
-                return blob
-            _, chunk = decode_blob(blob, self.source.registry, expected_key=key)
+            header = fmt.verify(blob)
         except ChunkCorruptedError as exc:
             return _Problem(Outcome.CORRUPT, str(exc))
+        if header.key != key:
+            return _Problem(Outcome.CORRUPT, f"foreign blob: it holds key {header.key!r:.120}")
+        if pipeline is None or header.pipeline == pipeline.name:
+            return blob
+        source = fmt.Blob(blob, header)  # borrowed: the caller releases ``blob``
         try:
-            return recode.encode(key, chunk, self.destination.pool)
+            return fmt.recode(source, pipeline, self.source.registry, self.destination.pool).buf
+        except ChunkCorruptedError as exc:
+            return _Problem(Outcome.CORRUPT, str(exc))
         except KVTierError as exc:
-            return _Problem(Outcome.FAILED, f"recoding to {recode.name} failed: {exc}")
+            return _Problem(Outcome.FAILED, f"recoding to {pipeline.name} failed: {exc}")
 
     async def _check(
         self,
@@ -441,7 +442,7 @@ def _difference(key: str, blob: Buffer | None, expected: _Identity) -> str | Non
     if blob is None:
         return "missing at the destination"
     try:
-        header = read_header(blob)
+        header = fmt.verify(blob)
     except ChunkCorruptedError as exc:
         return f"corrupt at the destination: {exc}"
     if header.key != key:

@@ -10,14 +10,20 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from kvtier.core.backend import Backend
-from kvtier.core.blob import CodecPipeline
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import TierConfig
-from kvtier.core.errors import BackendUnavailableError, KVTierError
+from kvtier.core.errors import KVTierError
 from kvtier.core.specs import EventKind, TierEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_RETRY_AFTER = 60.0
+
+STRICT = False
+"""Re-raise a backend's bugs (exceptions other than kvtier errors and timeouts) instead
+of skipping the tier. Off in production, where a failing tier must never crash
+inference; kvtier's own test suite turns it on, so that a bug never passes for an
+outage."""
 
 
 @dataclass
@@ -36,7 +42,10 @@ class TierStats:
     """Encoded bytes read from the tier."""
     evictions: int = 0
     rejected: int = 0
+    """Chunks offered but not written: already present (``CREATE``) or refused (full,
+    too large); the backend's ``stats().details`` tell refusals apart."""
     corrupt: int = 0
+    """Blobs that failed validation; each was deleted from the tier."""
     errors: int = 0
     skipped: int = 0
     """Operations not attempted because the tier was marked unavailable."""
@@ -113,7 +122,11 @@ class Tier:
     ) -> T | None:
         """Await ``call(*args)`` unless the tier is unavailable; ``None`` on skip or failure.
 
-        ``count`` is the number of chunks involved, for the failure event."""
+        An outage (a kvtier error, such as ``BackendUnavailableError``, or the tier's
+        timeout) opens the circuit breaker. Any other exception is a bug in the backend:
+        logged with its traceback and, with :data:`STRICT`, re-raised; otherwise the
+        tier is skipped like an outage. ``count`` is the number of chunks involved, for
+        the failure event."""
         if not self.breaker.allow():
             self.stats.skipped += 1
             return None
@@ -123,10 +136,13 @@ class Tier:
                 await asyncio.wait_for(self.backend.open(), self.config.timeout)
                 self._opened = True
             result = await asyncio.wait_for(call(*args), self.config.timeout)
-        except asyncio.CancelledError:
-            raise
+        except (KVTierError, asyncio.TimeoutError) as exc:
+            self._failed(op, exc, count)
+            return None
         except Exception as exc:
             self._failed(op, exc, count)
+            if STRICT:
+                raise
             return None
         seconds = time.perf_counter() - start
         self.stats.ops += 1
@@ -150,10 +166,16 @@ class Tier:
         self.breaker.failure()
         if isinstance(exc, asyncio.TimeoutError):
             detail = f"{op} timed out after {self.config.timeout}s"
-        elif isinstance(exc, (BackendUnavailableError, KVTierError)):
+        elif isinstance(exc, KVTierError):
             detail = f"{op} failed: {exc}"
         else:
-            log.exception("tier %s: unexpected error in %s", self.name, op)
-            detail = f"{op} failed unexpectedly: {type(exc).__name__}: {exc}"
+            log.error(
+                "tier %s: bug in backend %s during %s (not an outage)",
+                self.name,
+                type(self.backend).__name__,
+                op,
+                exc_info=exc,
+            )
+            detail = f"{op} failed by a bug in the backend: {type(exc).__name__}: {exc}"
         log.warning("tier %s skipped for %.1fs: %s", self.name, self.breaker.delay, detail)
         self.emit(TierEvent(EventKind.FAILED, self.name, count, detail=detail))

@@ -11,19 +11,13 @@ import pytest
 import torch
 import xxhash
 
-from kvtier.core.blob import (
-    FORMAT_VERSION,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    CodecPipeline,
-    decode_blob,
-    read_header,
-)
+from kvtier.core.blob import FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, decode_blob, verify
 from kvtier.core.buffers import BufferPool
 from kvtier.core.codec import Params, TensorCodec
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.codecs.raw import RawCodec
 from kvtier.core.codecs.zstd import ZstdCodec
-from kvtier.core.errors import ChunkCorruptedError, ConfigError
+from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError, ConfigError
 from kvtier.core.plugins import PluginRegistry
 
 
@@ -61,11 +55,11 @@ def test_layout_matches_the_documented_format(spec: str, registry: PluginRegistr
         assert payload == x.numpy().tobytes()
 
 
-def test_read_header_reports_the_fields(registry: PluginRegistry) -> None:
+def test_verify_reports_the_fields(registry: PluginRegistry) -> None:
     pipeline = CodecPipeline.from_config("int8+zstd", registry)
     with pipeline.encode("k", chunk(dtype=torch.bfloat16), BufferPool()) as blob:
-        header = read_header(blob)
-        assert header == read_header(bytes(blob.view)) == read_header(blob.view)
+        header = verify(blob)
+        assert header == verify(bytes(blob.view)) == verify(blob.view)
         assert header.nbytes == blob.nbytes
     assert header.key == "k"
     assert header.dtype == torch.bfloat16
@@ -110,7 +104,7 @@ def test_parameters_larger_than_the_reservation_still_give_a_valid_blob() -> Non
     pool = BufferPool()
     x = chunk()
     with CodecPipeline([VerboseRaw()]).encode("k", x, pool) as blob:
-        header = read_header(blob)
+        header = verify(blob)
         payload = blob.view[header.payload_offset : header.payload_offset + header.payload_nbytes]
         assert header.stages == (("raw", {"note": "x" * 1000}),)
         assert header.payload_offset % 64 == 0
@@ -193,7 +187,7 @@ def test_keys_up_to_the_header_limit_round_trip(spec: str, registry: PluginRegis
     pipeline = CodecPipeline.from_config(spec, registry)
     key = "k" * (MAX_HEADER_BYTES - 200)  # raw: no room left for the encoder's reservation
     with pipeline.encode(key, chunk(), BufferPool()) as blob:
-        header = read_header(blob)
+        header = verify(blob)
     assert header.key == key
     assert header.payload_offset - 20 <= MAX_HEADER_BYTES
 
@@ -242,14 +236,18 @@ def test_foreign_key_is_corruption(registry: PluginRegistry) -> None:
         decode_blob(blob, registry, expected_key="theirs")
 
 
-def test_blob_from_an_uninstalled_codec_is_a_miss(registry: PluginRegistry) -> None:
+def test_blob_from_an_uninstalled_codec_is_not_corrupt(registry: PluginRegistry) -> None:
+    """A codec plugin missing here (installed or enabled elsewhere) is no reason to
+    delete a valid blob: it is a CodecUnavailableError, not ChunkCorruptedError."""
+
     class Lz4(RawCodec):
         name = "lz4"
 
     with CodecPipeline([Lz4()]).encode("k", chunk(), BufferPool()) as blob:
-        assert read_header(blob).stages == (("lz4", {}),)
-        with pytest.raises(ChunkCorruptedError, match="unknown codec 'lz4'"):
+        assert verify(blob).stages == (("lz4", {}),)
+        with pytest.raises(CodecUnavailableError, match="unknown codec 'lz4'") as info:
             decode_blob(blob, registry)
+        assert not isinstance(info.value, ChunkCorruptedError)
 
 
 def test_third_party_tensor_codec_errors_surface_as_corruption(registry: PluginRegistry) -> None:

@@ -1,6 +1,7 @@
 """Config loading: validation messages, sizes, env overrides, defaults."""
 
 import pytest
+import yaml
 
 from kvtier.core.config import KVTierConfig, default_config, load_config, parse_size
 from kvtier.core.errors import ConfigError
@@ -83,7 +84,14 @@ def test_unnamed_tiers_of_one_scheme_get_distinct_names():
     assert [t.name for t in cfg.tiers] == ["cpu", "cpu-2", "file"]
 
 
-def test_env_overrides():
+@pytest.fixture
+def two_tiers_file(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(TWO_TIERS))
+    return path
+
+
+def test_env_overrides(two_tiers_file):
     env = {
         "KVTIER_CHUNK_TOKENS": "64",
         "KVTIER_TIERS__1__CAPACITY": "2GiB",
@@ -92,12 +100,26 @@ def test_env_overrides():
         "KVTIER_TIERS__1__OPTIONS__FSYNC": "true",
         "OTHER": "ignored",
     }
-    cfg = load_config(TWO_TIERS, environ=env)
+    cfg = load_config(two_tiers_file, environ=env)
     assert cfg.chunk_tokens == 64
     assert cfg.tiers[1].capacity == 2 << 30
     assert cfg.tiers[0].promote is False
     assert cfg.plugins.disable == ["foo", "bar"]
     assert cfg.tiers[1].options == {"fsync": "true"}
+
+
+def test_env_overrides_apply_to_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = load_config(None, environ={"KVTIER_TIERS__0__CAPACITY": "3GiB"})
+    assert cfg.tiers[0].capacity == 3 << 30
+
+
+def test_a_mapping_given_in_code_is_taken_as_it_is():
+    """KVTIER_* variables configure deployments (files, the default), not the values a
+    program passes; even a misspelled variable does not break it."""
+    env = {"KVTIER_CHUNK_TOKENS": "64", "KVTIER_CHUNK_TOKNS": "1"}
+    cfg = load_config(TWO_TIERS, environ=env)
+    assert cfg.chunk_tokens == 256
     assert TWO_TIERS["tiers"][1]["capacity"] == 5, "the caller's mapping is not modified"
 
 
@@ -113,9 +135,9 @@ def test_env_overrides():
         ({"KVTIER_CHUNK_TOKENS": "many"}, "chunk_tokens"),
     ],
 )
-def test_bad_env_overrides(env, message):
+def test_bad_env_overrides(env, message, two_tiers_file):
     with pytest.raises(ConfigError) as info:
-        load_config(TWO_TIERS, environ=env)
+        load_config(two_tiers_file, environ=env)
     assert message in str(info.value)
 
 

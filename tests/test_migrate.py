@@ -16,9 +16,10 @@ import torch
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
-from kvtier.core.blob import CodecPipeline, decode_blob, read_header
+from kvtier.core.blob import decode_blob, verify
 from kvtier.core.buffers import default_pool
 from kvtier.core.cli import main
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.keys import ChunkKey, namespace_for
 from kvtier.core.layout import ModelFingerprint
@@ -451,7 +452,7 @@ def test_console_script_migrates_end_to_end(tmp_path, cache_store):
     assert result.returncode == 0, result.stderr
     assert table_rows(result.stdout)["copied"] == "4"
     for key in a_keys:
-        header = read_header(blob_path(tmp_path / "dst", key).read_bytes())
+        header = verify(blob_path(tmp_path / "dst", key).read_bytes())
         assert [name for name, _ in header.stages] == ["int8", "zstd"]
     assert sorted(p.name for p in (tmp_path / "dst").glob("*/*")) == sorted(a_keys)
     # a mismatch found by --verify exits with 1 and one line on stderr

@@ -217,7 +217,7 @@ def test_third_party_codec_and_eviction_policy_work_in_a_tier(fake_dist):
     import torch
 
     from kvtier.core import KVLayout, KVTier
-    from kvtier.core.blob import read_header
+    from kvtier.core.blob import verify
 
     fake_dist("kvtier-ext", {"ext": "ext_plugin"}, {"ext_plugin": EXTENSION_PLUGIN})
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype=torch.float32)
@@ -235,7 +235,7 @@ def test_third_party_codec_and_eviction_policy_work_in_a_tier(fake_dist):
         assert n == 24 and torch.equal(got, kv[:, :, :24]), "the plugin codec round-trips"
         (blob,) = cache._io.run(backend.get_many([keys[1]]))
         with blob:
-            assert [name for name, _ in read_header(blob.view).stages] == ["raw", "invert"]
+            assert [name for name, _ in verify(blob.view).stages] == ["raw", "invert"]
         cache.retrieve(tokens[:8])  # chunk 0 is now the most recently used
         cache.store(tokens, kv)  # only chunk 3 is new: one eviction
         cache.flush()

@@ -42,7 +42,7 @@ from kvtier.backends.nixl.agent import Outcome, PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
 from kvtier.backends.nixl.locations import LocationCache
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
-from kvtier.core.blob import MAX_HEADER_BYTES, MAX_STAGE_BYTES, read_header
+from kvtier.core.blob import MAX_HEADER_BYTES, MAX_STAGE_BYTES, verify
 from kvtier.core.buffers import Buffer, BufferPool, address_of
 from kvtier.core.errors import (
     BackendUnavailableError,
@@ -603,7 +603,7 @@ class NixlBackend(Backend):
         out = {}
         for key, buf in moved:
             try:
-                intact = read_header(buf.view).key == key
+                intact = verify(buf.view).key == key
             except ChunkCorruptedError:
                 intact = False
             if intact:
