@@ -28,10 +28,6 @@ class BackendUnavailableError(BackendError):
     """The backend cannot be reached or is closed; the tier chain skips it for a while."""
 
 
-class CapacityError(BackendError):
-    """A value cannot fit in the backend, even after eviction."""
-
-
 class ChunkCorruptedError(KVTierError):
     """A stored blob failed validation (magic, version, length or checksum).
 

@@ -40,7 +40,7 @@ ExtraKeys: TypeAlias = "tuple[Any, ...] | None"
 DEFAULT_SEED = "kvtier"
 MAX_KEY_LENGTH = 160
 _SLUG_LEN = 40
-_KEY_RE = re.compile(r"^(?P<ns>[A-Za-z0-9][A-Za-z0-9_-]{0,79})\.(?P<digest>[0-9a-f]{32,64})$")
+_KEY_RE = re.compile(r"(?P<ns>[A-Za-z0-9][A-Za-z0-9_-]{0,79})\.(?P<digest>[0-9a-f]{32,64})\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,8 @@ def validate_key(text: str) -> str:
 
     Backends call this on every key they are given before using it as a path or name.
     """
-    ChunkKey.parse(text)
+    if type(text) is not str or len(text) > MAX_KEY_LENGTH or _KEY_RE.match(text) is None:
+        ChunkKey.parse(text if isinstance(text, str) else repr(text))  # raises, explained
     return text
 
 
