@@ -80,8 +80,7 @@ def test_restart_serves_from_disk_and_promotes(tmp_path):
         assert n == 3 * CHUNK and torch.equal(got, kv)
         stats = cache.stats()
         assert (stats.tier("cpu").misses, stats.tier("file").hits) == (3, 3)
-        cache.flush()
-        time.sleep(0.2)  # promotion is asynchronous
+        cache.flush()  # waits for the promotion
         n, got = cache.retrieve(tokens)
         assert torch.equal(got, kv)
         assert cache.stats().tier("cpu").hits == 3, "promoted chunks are served from RAM"
