@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import pytest
 
 from kvtier.backends.memory import MemoryBackend, MemoryOptions
+from kvtier.backends.ram import RamStore
+from kvtier.core.backend import Backend, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
 from kvtier.core.factory import build_backend
@@ -21,12 +23,35 @@ from kvtier.core.testing import BackendConformance
 T = TypeVar("T")
 
 
-class TestMemoryBackend(BackendConformance):
+class RamStoreAccess:
+    """Out-of-band access for the conformance suite to an in-process tier's blobs:
+    ``backend.store`` (a :class:`~kvtier.backends.ram.RamStore`), whose ``blobs`` is
+    the mapping key -> buffer. Also used by the ``nixl`` tier's tests."""
+
+    def raw_write(self, backend: Backend, key: str, data: bytes) -> None:
+        store = ram_store(backend)
+        with backend.pool.copy_of(data) as buf:  # the store keeps its own reference
+            assert store.put_many([(key, buf)], PutMode.OVERWRITE) == [True]
+
+    def raw_read(self, backend: Backend, key: str) -> bytes | None:
+        store = ram_store(backend)
+        with store.lock:
+            buf = store.blobs.get(key)
+            return None if buf is None else bytes(buf.view)
+
+
+def ram_store(backend: Backend) -> RamStore:
+    store = getattr(backend, "store", None)
+    assert isinstance(store, RamStore), f"{type(backend).__name__} keeps no RamStore in .store"
+    return store
+
+
+class TestMemoryBackend(RamStoreAccess, BackendConformance):
     url = "cpu://conformance"
     capacity = 96 << 20
 
 
-class TestMemoryBackendLFU(BackendConformance):
+class TestMemoryBackendLFU(RamStoreAccess, BackendConformance):
     url = "cpu://"
     capacity = 16 << 20
     options = {"eviction": "lfu"}
@@ -165,3 +190,22 @@ def test_bad_options_rejected() -> None:
         build_backend("cpu://", capacity=1 << 20, options={"evicton": "lru"})
     with pytest.raises(ConfigError, match="did you mean 'lfu'"):
         build_backend("cpu://", capacity=1 << 20, options={"eviction": "lfx"})
+
+
+def test_raw_hooks_bypass_the_backend() -> None:
+    """What raw_write stores, get_many returns; what put_many stores, raw_read sees."""
+    raw = RamStoreAccess()
+    pool = BufferPool()
+
+    async def body(backend: MemoryBackend) -> None:
+        raw.raw_write(backend, key(1), b"written out of band")
+        [got] = await backend.get_many([key(1)])
+        assert got is not None and bytes(got.view) == b"written out of band"
+        got.release()
+        with blob(pool, 5000) as buf:
+            assert await backend.put_many([(key(2), buf)]) == [True]
+            assert raw.raw_read(backend, key(2)) == bytes(buf.view)
+        assert raw.raw_read(backend, key(3)) is None
+        assert (await backend.stats()).keys == 2
+
+    run(body)
