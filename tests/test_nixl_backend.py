@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -23,6 +24,7 @@ import pytest
 import torch
 from servers._process import free_port, require
 from servers.valkey import ValkeyFactory, ValkeyServer
+from test_memory_backend import RamStoreAccess
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
@@ -47,8 +49,9 @@ def nixl_installed() -> None:
 # -- conformance (one process: local hits) -----------------------------------------------
 
 
-class TestNixlConformance(BackendConformance):
-    """Every contract check against this process's store. Not overridden:
+class TestNixlConformance(RamStoreAccess, BackendConformance):
+    """Every contract check against this process's store (out of band through
+    ``backend.store``, like the cpu tier's). Not overridden:
     ``stop_server`` - with the index down, local hits are still served (they need no
     index), so only operations that need the index raise; see the chain test below."""
 
@@ -375,6 +378,44 @@ def test_unregistered_buffer_is_copied_and_shared(valkey_server: ValkeyServer) -
             got.release()
 
     run(body)
+
+
+def test_copies_and_checks_run_off_the_event_loop(
+    valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying a blob into registered memory and verifying a blob read from a peer
+    happen in the tier's worker threads, never on the event loop's."""
+    from kvtier.backends.nixl import reader as reader_module
+
+    seen: dict[str, set[str]] = {"copy": set(), "verify": set()}
+    verify = reader_module.verify
+
+    class RecordingPool(BufferPool):
+        def copy_of(self, data: Any) -> Buffer:
+            seen["copy"].add(threading.current_thread().name)
+            return super().copy_of(data)
+
+    def recording_verify(blob: Any, *, expected_key: str | None = None) -> Any:
+        seen["verify"].add(threading.current_thread().name)
+        return verify(blob, expected_key=expected_key)
+
+    monkeypatch.setattr(reader_module, "verify", recording_verify)
+    grp, key = group(), chunk_key()
+    blob = make_blob(key, 32, BufferPool())
+
+    async def body() -> None:
+        owner = open_backend(f"nixl://{grp}", RecordingPool(), index=valkey_server.url)
+        reader = open_backend(f"nixl://{grp}", BufferPool(), index=valkey_server.url)
+        async with owner, reader:
+            assert await owner.put_many([(key, Buffer.wrap(bytes(blob.view)))]) == [True]
+            [got] = await reader.get_many([key])
+            assert got is not None and bytes(got.view) == bytes(blob.view)
+            got.release()
+
+    run(body)
+    assert seen["copy"] and seen["verify"]
+    for names in seen.values():
+        assert all(name.startswith("kvtier-NixlBackend") for name in names), seen
 
 
 def test_index_restart_republishes(valkey_factory: ValkeyFactory) -> None:
