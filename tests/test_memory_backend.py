@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -15,6 +15,7 @@ from kvtier.backends.ram import RamStore
 from kvtier.core.backend import Backend, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
+from kvtier.core.eviction import LRUPolicy
 from kvtier.core.factory import build_backend
 from kvtier.core.keys import ChunkKey
 from kvtier.core.plugins import get_registry
@@ -209,3 +210,39 @@ def test_raw_hooks_bypass_the_backend() -> None:
         assert (await backend.stats()).keys == 2
 
     run(body)
+
+
+def test_ram_store_reports_every_change() -> None:
+    """``changed`` (the nixl tier's index bookkeeping) sees each store and each drop:
+    overwrite, eviction, delete and clear; evicted blobs are handed over, not released."""
+    pool = BufferPool()
+    changes: list[tuple[str, int | None]] = []
+    handed: list[tuple[str, Buffer]] = []
+
+    def evicted(items: Sequence[tuple[str, int]], blobs: Sequence[Buffer]) -> None:
+        handed.extend(zip([k for k, _ in items], blobs, strict=True))
+
+    def changed(k: str, buf: Buffer | None) -> None:
+        changes.append((k, None if buf is None else buf.nbytes))
+
+    store = RamStore(4000, LRUPolicy(), evicted, changed=changed)
+    first, second, third = blob(pool, 1000), blob(pool, 3000), blob(pool, 2000)
+    assert store.put_many([(key(1), first), (key(2), second)], PutMode.CREATE) == [True, True]
+    assert store.put_many([(key(1), third)], PutMode.CREATE) == [False]
+    assert store.put_many([(key(1), third)], PutMode.OVERWRITE) == [True]  # evicts key 2
+    assert store.delete_many([key(1), key(3)]) == [True, False]
+    assert store.put_many([(key(4), first)], PutMode.OVERWRITE) == [True]
+    store.clear()
+    assert changes == [
+        (key(1), 1000),
+        (key(2), 3000),
+        (key(1), None),
+        (key(2), None),
+        (key(1), 2000),
+        (key(1), None),
+        (key(4), 1000),
+        (key(4), None),
+    ]
+    assert [(k, buf is second) for k, buf in handed] == [(key(2), True)]
+    assert (first.refcount, second.refcount, third.refcount) == (1, 2, 1)
+    assert store.blobs == {} and store.stats().bytes_used == 0

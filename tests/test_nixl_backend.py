@@ -418,6 +418,42 @@ def test_copies_and_checks_run_off_the_event_loop(
         assert all(name.startswith("kvtier-NixlBackend") for name in names), seen
 
 
+def test_batch_read_part_by_part(
+    valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one transfer per chunk, each moved chunk is verified while the next one
+    moves: the batch comes back byte for byte, and a stale entry in its middle (the
+    memory of another chunk) is a miss."""
+    from kvtier.backends.nixl import reader as reader_module
+
+    redis = require("redis", "kvtier[redis]")
+    monkeypatch.setattr(reader_module, "PART_BYTES", 1)
+    grp, stale = group(), chunk_key()
+    blobs = blob_set(BufferPool(), [16, 32, 64, 16, 8])
+    keys = list(blobs)
+    options = {"index": valkey_server.url, "concurrency": 1}
+
+    async def body() -> None:
+        owner = open_backend(f"nixl://{grp}", BufferPool(), **options)
+        reader = open_backend(f"nixl://{grp}", BufferPool(), **options)
+        async with owner, reader:
+            assert await owner.put_many(list(blobs.items())) == [True] * len(blobs)
+            index = redis.Redis(host="127.0.0.1", port=valkey_server.port)
+            [chunks] = index.keys(f"kvtier:nixl:{grp}:chunks:*")
+            index.hset(chunks, stale, index.hget(chunks, keys[0]))
+            asked = [*keys[:2], stale, *keys[2:]]
+            got = await reader.get_many(asked)
+            assert got[2] is None
+            for key, buf in zip(asked, got, strict=True):
+                if key != stale:
+                    assert buf is not None and bytes(buf.view) == bytes(blobs[key].view)
+                    buf.release()
+            details = (await reader.stats()).details
+            assert (details["remote_hits"], details["stale"]) == (len(keys), 1)
+
+    run(body)
+
+
 def test_index_restart_republishes(valkey_factory: ValkeyFactory) -> None:
     """An index that restarts empty is filled again by the owners' heartbeats."""
     server, grp, key = valkey_factory(), group(), chunk_key()

@@ -110,7 +110,7 @@ class NixlBackend(Backend):
         calling ``open`` again retries."""
         workers = self._start_workers(2 * self.options.concurrency)
         if self._agent is None:
-            self._agent = await self._blocking(
+            agent = await self._blocking(
                 partial(
                     PeerAgent,
                     self.name,
@@ -120,7 +120,8 @@ class NixlBackend(Backend):
                 ),
                 orphan=PeerAgent.close,
             )
-            await self._blocking(partial(self.pool.add_registrar, self._agent))
+            await self._blocking(partial(self.pool.add_registrar, agent))
+            self._agent = agent
         if self._index is None:
             self._index = PeerIndex(self.options.index, self.group, self.name, self.options.ttl)
         if self._reader is None:

@@ -189,38 +189,38 @@ class PeerReader:
     async def _read_group(
         self, peer: str, group: list[tuple[str, Location]], deadline: float
     ) -> dict[str, Buffer]:
-        """Read ``group`` part after part, each verified while the next one moves; stop
-        at the first failed transfer."""
+        """Read ``group`` part after part, each verified while the next one moves (the
+        last one by the thread that moved it); stop at the first failed transfer."""
         usable = [(k, loc) for k, loc in group if self._agent.peer_gen(peer) >= loc.gen]
+        parts = list(_parts(usable))
         verified: Moved = []
         try:
-            unchecked: Moved = []  # moved by the last transfer
-            for part in _parts(usable):
+            unchecked: Moved = []  # moved by the last transfer, not verified yet
+            for i, part in enumerate(parts):
+                last = i + 1 == len(parts)
                 calls: list[Callable[[], Moved | None]] = [
-                    partial(self._transfer, peer, part, deadline)
+                    partial(self._transfer, peer, part, deadline, check=last)
                 ]
                 if unchecked:  # handed over to the check
                     calls.append(partial(self._check, unchecked))
                 moved, *checked = await self._workers.run_all(calls, orphan=_release_moved)
                 for intact in checked:
                     verified += intact or []
-                unchecked = moved or []
-                if not unchecked:
+                if moved is None:
                     break
-            if unchecked:
-                verified += await self._workers.run(
-                    partial(self._check, unchecked), orphan=_release_moved
-                )
+                if last:
+                    verified += moved
+                unchecked = moved
         except BaseException:
             _release_moved(verified)
             raise
         return dict(verified)
 
     def _transfer(
-        self, peer: str, part: list[tuple[str, Location]], deadline: float
+        self, peer: str, part: list[tuple[str, Location]], deadline: float, *, check: bool
     ) -> Moved | None:
-        """One READ of ``part`` into pool buffers (a worker thread); ``None`` if it
-        failed or the deadline passed."""
+        """One READ of ``part`` into pool buffers (a worker thread), verified too with
+        ``check``; ``None`` if it failed or the deadline passed."""
         if time.monotonic() >= deadline:
             return None
         bufs = [self._pool.acquire(location.nbytes) for _, location in part]
@@ -230,7 +230,8 @@ class PeerReader:
         ]
         outcome = self._agent.read(peer, pairs, deadline)
         if outcome is Outcome.DONE:
-            return [(key, buf) for (key, _), buf in zip(part, bufs, strict=True)]
+            moved = [(key, buf) for (key, _), buf in zip(part, bufs, strict=True)]
+            return self._check(moved) if check else moved
         with self._lock:
             self._counts["transfer_failures"] += 1
             if outcome is Outcome.STUCK:
