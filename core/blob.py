@@ -63,7 +63,9 @@ MAX_STAGE_BYTES = MAX_CHUNK_BYTES + (64 << 20)
 _PREFIX = struct.Struct("<4sHHIQ")
 _CHECKSUM = struct.Struct("<Q")
 OVERHEAD = _PREFIX.size + _CHECKSUM.size
-"""Bytes of a blob besides its header and payload."""
+"""Bytes of a blob besides its header and payload: the size of the smallest blob."""
+MAX_BLOB_BYTES = OVERHEAD + MAX_HEADER_BYTES + MAX_STAGE_BYTES
+"""The largest blob a reader accepts."""
 _PAYLOAD_ALIGN = 64
 _HEADER_KEYS = frozenset({"key", "dtype", "shape", "stages", "sizes"})
 _STAGE_KEYS = frozenset({"name", "params"})

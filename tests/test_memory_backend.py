@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pytest
 
 from kvtier.backends.memory import MemoryBackend, MemoryOptions
+from kvtier.backends.ram import RamStore
+from kvtier.core.backend import Backend, PutMode
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import ConfigError
+from kvtier.core.eviction import LRUPolicy
 from kvtier.core.factory import build_backend
 from kvtier.core.keys import ChunkKey
 from kvtier.core.plugins import get_registry
@@ -21,12 +24,35 @@ from kvtier.core.testing import BackendConformance
 T = TypeVar("T")
 
 
-class TestMemoryBackend(BackendConformance):
+class RamStoreAccess:
+    """Out-of-band access for the conformance suite to an in-process tier's blobs:
+    ``backend.store`` (a :class:`~kvtier.backends.ram.RamStore`), whose ``blobs`` is
+    the mapping key -> buffer. Also used by the ``nixl`` tier's tests."""
+
+    def raw_write(self, backend: Backend, key: str, data: bytes) -> None:
+        store = ram_store(backend)
+        with backend.pool.copy_of(data) as buf:  # the store keeps its own reference
+            assert store.put_many([(key, buf)], PutMode.OVERWRITE) == [True]
+
+    def raw_read(self, backend: Backend, key: str) -> bytes | None:
+        store = ram_store(backend)
+        with store.lock:
+            buf = store.blobs.get(key)
+            return None if buf is None else bytes(buf.view)
+
+
+def ram_store(backend: Backend) -> RamStore:
+    store = getattr(backend, "store", None)
+    assert isinstance(store, RamStore), f"{type(backend).__name__} keeps no RamStore in .store"
+    return store
+
+
+class TestMemoryBackend(RamStoreAccess, BackendConformance):
     url = "cpu://conformance"
     capacity = 96 << 20
 
 
-class TestMemoryBackendLFU(BackendConformance):
+class TestMemoryBackendLFU(RamStoreAccess, BackendConformance):
     url = "cpu://"
     capacity = 16 << 20
     options = {"eviction": "lfu"}
@@ -165,3 +191,58 @@ def test_bad_options_rejected() -> None:
         build_backend("cpu://", capacity=1 << 20, options={"evicton": "lru"})
     with pytest.raises(ConfigError, match="did you mean 'lfu'"):
         build_backend("cpu://", capacity=1 << 20, options={"eviction": "lfx"})
+
+
+def test_raw_hooks_bypass_the_backend() -> None:
+    """What raw_write stores, get_many returns; what put_many stores, raw_read sees."""
+    raw = RamStoreAccess()
+    pool = BufferPool()
+
+    async def body(backend: MemoryBackend) -> None:
+        raw.raw_write(backend, key(1), b"written out of band")
+        [got] = await backend.get_many([key(1)])
+        assert got is not None and bytes(got.view) == b"written out of band"
+        got.release()
+        with blob(pool, 5000) as buf:
+            assert await backend.put_many([(key(2), buf)]) == [True]
+            assert raw.raw_read(backend, key(2)) == bytes(buf.view)
+        assert raw.raw_read(backend, key(3)) is None
+        assert (await backend.stats()).keys == 2
+
+    run(body)
+
+
+def test_ram_store_reports_every_change() -> None:
+    """``changed`` (the nixl tier's index bookkeeping) sees each store and each drop:
+    overwrite, eviction, delete and clear; evicted blobs are handed over, not released."""
+    pool = BufferPool()
+    changes: list[tuple[str, int | None]] = []
+    handed: list[tuple[str, Buffer]] = []
+
+    def evicted(items: Sequence[tuple[str, int]], blobs: Sequence[Buffer]) -> None:
+        handed.extend(zip([k for k, _ in items], blobs, strict=True))
+
+    def changed(k: str, buf: Buffer | None) -> None:
+        changes.append((k, None if buf is None else buf.nbytes))
+
+    store = RamStore(4000, LRUPolicy(), evicted, changed=changed)
+    first, second, third = blob(pool, 1000), blob(pool, 3000), blob(pool, 2000)
+    assert store.put_many([(key(1), first), (key(2), second)], PutMode.CREATE) == [True, True]
+    assert store.put_many([(key(1), third)], PutMode.CREATE) == [False]
+    assert store.put_many([(key(1), third)], PutMode.OVERWRITE) == [True]  # evicts key 2
+    assert store.delete_many([key(1), key(3)]) == [True, False]
+    assert store.put_many([(key(4), first)], PutMode.OVERWRITE) == [True]
+    store.clear()
+    assert changes == [
+        (key(1), 1000),
+        (key(2), 3000),
+        (key(1), None),
+        (key(2), None),
+        (key(1), 2000),
+        (key(1), None),
+        (key(4), 1000),
+        (key(4), None),
+    ]
+    assert [(k, buf is second) for k, buf in handed] == [(key(2), True)]
+    assert (first.refcount, second.refcount, third.refcount) == (1, 2, 1)
+    assert store.blobs == {} and store.stats().bytes_used == 0

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -23,6 +24,7 @@ import pytest
 import torch
 from servers._process import free_port, require
 from servers.valkey import ValkeyFactory, ValkeyServer
+from test_memory_backend import RamStoreAccess
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
@@ -47,8 +49,9 @@ def nixl_installed() -> None:
 # -- conformance (one process: local hits) -----------------------------------------------
 
 
-class TestNixlConformance(BackendConformance):
-    """Every contract check against this process's store. Not overridden:
+class TestNixlConformance(RamStoreAccess, BackendConformance):
+    """Every contract check against this process's store (out of band through
+    ``backend.store``, like the cpu tier's). Not overridden:
     ``stop_server`` - with the index down, local hits are still served (they need no
     index), so only operations that need the index raise; see the chain test below."""
 
@@ -373,6 +376,80 @@ def test_unregistered_buffer_is_copied_and_shared(valkey_server: ValkeyServer) -
             [got] = await reader.get_many([key])
             assert got is not None and bytes(got.view) == bytes(blob.view)
             got.release()
+
+    run(body)
+
+
+def test_copies_and_checks_run_off_the_event_loop(
+    valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying a blob into registered memory and verifying a blob read from a peer
+    happen in the tier's worker threads, never on the event loop's."""
+    from kvtier.backends.nixl import reader as reader_module
+
+    seen: dict[str, set[str]] = {"copy": set(), "verify": set()}
+    verify = reader_module.verify
+
+    class RecordingPool(BufferPool):
+        def copy_of(self, data: Any) -> Buffer:
+            seen["copy"].add(threading.current_thread().name)
+            return super().copy_of(data)
+
+    def recording_verify(blob: Any, *, expected_key: str | None = None) -> Any:
+        seen["verify"].add(threading.current_thread().name)
+        return verify(blob, expected_key=expected_key)
+
+    monkeypatch.setattr(reader_module, "verify", recording_verify)
+    grp, key = group(), chunk_key()
+    blob = make_blob(key, 32, BufferPool())
+
+    async def body() -> None:
+        owner = open_backend(f"nixl://{grp}", RecordingPool(), index=valkey_server.url)
+        reader = open_backend(f"nixl://{grp}", BufferPool(), index=valkey_server.url)
+        async with owner, reader:
+            assert await owner.put_many([(key, Buffer.wrap(bytes(blob.view)))]) == [True]
+            [got] = await reader.get_many([key])
+            assert got is not None and bytes(got.view) == bytes(blob.view)
+            got.release()
+
+    run(body)
+    assert seen["copy"] and seen["verify"]
+    for names in seen.values():
+        assert all(name.startswith("kvtier-NixlBackend") for name in names), seen
+
+
+def test_batch_read_part_by_part(
+    valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one transfer per chunk, each moved chunk is verified while the next one
+    moves: the batch comes back byte for byte, and a stale entry in its middle (the
+    memory of another chunk) is a miss."""
+    from kvtier.backends.nixl import reader as reader_module
+
+    redis = require("redis", "kvtier[redis]")
+    monkeypatch.setattr(reader_module, "PART_BYTES", 1)
+    grp, stale = group(), chunk_key()
+    blobs = blob_set(BufferPool(), [16, 32, 64, 16, 8])
+    keys = list(blobs)
+    options = {"index": valkey_server.url, "concurrency": 1}
+
+    async def body() -> None:
+        owner = open_backend(f"nixl://{grp}", BufferPool(), **options)
+        reader = open_backend(f"nixl://{grp}", BufferPool(), **options)
+        async with owner, reader:
+            assert await owner.put_many(list(blobs.items())) == [True] * len(blobs)
+            index = redis.Redis(host="127.0.0.1", port=valkey_server.port)
+            [chunks] = index.keys(f"kvtier:nixl:{grp}:chunks:*")
+            index.hset(chunks, stale, index.hget(chunks, keys[0]))
+            asked = [*keys[:2], stale, *keys[2:]]
+            got = await reader.get_many(asked)
+            assert got[2] is None
+            for key, buf in zip(asked, got, strict=True):
+                if key != stale:
+                    assert buf is not None and bytes(buf.view) == bytes(blobs[key].view)
+                    buf.release()
+            details = (await reader.stats()).details
+            assert (details["remote_hits"], details["stale"]) == (len(keys), 1)
 
     run(body)
 

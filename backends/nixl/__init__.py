@@ -57,7 +57,8 @@ class NixlOptions(BaseModel):
     """Seconds a batch of peer reads may take; slower reads are misses. Keep it below
     the tier's ``timeout``."""
     concurrency: int = Field(default=2, ge=1, le=64)
-    """Peer reads in flight at once (threads, one NIXL transfer each)."""
+    """Peer reads in flight at once (one NIXL transfer each). The tier runs twice as
+    many worker threads, so that verifying what one read moved overlaps the next."""
     progress_thread: bool = False
     """Answer peers from NIXL's progress thread (at once, event driven) instead of a
     poller every 20 ms (about 1% of a core). Peers read this process's memory without

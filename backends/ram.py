@@ -1,0 +1,175 @@
+"""A bounded in-RAM store of blobs: the state behind the ``cpu`` and ``nixl`` tiers.
+
+:class:`RamStore` maps chunk keys to :class:`~kvtier.core.buffers.Buffer` s, zero
+copy: it keeps the very buffer it is given (one ``retain()``) and hands it back
+retained, so a hit costs a dictionary lookup. Overwrite, delete, eviction and
+:meth:`RamStore.clear` drop only the store's reference: a reader still holding a
+returned buffer keeps valid bytes. When a blob does not fit, the eviction policy picks
+victims until it does; a blob larger than the whole capacity is rejected. Capacity
+counts ``Buffer.nbytes``.
+
+The store neither validates keys nor knows about open or closed: its backend does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+from kvtier.core.backend import BackendStats, PutMode
+from kvtier.core.buffers import Buffer
+from kvtier.core.eviction import EvictionPolicy
+
+Evicted = Callable[[Sequence[tuple[str, int]], Sequence[Buffer]], None]
+"""Takes ``(key, nbytes)`` of evicted blobs and one reference to each of them
+(:meth:`kvtier.core.backend.Backend._evicted`)."""
+Changed = Callable[[str, Buffer | None], None]
+"""Told, under the store's lock, that ``key`` now holds a buffer, or ``None`` when it
+left the store (deleted, evicted, overwritten, cleared). Must not block."""
+
+
+class RamStore:
+    """Blobs by key within ``capacity`` bytes; thread safe.
+
+    :attr:`blobs` is the mapping itself and :attr:`lock` guards it (with the policy
+    and the counters); the lock is never held across a syscall or a callback other
+    than ``changed``. Evicted blobs are passed to ``evicted`` after the lock is
+    released.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        policy: EvictionPolicy,
+        evicted: Evicted,
+        *,
+        changed: Changed | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        self.blobs: dict[str, Buffer] = {}
+        """Key -> the stored buffer (the store holds one reference to each)."""
+        self._policy = policy
+        self._evicted = evicted
+        self._changed = changed
+        self._bytes = 0
+        self._evictions = 0
+        self._rejected = 0
+        self._hits = 0
+        self._misses = 0
+
+    def _drop(self, key: str) -> Buffer:
+        """Forget stored ``key``; returns its buffer, for the caller to release once it
+        let go of the lock (a release may unmap memory). Call under the lock."""
+        buf = self.blobs.pop(key)
+        self._policy.remove(key)
+        self._bytes -= buf.nbytes
+        if self._changed is not None:
+            self._changed(key, None)
+        return buf
+
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        """A new reference to each stored blob, ``None`` for a miss; counts hits and misses."""
+        out: list[Buffer | None] = []
+        with self.lock:
+            for key in keys:
+                buf = self.blobs.get(key)
+                if buf is None:
+                    self._misses += 1
+                    out.append(None)
+                else:
+                    self._hits += 1
+                    self._policy.touch(key)
+                    out.append(buf.retain())
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
+        """Keep each buffer (retained); ``False`` where ``CREATE`` found the key or the
+        blob is larger than the capacity (an overwrite keeps the old value then)."""
+        results: list[bool] = []
+        evicted: list[tuple[str, int]] = []
+        handed: list[Buffer] = []  # the store's references to evicted blobs
+        replaced: list[Buffer] = []
+        with self.lock:
+            for key, buf in items:
+                exists = key in self.blobs
+                if exists and mode is PutMode.CREATE:
+                    results.append(False)
+                    continue
+                if buf.nbytes > self.capacity:
+                    self._rejected += 1
+                    results.append(False)
+                    continue
+                buf.retain()
+                if exists:
+                    replaced.append(self._drop(key))
+                while self._bytes + buf.nbytes > self.capacity:
+                    victim = self._policy.victim()
+                    assert victim is not None, "policy is empty while bytes are in use"
+                    handed.append(self._drop(victim))
+                    evicted.append((victim, handed[-1].nbytes))
+                self.blobs[key] = buf
+                self._bytes += buf.nbytes
+                self._policy.insert(key)
+                if self._changed is not None:
+                    self._changed(key, buf)
+                results.append(True)
+            self._evictions += len(evicted)
+        for old in replaced:
+            old.release()
+        self._evicted(evicted, handed)
+        return results
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        with self.lock:
+            return [key in self.blobs for key in keys]
+
+    def delete_many(self, keys: Sequence[str]) -> list[bool]:
+        """Drop each key; ``True`` where it was stored."""
+        with self.lock:
+            dropped = [self._drop(key) if key in self.blobs else None for key in keys]
+        for buf in dropped:
+            if buf is not None:
+                buf.release()
+        return [buf is not None for buf in dropped]
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """A snapshot of the stored keys starting with ``prefix``."""
+        with self.lock:
+            return [key for key in self.blobs if key.startswith(prefix)]
+
+    def stats(self, **details: Any) -> BackendStats:
+        """A snapshot; its ``details`` are ``details`` plus the counters ``hits``,
+        ``misses`` (of :meth:`get_many`) and ``rejected`` (blobs over the capacity)."""
+        with self.lock:
+            return BackendStats(
+                keys=len(self.blobs),
+                bytes_used=self._bytes,
+                capacity_bytes=self.capacity,
+                evictions=self._evictions,
+                details={
+                    **details,
+                    "hits": self._hits,
+                    "misses": self._misses,
+                    "rejected": self._rejected,
+                },
+            )
+
+    def clear(self) -> None:
+        """Drop every blob (nothing is evicted or handed over)."""
+        with self.lock:
+            blobs, self.blobs = self.blobs, {}
+            for key in blobs:
+                self._policy.remove(key)
+                if self._changed is not None:
+                    self._changed(key, None)
+            self._bytes = 0
+        for buf in blobs.values():
+            buf.release()
+
+
+async def iterate(keys: Iterable[str]) -> AsyncIterator[str]:
+    """``keys`` as an async iterator (``iter_keys`` of a backend over a snapshot)."""
+    for key in keys:
+        yield key
