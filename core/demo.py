@@ -42,7 +42,7 @@ from kvtier.core.tier import TierStats
 if TYPE_CHECKING:
     from transformers import DynamicCache, LlamaForCausalLM
 
-    from kvtier.plugins.transformers import PrefixCache
+    from kvtier.plugins.transformers import Prefix, PrefixCache
 
 LOSSLESS_CODECS = frozenset({"raw", "shuffle", "zstd"})
 """Codec stages that give back the stored bytes exactly: reuse must not change a token."""
@@ -192,11 +192,9 @@ class _Session:
     def step(self, description: str) -> None:
         self.progress.update(self.task, description=description)
 
-    def request(
-        self, workload: str, label: str, ids: torch.Tensor
-    ) -> tuple[DynamicCache, torch.Tensor]:
-        """Compute ``ids`` without and with kvtier and record it; return kvtier's cache
-        (which then holds the whole prompt) and the next token, shape ``(1, 1)``."""
+    def request(self, workload: str, label: str, ids: torch.Tensor) -> tuple[Prefix, torch.Tensor]:
+        """Compute ``ids`` without and with kvtier and record it; return kvtier's prefix
+        (whose cache then holds the whole prompt) and the next token, shape ``(1, 1)``."""
         model, kv = self.model, self.cache.kv
         start = time.perf_counter()
         full = model(ids).logits[0, -1]
@@ -206,7 +204,7 @@ class _Session:
         hits = {t.name: t.hits for t in kv.stats().tiers}
         start = time.perf_counter()
         prefix = self.cache.prefix(ids)
-        logits = model(ids[:, prefix.tokens :], past_key_values=prefix.cache).logits[0, -1]
+        logits = model(ids[:, prefix.tokens :], **prefix.model_kwargs()).logits[0, -1]
         token = int(logits.argmax())
         ttft = time.perf_counter() - start
         source = "+".join(t.name for t in kv.stats().tiers if t.hits > hits[t.name]) or "-"
@@ -215,7 +213,7 @@ class _Session:
         self.requests.append(Request(workload, label, ids.shape[1], prefix.tokens, source,
                                      ttft_full, ttft, token == full_token, diff))  # fmt: skip
         self.progress.advance(self.task)
-        return prefix.cache, logits.argmax().view(1, 1)
+        return prefix, logits.argmax().view(1, 1)
 
     def store(self, ids: torch.Tensor, cache: DynamicCache) -> None:
         """Store the KV of ``ids`` (untimed) and wait until the tiers hold it."""
@@ -251,15 +249,17 @@ def _chat(session: _Session) -> None:
         for user in range(s.users):
             session.step(f"chat: user {user + 1}, turn {turn}")
             ids = torch.cat([conversations[user], session.tokens(s.message_tokens)], dim=1)
-            cache, token = session.request("chat", f"user {user + 1} turn {turn}", ids)
+            prefix, token = session.request("chat", f"user {user + 1} turn {turn}", ids)
             reply = torch.cat([ids, token], dim=1)
             if s.reply_tokens > 1:
-                # transformers types generate's self as a protocol its models do not match
-                reply = session.model.generate(  # type: ignore[misc,assignment]
-                    reply, past_key_values=cache, max_new_tokens=s.reply_tokens - 1,
+                # Before 5.24 transformers types generate's self as a protocol its models
+                # do not match; from 5.24 on generate is untyped.
+                out = session.model.generate(  # type: ignore[misc, unused-ignore]
+                    reply, **prefix.model_kwargs(), max_new_tokens=s.reply_tokens - 1,
                     min_new_tokens=s.reply_tokens - 1, do_sample=False, pad_token_id=0,
                 )  # fmt: skip
-            session.store(reply, cache)
+                reply = out if isinstance(out, torch.Tensor) else out.sequences
+            session.store(reply, prefix.cache)
             conversations[user] = reply
 
 
@@ -274,14 +274,15 @@ def _rag(session: _Session) -> None:
             parts = [instruction, *(documents[d] for d in docs), session.tokens(s.question_tokens)]
             ids = torch.cat(parts, dim=1)
             label = f"docs {','.join(str(d) for d in docs)}"
-            cache, _ = session.request(f"RAG, {phase}", label, ids)
-            session.store(ids, cache)
+            prefix, _ = session.request(f"RAG, {phase}", label, ids)
+            session.store(ids, prefix.cache)
 
 
 def _sweep(session: _Session) -> list[SweepPoint]:
     """TTFT of a context plus a suffix: a full prefill, then reusing the context from
     each tier alone (a one-tier chain of that tier, so it must serve every chunk)."""
     from kvtier.plugins.transformers import PrefixCache, random_llama_id
+    from kvtier.plugins.transformers.compat import output_cache
 
     s = session.settings
     model = session.model
@@ -291,7 +292,7 @@ def _sweep(session: _Session) -> list[SweepPoint]:
         session.step(f"TTFT sweep: {context} tokens, full prefill")
         ids = session.tokens(context + s.suffix_tokens)
         start = time.perf_counter()
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
         point = SweepPoint(context, time.perf_counter() - start)
         for tier in session.config.tiers:
             session.step(f"TTFT sweep: {context} tokens, from {tier.name}")
@@ -306,7 +307,7 @@ def _sweep(session: _Session) -> list[SweepPoint]:
                 for _ in range(s.sweep_reps):
                     start = time.perf_counter()
                     prefix = alone.prefix(ids)
-                    model(ids[:, prefix.tokens :], past_key_values=prefix.cache)
+                    model(ids[:, prefix.tokens :], **prefix.model_kwargs())
                     times.append(time.perf_counter() - start)
                 point.ttft_tier[str(tier.name)] = statistics.median(times)
         points.append(point)

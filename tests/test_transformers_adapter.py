@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import sys
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import transformers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -20,6 +23,7 @@ from transformers import (
 
 from kvtier.core import ConfigError, MissingExtraError
 from kvtier.plugins.transformers import PrefixCache, layout_for, random_llama
+from kvtier.plugins.transformers.compat import CACHE_ARGUMENT, output_cache
 
 CHUNK = 32
 SHAPE = dict(
@@ -49,6 +53,43 @@ def no_grad():
         yield
 
 
+@pytest.fixture
+def transformers_log(caplog, monkeypatch):
+    """What transformers logs: its logger does not propagate to the root logger, and
+    it logs a ``warning_once`` message only the first time in a process."""
+    monkeypatch.setattr(logging.Logger, "warning_once", logging.Logger.warning)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_the_cache_argument_is_the_installed_releases():
+    """transformers 5.24 renamed past_key_values to cache in forward, generate and the
+    model outputs; kvtier passes the cache under the installed release's name."""
+    renamed = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24)
+    expected = "cache" if renamed else "past_key_values"
+    assert expected == CACHE_ARGUMENT
+    assert CACHE_ARGUMENT in inspect.signature(LlamaForCausalLM.forward).parameters
+
+
+@pytest.mark.filterwarnings("error")
+def test_forward_and_generate_warn_nothing(llama, transformers_log):
+    """No deprecation warning and no log message from transformers, with reuse and without."""
+    ids = prompt(100)
+    with PrefixCache.open(llama, chain(), model_id="m") as kv:
+        for _ in range(2):  # the second time reuses the first's chunks
+            out, reused = kv.forward(ids)
+            assert output_cache(out).get_seq_length() == 100
+            kv.kv.flush()
+        assert reused == 96
+        out, reused = kv.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert reused == 96 and out.shape == (1, 104)
+        prefix = kv.prefix(ids)
+        llama(ids[:, prefix.tokens :], **prefix.model_kwargs())
+    assert [r.getMessage() for r in transformers_log.records if r.levelno >= logging.WARNING] == []
+
+
 def test_layout_follows_the_model_config(llama):
     layout = layout_for(llama)
     assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (2, 2, 16)
@@ -72,7 +113,7 @@ def test_raw_reuse_gives_the_logits_of_a_full_prefill(arch, length):
     assert reused == 128  # whole chunks of the first 150 tokens
     assert out.logits.shape[1] == length - reused
     assert (out.logits - full[:, reused:]).abs().max() <= 1e-5
-    assert out.past_key_values.get_seq_length() == length
+    assert output_cache(out).get_seq_length() == length
 
 
 def test_a_fully_stored_prompt_still_computes_its_last_token(llama):
@@ -90,7 +131,7 @@ def test_a_fully_stored_prompt_still_computes_its_last_token(llama):
 def test_short_prompts_store_nothing_and_reuse_nothing(llama):
     with PrefixCache.open(llama, chain(), model_id="m") as kv:
         out, reused = kv.forward(prompt(CHUNK - 1))
-        assert reused == 0 and kv.store(prompt(CHUNK - 1), out.past_key_values) == 0
+        assert reused == 0 and kv.store(prompt(CHUNK - 1), output_cache(out)) == 0
         assert kv.prefix(prompt(1)).tokens == 0
         kv.kv.flush()
         assert kv.kv.stats().tiers[0].stored == 0
@@ -171,7 +212,7 @@ def test_a_lent_cache_is_never_overwritten(llama):
         assert first.tokens == second.tokens == 192
         assert torch.equal(first.cache.layers[0].keys, keys)
         assert not torch.equal(second.cache.layers[0].keys, keys)
-        out = llama(a[:, first.tokens :], past_key_values=first.cache)
+        out = llama(a[:, first.tokens :], **first.model_kwargs())
     assert (out.logits - llama(a).logits[:, 192:]).abs().max() <= 1e-5
 
 
@@ -191,11 +232,14 @@ def test_bad_use_is_a_clear_error(llama):
     with PrefixCache.open(llama, chain(), model_id="m") as kv:
         with pytest.raises(ConfigError, match="batch of one"):
             kv.forward(prompt(64).repeat(2, 1))
-        with pytest.raises(ConfigError, match="past_key_values"):
-            kv.forward(prompt(64), past_key_values=kv.new_cache())
+        for name in ("cache", "past_key_values"):
+            with pytest.raises(ConfigError, match=f"do not pass {name}:"):
+                kv.forward(prompt(64), **{name: kv.new_cache()})
+            with pytest.raises(ConfigError, match=f"do not pass {name}:"):
+                kv.generate(prompt(64), **{name: kv.new_cache()})
         out = llama(prompt(64))
         with pytest.raises(ConfigError, match="holds 64 tokens"):
-            kv.store(prompt(10), out.past_key_values)
+            kv.store(prompt(10), output_cache(out))
     with pytest.raises(ConfigError, match="model_id"):
         PrefixCache.open(llama, chain())
 

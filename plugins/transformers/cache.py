@@ -31,6 +31,7 @@ from kvtier.core.config import KVTierConfig
 from kvtier.core.engine import KVTier
 from kvtier.core.errors import ConfigError
 from kvtier.core.layout import KVLayout
+from kvtier.plugins.transformers.compat import CACHE_ARGUMENT
 
 
 def layout_for(model: PreTrainedModel) -> KVLayout:
@@ -67,7 +68,12 @@ class Prefix:
     tokens: int
     """Leading prompt tokens whose KV ``cache`` holds; the model computes the rest."""
     cache: DynamicCache
-    """Pass it as ``past_key_values``, with the ids from ``tokens`` on."""
+    """Pass it to the model (see :meth:`model_kwargs`) with the ids from ``tokens`` on."""
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``cache`` as the installed transformers' keyword argument (``cache``, or
+        ``past_key_values`` before 5.24): ``model(ids[:, p.tokens :], **p.model_kwargs())``."""
+        return {CACHE_ARGUMENT: self.cache}
 
 
 class PrefixCache:
@@ -197,14 +203,13 @@ class PrefixCache:
         prefix; returns ``(outputs, reused)``.
 
         ``outputs.logits`` covers the computed tokens ``input_ids[:, reused:]`` only;
-        ``outputs.past_key_values`` holds the whole prompt. ``store`` queues its KV.
+        the outputs' cache (``outputs.cache``, ``outputs.past_key_values`` before
+        transformers 5.24) holds the whole prompt. ``store`` queues its KV.
         """
         _no_cache_given(kwargs)
         ids = _one_row(input_ids)[None]
         prefix = self.prefix(ids)
-        out = self.model(
-            ids[:, prefix.tokens :], past_key_values=prefix.cache, use_cache=True, **kwargs
-        )
+        out = self.model(ids[:, prefix.tokens :], use_cache=True, **prefix.model_kwargs(), **kwargs)
         if store:
             self.store(ids, prefix.cache)
         return out, prefix.tokens
@@ -220,8 +225,9 @@ class PrefixCache:
             raise ConfigError(f"{type(self.model).__name__} cannot generate (no GenerationMixin)")
         ids = _one_row(input_ids)[None]
         prefix = self.prefix(ids)
-        # transformers types generate's self as a protocol its own models do not match
-        out = self.model.generate(ids, past_key_values=prefix.cache, **kwargs)  # type: ignore[misc]
+        # Before 5.24 transformers types generate's self as a protocol its own models do
+        # not match; from 5.24 on generate is untyped (a deprecation decorator wraps it).
+        out = self.model.generate(ids, **prefix.model_kwargs(), **kwargs)  # type: ignore[misc, unused-ignore]
         if store:
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             self.store(sequences, prefix.cache)
@@ -279,8 +285,9 @@ class PrefixCache:
 
 
 def _no_cache_given(kwargs: Mapping[str, Any]) -> None:
-    if "past_key_values" in kwargs:
-        raise ConfigError("do not pass past_key_values: PrefixCache builds the cache")
+    given = sorted({"cache", "past_key_values"} & kwargs.keys())
+    if given:
+        raise ConfigError(f"do not pass {' or '.join(given)}: PrefixCache builds the cache")
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -27,7 +27,8 @@ def random_llama(size: str = "125m", *, seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(**MODEL_SIZES[size], max_position_embeddings=16384)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        # untyped before transformers 5.24
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call, unused-ignore]
     torch.nn.Module.eval(model)  # transformers' own eval() is untyped
     return model
 
