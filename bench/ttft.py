@@ -38,7 +38,8 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from kvtier.core import load_config
-from kvtier.plugins.transformers import PrefixCache, random_llama, random_llama_id
+from kvtier.plugins.transformers import Prefix, PrefixCache, random_llama, random_llama_id
+from kvtier.plugins.transformers.compat import output_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiers import drop_page_cache
@@ -48,13 +49,13 @@ Case = Callable[[], tuple[float, float]]
 """Runs one TTFT path; returns its seconds and the part of them spent in kvtier."""
 
 
-def ideal_cache(model: LlamaForCausalLM, prefix: DynamicCache) -> DynamicCache:
+def ideal_prefix(model: LlamaForCausalLM, prefix: DynamicCache) -> Prefix:
     """A cache viewing ``prefix``'s tensors (no copy), as a serving engine holds them."""
     cache = DynamicCache(config=model.config)
     for layer, source in zip(cache.layers, prefix.layers, strict=True):
         layer.lazy_initialization(source.keys, source.values)
         layer.keys, layer.values = source.keys, source.values
-    return cache
+    return Prefix(prefix.get_seq_length(), cache)
 
 
 def tier_chains(folder: str, extra: str | None, cold: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -97,12 +98,12 @@ def run_context(
         start = time.perf_counter()
         model(ids)
         full.append(time.perf_counter() - start)
-    prefix = model(ids[:, :context]).past_key_values
-    reference = model(suffix, past_key_values=ideal_cache(model, prefix)).logits
+    prefix = output_cache(model(ids[:, :context]))
+    reference = model(suffix, **ideal_prefix(model, prefix).model_kwargs()).logits
 
     def ideal() -> tuple[float, float]:
         start = time.perf_counter()
-        model(suffix, past_key_values=ideal_cache(model, prefix))
+        model(suffix, **ideal_prefix(model, prefix).model_kwargs())
         return time.perf_counter() - start, 0.0
 
     cases: dict[str, Case] = {"ideal": ideal}
@@ -118,7 +119,7 @@ def run_context(
             got = cache.prefix(ids)
             if got.tokens != context:
                 raise SystemExit(f"{name}: retrieved {got.tokens} of {context} tokens")
-            logits = model(suffix, past_key_values=got.cache).logits
+            logits = model(suffix, **got.model_kwargs()).logits
             diffs[name] = float((logits - reference).abs().max())
             cases[name] = tier_case(model, cache, ids, cold=name == "file-cold")
         times = rounds(cases, args.reps)
@@ -135,7 +136,7 @@ def tier_case(model: LlamaForCausalLM, cache: PrefixCache, ids: torch.Tensor, co
         start = time.perf_counter()
         got = cache.prefix(ids)
         built = time.perf_counter()
-        model(ids[:, got.tokens :], past_key_values=got.cache)
+        model(ids[:, got.tokens :], **got.model_kwargs())
         return time.perf_counter() - start, built - start
 
     return run
