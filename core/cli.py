@@ -1,4 +1,6 @@
-"""The ``kvtier`` command line.
+"""The ``kvtier`` command line: the built-in commands below, and those that plugins
+give through ``kvtier_subcommands`` (``kvtier demo`` comes from
+``kvtier.plugins.transformers``).
 
 Bad arguments, URLs and configs print one line, ``kvtier: error: ...``, and exit with
 code 2; an unreachable store exits with 1. No tracebacks for either.
@@ -14,24 +16,29 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.main
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvtier.core.backend import Backend
 from kvtier.core.config import load_config, parse_size
-from kvtier.core.errors import BackendError, ConfigError, KVTierError
-from kvtier.core.plugins import get_registry
+from kvtier.core.errors import BackendError, ConfigError, KVTierError, PluginError
+from kvtier.core.plugins import PluginRegistry, get_registry
 
+COMMAND_SETTINGS: dict[str, Any] = dict(
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
+"""The settings of kvtier's typer apps: plain help text, kvtier's own error lines."""
 app = typer.Typer(
     name="kvtier",
     help="Store and reuse LLM KV caches across storage tiers.",
-    add_completion=False,
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    **COMMAND_SETTINGS,
 )
+"""The built-in commands; :func:`commands` adds the plugins' to them."""
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -92,48 +99,6 @@ async def _inspected(url: str, options: list[str] | None) -> AsyncIterator[Backe
         yield backend
     finally:
         await backend.close()
-
-
-def _token_counts(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise ConfigError(f"--contexts {text!r}: give token counts like 1024,2048,4096")
-    return counts
-
-
-@app.command()
-def demo(
-    config: Annotated[
-        Path | None, typer.Option(help="Tier-chain YAML (default: embedded).")
-    ] = None,
-    model: Annotated[
-        str, typer.Option(help="Random-weight Llama: 125m, or tiny for a quick check.")
-    ] = "125m",
-    users: Annotated[int, typer.Option(min=1, help="Chat users.")] = 3,
-    turns: Annotated[int, typer.Option(min=1, help="Chat turns per user.")] = 4,
-    contexts: Annotated[
-        str, typer.Option(help="Context lengths of the TTFT sweep, comma-separated.")
-    ] = "1024,2048,4096",
-    plot: Annotated[
-        Path, typer.Option(help="Where to write the PNG plot of TTFT vs context.")
-    ] = Path("kvtier-demo-ttft.png"),
-    seed: Annotated[int, typer.Option(help="Seed of the weights and prompts.")] = 0,
-) -> None:
-    """Run chat and RAG workloads on a real model with and without kvtier; print TTFT."""
-    from kvtier.core.demo import DemoSettings, run_demo
-
-    settings = DemoSettings(model=model, users=users, turns=turns,
-                            contexts=_token_counts(contexts), plot=plot, seed=seed)  # fmt: skip
-    result = run_demo(config, settings, console=console)
-    if result.lossless and result.mismatches:
-        _fail(
-            f"reused KV changed the next token of {len(result.mismatches)} requests, "
-            "although every tier's codec is lossless",
-            code=1,
-        )
 
 
 @app.command()
@@ -421,9 +386,29 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def commands(registry: PluginRegistry) -> TyperGroup:
+    """The ``kvtier`` command: the built-in commands and every plugin's subcommands."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    for name, spec in registry.subcommands.items():
+        if name in group.commands:
+            provider = next(p for p in registry.plugins() if f"subcommand:{name}" in p.provides)
+            raise PluginError(
+                f"plugin {provider.name!r} from {provider.distribution} {provider.version} "
+                f"gives a subcommand {name!r}, but 'kvtier {name}' is a built-in command; "
+                f"uninstall it (pip uninstall {provider.distribution})"
+            )
+        single = typer.Typer(**COMMAND_SETTINGS)
+        single.command(name=name)(spec.callback)
+        group.add_command(typer.main.get_command(single), name)
+    return group
+
+
 def _run(entry: Callable[..., Any]) -> None:
+    """Run ``entry`` (a click-style ``main``) with kvtier's error lines; exit with the
+    status a command returns."""
     try:
-        entry(standalone_mode=False, prog_name="kvtier")
+        status = entry(standalone_mode=False, prog_name="kvtier")
     except _usage_errors() as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -436,8 +421,10 @@ def _run(entry: Callable[..., Any]) -> None:
         _fail(str(exc), code=1)
     except KVTierError as exc:
         _fail(str(exc), code=2)
+    if isinstance(status, int) and status:
+        raise SystemExit(status)
 
 
 def main() -> None:
     """Console-script entry point."""
-    _run(app)
+    _run(lambda **options: commands(get_registry()).main(**options))

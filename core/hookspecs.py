@@ -16,7 +16,13 @@ import pluggy
 
 if TYPE_CHECKING:
     from kvtier.core.config import KVTierConfig
-    from kvtier.core.specs import BackendSpec, CodecSpec, EvictionPolicySpec, TierEvent
+    from kvtier.core.specs import (
+        BackendSpec,
+        CodecSpec,
+        EvictionPolicySpec,
+        SubcommandSpec,
+        TierEvent,
+    )
 
 PROJECT = "kvtier"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -59,6 +65,25 @@ def kvtier_eviction_policies() -> Iterable[EvictionPolicySpec]:  # type: ignore[
         @hookimpl
         def kvtier_eviction_policies():
             return [EvictionPolicySpec(name="fifo", cls=FIFOPolicy)]
+    """
+
+
+@hookspec
+def kvtier_subcommands() -> Iterable[SubcommandSpec]:  # type: ignore[empty-body]
+    """Return the ``kvtier`` subcommands this plugin provides.
+
+    Called each time the ``kvtier`` command starts, so keep the plugin module cheap to
+    import: heavy imports go inside the command. A name claimed twice, or the name of a
+    built-in command, is a :class:`PluginError` naming the plugins. Example::
+
+        def hello(name: Annotated[str, typer.Option(help="Whom to greet.")] = "world") -> int:
+            "Greet someone."
+            print(f"hello {name}")
+            return 0
+
+        @hookimpl
+        def kvtier_subcommands():
+            return [SubcommandSpec(name="hello", callback=hello)]
     """
 
 

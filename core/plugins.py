@@ -29,6 +29,7 @@ from kvtier.core.specs import (
     CodecSpec,
     EvictionPolicySpec,
     PluginInfo,
+    SubcommandSpec,
     TierEvent,
 )
 
@@ -47,7 +48,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 }
 """Built-in plugins by name; a config can disable them like any other plugin."""
 
-S = TypeVar("S", BackendSpec, CodecSpec, EvictionPolicySpec)
+S = TypeVar("S", BackendSpec, CodecSpec, EvictionPolicySpec, SubcommandSpec)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def closest(name: str, candidates: Iterable[str]) -> str:
 
 
 class PluginRegistry:
-    """Registered plugins and the backends, codecs and eviction policies they provide."""
+    """Registered plugins and the backends, codecs, eviction policies and ``kvtier``
+    subcommands they provide."""
 
     def __init__(self, disabled: Iterable[str] = (), *, entry_points: bool = True) -> None:
         self.disabled = frozenset(disabled)
@@ -85,6 +87,7 @@ class PluginRegistry:
         self.schemes: dict[str, BackendSpec] = {}
         self.codecs: dict[str, CodecSpec] = {}
         self.eviction_policies: dict[str, EvictionPolicySpec] = {}
+        self.subcommands: dict[str, SubcommandSpec] = {}
         self._provided_by: dict[str, list[str]] = {}
         self._spec_origin: dict[tuple[str, str], _Origin] = {}
 
@@ -168,6 +171,7 @@ class PluginRegistry:
         self._collect("kvtier_backends", BackendSpec, self.backends)
         self._collect("kvtier_codecs", CodecSpec, self.codecs)
         self._collect("kvtier_eviction_policies", EvictionPolicySpec, self.eviction_policies)
+        self._collect("kvtier_subcommands", SubcommandSpec, self.subcommands)
 
     def backend_for_url(self, url: str) -> BackendSpec:
         """The backend registered for ``url``'s scheme; :class:`ConfigError` if none."""

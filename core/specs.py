@@ -115,6 +115,27 @@ class EvictionPolicySpec(_ClassSpec):
         return cast("type[EvictionPolicy]", self._load(self.cls))
 
 
+@dataclass(frozen=True, kw_only=True)
+class SubcommandSpec:
+    """A ``kvtier`` subcommand, run as ``kvtier NAME``.
+
+    ``callback`` is a typer command: its parameters, annotated with ``typer.Option``
+    and ``typer.Argument``, become the command's options and arguments, and its
+    docstring the command's help. It returns ``None`` or an exit status. The CLI
+    imports every plugin module each time it starts, so import heavy dependencies
+    inside ``callback``, when the command runs. Raise :class:`ConfigError` for bad
+    input and :class:`MissingExtraError` for a missing optional dependency: either is
+    printed as one line, ``kvtier: error: ...``, with exit status 2.
+
+    Example::
+
+        SubcommandSpec(name="demo", callback=demo)
+    """
+
+    name: str
+    callback: Callable[..., int | None]
+
+
 class EventKind(str, enum.Enum):
     """What happened to a batch of chunks in one tier."""
 

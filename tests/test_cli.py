@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ import torch
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.cli import main
+from kvtier.core.plugins import get_registry
+
+KVTIER = Path(sys.executable).with_name("kvtier")
+"""The console script, installed beside this interpreter."""
 
 
 def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -89,22 +94,30 @@ def test_bad_arguments_give_one_line_and_exit_2(monkeypatch, capsys, args, messa
     assert "Traceback" not in err + out
 
 
-def test_demo_runs_on_the_default_chain(monkeypatch, capsys, tmp_path):
+def test_demo_runs_on_the_default_chain(tmp_path):
+    """``kvtier demo`` as a user runs it: the console script, in a new process (where
+    transformers would log its once-per-process messages), prints no warning."""
     pytest.importorskip("transformers")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     plot = tmp_path / "ttft.png"
     args = ("--model", "tiny", "--users", "2", "--turns", "2", "--contexts", "256", "--plot")
-    code, out, err = run(monkeypatch, capsys, "demo", *args, str(plot))
-    assert code == 0, err
+    result = subprocess.run(
+        [str(KVTIER), "demo", *args, str(plot)],
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")  # no warnings, no traceback
+    out = result.stdout
     for text in ("user 2 turn 2", "RAG, documents in the same order", "changed order",
-                 "TTFT vs context", "hit rate", f"written to {plot}"):  # fmt: skip
+                 "TTFT vs context", "hit rate", "written to"):  # fmt: skip
         assert text in out
+    assert str(plot) in out.replace("\n", "")  # rich may wrap the path
     assert " NO " not in out  # every request's next token matched the full prefill's
     assert (tmp_path / "kvtier" / "chunks").is_dir() and plot.is_file()
 
 
-def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+@pytest.mark.parametrize("missing", ["transformers", "matplotlib"])
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it fails
     code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny")
     assert code == 2 and out == ""
     assert err == (
@@ -140,9 +153,83 @@ def test_check_backend_runs_the_conformance_suite(monkeypatch, capsys):
 
 
 def test_console_script_exit_code():
-    script = Path(sys.executable).with_name("kvtier")  # installed beside this interpreter
     result = subprocess.run(
-        [str(script), "ls", "s4://bucket"], capture_output=True, text=True, check=False
+        [str(KVTIER), "ls", "s4://bucket"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 2
     assert result.stderr.startswith("kvtier: error: no backend handles URL scheme 's4'")
+
+
+HELLO_PLUGIN = """
+    from typing import Annotated
+
+    import typer
+
+    from kvtier.core import ConfigError, hookimpl
+    from kvtier.core.specs import SubcommandSpec
+
+    def hello(
+        name: Annotated[str, typer.Option(help="Whom to greet.")] = "world",
+        status: Annotated[int, typer.Option(help="Exit status.")] = 0,
+    ) -> int:
+        "Greet someone."
+        if not name:
+            raise ConfigError("--name must not be empty")
+        print(f"hello {name}")
+        return status
+
+    @hookimpl
+    def kvtier_subcommands():
+        return [SubcommandSpec(name="hello", callback=hello)]
+"""
+
+
+@pytest.fixture
+def fresh_registry():
+    """The process's plugin registry, built again in this test (to see the fake
+    distributions it installs) and forgotten after it."""
+    get_registry.cache_clear()
+    yield
+    get_registry.cache_clear()
+
+
+def test_plugins_add_subcommands(monkeypatch, capsys, fake_dist, fresh_registry):
+    fake_dist("kvtier-hello", {"hello": "hello_plugin"}, {"hello_plugin": HELLO_PLUGIN})
+
+    def kvtier(*args: str) -> tuple[int, str, str]:
+        return run(monkeypatch, capsys, *args)
+
+    assert kvtier("hello", "--name", "kv") == (0, "hello kv\n", "")
+    assert kvtier("hello", "--status", "3") == (3, "hello world\n", "")
+    assert kvtier("hello", "--name", "") == (2, "", "kvtier: error: --name must not be empty\n")
+    code, out, _ = kvtier("--help")
+    assert code == 0 and "Greet someone." in out and "Copy chunks between stores" in out
+    code, out, _ = kvtier("hello", "--help")
+    assert code == 0 and "Whom to greet." in out
+    code, out, err = kvtier("hello", "--nmae", "x")
+    assert code == 2 and err.startswith("kvtier: error: No such option: --nmae")
+    code, out, _ = kvtier("plugins")
+    assert "subcommand:hello" in out and "kvtier_subcommands" in out
+
+
+def test_a_plugin_cannot_replace_a_builtin_command(monkeypatch, capsys, fake_dist, fresh_registry):
+    source = HELLO_PLUGIN.replace('name="hello"', 'name="ls"')
+    fake_dist("kvtier-evil", {"evil": "evil_plugin"}, {"evil_plugin": source})
+    code, out, err = run(monkeypatch, capsys, "ls", "cpu://")
+    assert code == 2 and out == ""
+    assert err.startswith("kvtier: error: plugin 'evil' from kvtier-evil 1.0 gives a subcommand")
+    assert "'kvtier ls' is a built-in command" in err and "pip uninstall kvtier-evil" in err
+
+
+def test_starting_the_cli_imports_neither_transformers_nor_the_demo():
+    """The CLI imports every plugin module each time it starts: kvtier demo's stays cheap."""
+    heavy = {"transformers", "matplotlib", "kvtier.plugins.transformers.demo"}
+    code = (
+        "import sys; from kvtier.core.cli import commands; from kvtier.core.plugins import "
+        "get_registry; assert 'demo' in commands(get_registry()).commands; "
+        f"print(sorted({heavy!r} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from kvtier.core import ConfigError, MissingExtraError
-from kvtier.core.demo import DemoSettings, run_demo
+from kvtier.plugins.transformers.demo import DemoSettings, run_demo
 
 
 def tiny(tmp_path, **overrides) -> DemoSettings:
@@ -19,6 +19,7 @@ def tiny(tmp_path, **overrides) -> DemoSettings:
     return DemoSettings(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("error")  # transformers' deprecations included
 def test_demo_on_the_default_chain(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     console = Console(record=True, width=200)

@@ -1,9 +1,13 @@
 """The plugin manager: built-ins, entry points, conflicts, broken plugins, every hook."""
 
+import ast
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
+import kvtier.core
 from kvtier.core import hookspecs
 from kvtier.core.errors import ConfigError, PluginError
 from kvtier.core.plugins import BUILTIN_PLUGINS, PluginRegistry
@@ -133,6 +137,39 @@ def test_plugin_with_unknown_hook_fails_check_pending(fake_dist):
         PluginRegistry()
 
 
+SUBCOMMAND_PLUGIN = """
+    from kvtier.core import hookimpl
+    from kvtier.core.specs import SubcommandSpec
+
+    def hello() -> None:
+        "Greet."
+
+    @hookimpl
+    def kvtier_subcommands():
+        return [SubcommandSpec(name="hello", callback=hello)]
+"""
+
+
+def test_subcommands_are_collected_and_claimed_once(fake_dist):
+    fake_dist("dist-one", {"one": "sub_one"}, {"sub_one": SUBCOMMAND_PLUGIN})
+    registry = PluginRegistry()
+    assert registry.subcommands["hello"].callback.__doc__ == "Greet."
+    info = next(i for i in registry.plugins() if i.name == "one")
+    assert info.provides == ("subcommand:hello",) and info.hooks == ("kvtier_subcommands",)
+    fake_dist("dist-two", {"two": "sub_two"}, {"sub_two": SUBCOMMAND_PLUGIN})
+    with pytest.raises(PluginError, match="subcommand name 'hello' is claimed twice") as raised:
+        PluginRegistry()
+    assert "from dist-one 1.0" in str(raised.value) and "from dist-two 1.0" in str(raised.value)
+
+
+def test_the_transformers_plugin_gives_kvtier_demo_through_its_entry_point():
+    registry = PluginRegistry()
+    info = next(i for i in registry.plugins() if i.name == "transformers")
+    assert (info.distribution, info.provides) == ("kvtier", ("subcommand:demo",))
+    assert registry.subcommands["demo"].callback.__module__ == "kvtier.plugins.transformers.plugin"
+    assert "demo" not in PluginRegistry(entry_points=False).subcommands
+
+
 def test_builtins_can_be_disabled():
     registry = PluginRegistry(disabled=["file"], entry_points=False)
     with pytest.raises(ConfigError, match="no backend handles URL scheme 'file'"):
@@ -172,6 +209,7 @@ def test_every_hook_is_documented_with_an_example():
         "kvtier_eviction_policies",
         "kvtier_configure",
         "kvtier_tier_event",
+        "kvtier_subcommands",
     }
     for hook in hooks:
         assert hook.__doc__ and "Example::" in hook.__doc__, hook.__name__
@@ -241,3 +279,64 @@ def test_third_party_codec_and_eviction_policy_work_in_a_tier(fake_dist):
         cache.flush()
         present = cache._io.run(backend.contains_many(keys))
         assert present == [False, True, True, True], "fifo evicts the oldest, not the LRU"
+
+
+MODULE_REF = r"kvtier(\.\w+)+(:\w+)?"
+"""A string naming a module, or a class in one, for a dynamic import."""
+
+
+def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
+    """Every module that ``path`` (a module of ``package``) names in an import statement,
+    anywhere in it (function bodies and ``TYPE_CHECKING`` blocks included), relative
+    imports resolved, and every string constant that names a module for a dynamic
+    import (``"pkg.mod"`` or ``"pkg.mod:Class"``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[: len(package.split(".")) + 1 - node.level]
+            module = ".".join([*(parts if node.level else []), *filter(None, [node.module])])
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Constant) and re.fullmatch(MODULE_REF, str(node.value)):
+            found.append((node.lineno, str(node.value).partition(":")[0]))
+    return found
+
+
+def test_core_never_imports_plugins():
+    """kvtier.core is the bottom layer: integrations (kvtier.plugins) build on it, and
+    it reaches them only through hooks and entry points, never by importing them."""
+    core = Path(kvtier.core.__file__).parent
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        parts = path.relative_to(core).with_suffix("").parts
+        package = ".".join(["kvtier.core", *parts[:-1]])
+        for line, module in _imported_modules(path, package):
+            if module == "kvtier.plugins" or module.startswith("kvtier.plugins."):
+                offenders.append(f"core/{path.relative_to(core)}:{line} imports {module}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_import_scan_sees_every_kind_of_import(tmp_path):
+    """The layering test would catch each way a core module could import a plugin."""
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "import kvtier.plugins.vllm\n"
+        "if TYPE_CHECKING:\n"
+        "    from kvtier.plugins import transformers\n"
+        "def f():\n"
+        "    from ...plugins.transformers import cache\n"
+        "    from ... import plugins\n"
+        "    from .. import plugins as core_plugins\n"
+        "SPEC = 'kvtier.plugins.transformers.plugin:demo'\n"
+    )
+    found = {module for _, module in _imported_modules(source, "kvtier.core.testing")}
+    assert "kvtier.core.plugins" in found  # core's own plugin manager, not kvtier.plugins
+    assert {
+        "kvtier.plugins.vllm",
+        "kvtier.plugins.transformers",
+        "kvtier.plugins.transformers.cache",
+        "kvtier.plugins",
+        "kvtier.plugins.transformers.plugin",
+    } <= found

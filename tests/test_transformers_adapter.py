@@ -256,5 +256,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
         if name == "transformers" or name.startswith(("transformers.", "kvtier.plugins.transf")):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    import kvtier.plugins.transformers.plugin  # noqa: F401  (the CLI's plugin needs none)
+
     with pytest.raises(MissingExtraError, match=r"pip install 'kvtier\[demo\]'"):
-        import kvtier.plugins.transformers  # noqa: F401
+        from kvtier.plugins.transformers import PrefixCache  # noqa: F401

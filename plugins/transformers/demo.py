@@ -27,22 +27,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from transformers import DynamicCache, LlamaForCausalLM
 
 from kvtier.core.config import KVTierConfig, load_config
-from kvtier.core.errors import ConfigError, MissingExtraError
+from kvtier.core.errors import ConfigError
 from kvtier.core.tier import TierStats
-
-if TYPE_CHECKING:
-    from transformers import DynamicCache, LlamaForCausalLM
-
-    from kvtier.plugins.transformers import Prefix, PrefixCache
+from kvtier.plugins.transformers import require_extra
+from kvtier.plugins.transformers.cache import Prefix, PrefixCache
+from kvtier.plugins.transformers.compat import output_cache
+from kvtier.plugins.transformers.models import random_llama, random_llama_id
 
 LOSSLESS_CODECS = frozenset({"raw", "shuffle", "zstd"})
 """Codec stages that give back the stored bytes exactly: reuse must not change a token."""
@@ -139,23 +139,12 @@ class DemoResult:
         return [r for r in self.requests if not r.same_token]
 
 
-def require_extras() -> None:
-    """Raise :class:`MissingExtraError` unless transformers and matplotlib import."""
-    try:
-        import matplotlib  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise MissingExtraError("kvtier demo", "demo") from None
-
-
 class _Session:
     """The model, the tier chain and the measurements of one demo run."""
 
     def __init__(
         self, config: KVTierConfig, settings: DemoSettings, console: Console, progress: Progress
     ) -> None:
-        from kvtier.plugins.transformers import random_llama
-
         self.config = config
         self.settings = settings
         self.console = console
@@ -169,8 +158,6 @@ class _Session:
         self.cache = self._open(config)
 
     def _open(self, config: KVTierConfig) -> PrefixCache:
-        from kvtier.plugins.transformers import PrefixCache, random_llama_id
-
         model_id = random_llama_id(self.settings.model, self.settings.seed)
         return PrefixCache.open(self.model, config, model_id=model_id)
 
@@ -281,9 +268,6 @@ def _rag(session: _Session) -> None:
 def _sweep(session: _Session) -> list[SweepPoint]:
     """TTFT of a context plus a suffix: a full prefill, then reusing the context from
     each tier alone (a one-tier chain of that tier, so it must serve every chunk)."""
-    from kvtier.plugins.transformers import PrefixCache, random_llama_id
-    from kvtier.plugins.transformers.compat import output_cache
-
     s = session.settings
     model = session.model
     model_id = random_llama_id(s.model, s.seed)
@@ -391,7 +375,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo's workloads on the tier chain of ``config`` (``None``: the embedded
     default) and print what happened; return the measurements."""
-    require_extras()
+    require_extra("kvtier demo", "transformers", "matplotlib")
     settings = settings or DemoSettings()
     console = console or Console()
     cfg = load_config(config)
