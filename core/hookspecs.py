@@ -72,9 +72,10 @@ def kvtier_eviction_policies() -> Iterable[EvictionPolicySpec]:  # type: ignore[
 def kvtier_subcommands() -> Iterable[SubcommandSpec]:  # type: ignore[empty-body]
     """Return the ``kvtier`` subcommands this plugin provides.
 
-    Called each time the ``kvtier`` command starts, so keep the plugin module cheap to
-    import: heavy imports go inside the command. A name claimed twice, or the name of a
-    built-in command, is a :class:`PluginError` naming the plugins. Example::
+    Collected with the other specs whenever a plugin registry is built, which the
+    ``kvtier`` command does each time it starts: keep the plugin module cheap to import
+    and import heavy dependencies inside the command. A name claimed twice, or the name
+    of a built-in command, is a :class:`PluginError` naming the plugins. Example::
 
         def hello(name: Annotated[str, typer.Option(help="Whom to greet.")] = "world") -> int:
             "Greet someone."
