@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from kvtier.core.hookspecs import hookimpl
     from kvtier.core.keys import ChunkKey
     from kvtier.core.layout import KVLayout
-    from kvtier.core.specs import BackendSpec, CodecSpec, EventKind, EvictionPolicySpec, TierEvent
+    from kvtier.core.specs import (
+        BackendSpec,
+        CodecSpec,
+        EventKind,
+        EvictionPolicySpec,
+        SubcommandSpec,
+        TierEvent,
+    )
 
 _EXPORTS = {
     "Backend": "backend", "BackendStats": "backend", "Capabilities": "backend",
@@ -43,7 +50,7 @@ _EXPORTS = {
     "ChunkKey": "keys",
     "KVLayout": "layout",
     "BackendSpec": "specs", "CodecSpec": "specs", "EventKind": "specs",
-    "EvictionPolicySpec": "specs", "TierEvent": "specs",
+    "EvictionPolicySpec": "specs", "SubcommandSpec": "specs", "TierEvent": "specs",
 }  # fmt: skip
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "MissingExtraError",
     "PluginError",
     "PutMode",
+    "SubcommandSpec",
     "TierConfig",
     "TierEvent",
     "hookimpl",
