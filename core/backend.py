@@ -133,23 +133,22 @@ class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend
         await self._open()
 
     async def close(self) -> None:
-        """Release connections, memory and threads (:meth:`_close`, once); later calls
-        raise ``BackendUnavailableError``."""
+        """Wait for the blocking calls in flight, then release connections and memory
+        (:meth:`_close`, once); later calls raise ``BackendUnavailableError``."""
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._close()
-        finally:
-            workers, self.workers = self.workers, None
-            if workers is not None:
-                await workers.shutdown()
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            await workers.shutdown()
+        await self._close()
 
     async def _open(self) -> None:  # noqa: B027 - a no-op default, not abstract
         """Backend-specific :meth:`open`; called again after a failed open."""
 
     async def _close(self) -> None:  # noqa: B027 - a no-op default, not abstract
-        """Backend-specific :meth:`close`; runs once, before the workers stop."""
+        """Backend-specific :meth:`close`; runs once, after the workers have stopped (no
+        blocking call of this backend is running any more)."""
 
     def _check_open(self) -> None:
         if self._closed:

@@ -56,7 +56,8 @@ class BlockingPool:
         cancelled, the call still finishes and ``orphan`` receives its result."""
         future = self.submit(call)
         try:
-            return await asyncio.wrap_future(future)
+            # Shielded: cancelling the awaiting task must not cancel a call still queued.
+            return await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
             if orphan is not None:
                 future.add_done_callback(lambda f: _hand_over(f, orphan))

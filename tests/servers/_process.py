@@ -22,7 +22,7 @@ def require(module: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        message = f"{module} is not installed: pip install {install} ({exc})"
+        message = f"{module} cannot be imported ({exc}): pip install {install}"
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(message)
         pytest.skip(message)
