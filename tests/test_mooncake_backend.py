@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
@@ -185,6 +186,32 @@ def test_reads_land_in_registered_pool_memory(store: MooncakeStore) -> None:
         run(backend.close)
     assert client.address(early) is None, "close() left the pool's memory registered"
     early.release()
+
+
+def test_a_put_cancelled_before_it_ran_lets_go_of_its_buffers(store: MooncakeStore) -> None:
+    backend = opened(store, threads=1)
+    gate = threading.Event()
+    k, blob = key(), backend.pool.copy_of(b"q" * 10_000)
+
+    async def body() -> None:
+        assert backend.workers is not None
+        busy = backend.workers.submit(gate.wait)  # the only worker thread
+        put = asyncio.ensure_future(backend.put_many([(k, blob)]))
+        while blob.refcount == 1:  # until put_many lent the blob to its queued call
+            await asyncio.sleep(0)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        assert blob.refcount == 1, "a put cancelled in the queue kept a reference"
+        gate.set()
+        await asyncio.wrap_future(busy)
+        assert await backend.contains_many([k]) == [False], "a cancelled put still ran"
+
+    try:
+        run(body)
+    finally:
+        gate.set()
+        run(backend.close)
 
 
 def test_buffers_outside_the_pool_are_stored(backend: Backend) -> None:

@@ -56,18 +56,8 @@ class Writer:
         names = [name for name, _ in objects]
         sizes = [buf.nbytes for _, buf in objects]
         with self._staged(objects) as addresses:
-            codes = retry_busy(
-                lambda todo: store.batch_upsert_from(
-                    [names[i] for i in todo],
-                    [addresses[i] for i in todo],
-                    [sizes[i] for i in todo],
-                    self._o.config,
-                ),
-                len(objects),
-            )
-        stored = self._written("put", names, codes)
-        self._finish(store, items, stored)
-        return stored
+            codes = self._upsert(store, names, addresses, sizes)
+        return self._finish(store, items, self._written("put", names, codes))
 
     def create(self, items: Items) -> list[bool]:
         """Store each blob whose key holds none (``False`` for the others)."""
@@ -82,10 +72,10 @@ class Writer:
         go = [i for i, ok in enumerate(self._written("create", names, codes)) if ok]
         stored = [False] * len(items)
         if go:
-            filled = self._fill([items[i] for i in go], [objects[i] for i in go], store)
-            for i, ok in zip(go, filled, strict=True):
+            reserved = [items[i] for i in go]
+            filled = self._fill(reserved, [objects[i] for i in go], store)
+            for i, ok in zip(go, self._finish(store, reserved, filled), strict=True):
                 stored[i] = ok
-        self._finish(store, items, stored)
         return stored
 
     def delete(self, keys: list[str]) -> list[bool]:
@@ -112,9 +102,9 @@ class Writer:
             moved = [count == size for count, size in zip(counts, sizes, strict=True)]
             if not all(moved):
                 check_reachable("create", counts)
-                log.warning("mooncake: transferring %d new keys failed: %s", moved.count(False),
-                            counts)  # fmt: skip
-                self._o.counters.add(key_errors=moved.count(False))
+                failures = moved.count(False)
+                log.warning("mooncake: transferring %d new keys failed: %s", failures, counts)
+                self._o.counters.add(key_errors=failures)
         finally:
             failed = [name for name, ok in zip(names, moved, strict=True) if not ok]
             if failed:
@@ -129,29 +119,40 @@ class Writer:
         if others:
             self._remove(store, others)
 
-    def _finish(self, store: Any, items: Items, stored: list[bool]) -> None:
+    def _finish(self, store: Any, items: Items, stored: list[bool]) -> list[bool]:
         """After the objects were written: write the markers of tiny blobs (where that
-        fails, the object goes too and the write fails) and remember the sizes."""
+        fails, the object goes too, and so does the write) and remember the sizes;
+        whether each blob was written."""
         tiny = [i for i, (_, buf) in enumerate(items) if stored[i] and buf.nbytes <= TINY]
         if tiny:
             names = [marker(items[i][0], items[i][1].nbytes) for i in tiny]
-            address = address_of(self._o.filler.block)
-            codes = retry_busy(
-                lambda todo: store.batch_upsert_from(
-                    [names[i] for i in todo], [address] * len(todo), [TINY] * len(todo),
-                    self._o.config,
-                ),
-                len(names),
-            )  # fmt: skip
+            filler = [address_of(self._o.filler.block)] * len(names)
+            codes = self._upsert(store, names, filler, [TINY] * len(names))
             marked = self._written("put", names, codes)
             unmarked = [items[i][0] for i, ok in zip(tiny, marked, strict=True) if not ok]
             if unmarked:  # a one-byte object without its marker would be a miss
                 self._remove(store, unmarked)
+            stored = list(stored)
             for i, ok in zip(tiny, marked, strict=True):
                 stored[i] = ok
-        written = [(key, buf) for (key, buf), ok in zip(items, stored, strict=True) if ok]
-        self._o.sizes.remember({key: max(buf.nbytes, TINY) for key, buf in written})
-        self._o.sizes.forget(key for (key, _), ok in zip(items, stored, strict=True) if not ok)
+        outcome = list(zip(items, stored, strict=True))
+        self._o.sizes.remember({key: max(buf.nbytes, TINY) for (key, buf), ok in outcome if ok})
+        self._o.sizes.forget(key for (key, _), ok in outcome if not ok)
+        return stored
+
+    def _upsert(
+        self, store: Any, names: list[str], addresses: list[int], sizes: list[int]
+    ) -> list[int]:
+        """Codes of upserting each object from registered memory, retrying busy keys."""
+        return retry_busy(
+            lambda todo: store.batch_upsert_from(
+                [names[i] for i in todo],
+                [addresses[i] for i in todo],
+                [sizes[i] for i in todo],
+                self._o.config,
+            ),
+            len(names),
+        )
 
     @contextlib.contextmanager
     def _staged(self, objects: list[tuple[str, Buffer]]) -> Iterator[list[int]]:
