@@ -16,8 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from servers._process import require
-from servers.mooncake import MooncakeStore
+from servers.mooncake import MooncakeStore, require_client
 
 from kvtier.backends.mooncake import MooncakeOptions, parse_mooncake_url
 from kvtier.core import BufferPool, KVLayout, KVTier, PutMode
@@ -498,7 +497,7 @@ def test_default_master_port_and_options() -> None:
 
 
 def test_options_become_the_clients_replicate_config() -> None:
-    require("mooncake.store", "kvtier[mooncake]")  # builds Mooncake's own config type
+    require_client()  # builds Mooncake's own config type
     backend = build_backend(
         "mooncake://10.1.2.3",
         options={"metadata_server": "P2PHANDSHAKE", "soft_pin": True, "soft_pin_ttl": 2.5},
