@@ -9,10 +9,12 @@ batches at a time) and through the raw calls the tier builds on, on the same byt
 same client and the same concurrency: ``batch_put_from`` from the same registered
 buffers and ``batch_get_into`` into preallocated registered buffers of known sizes.
 
-* ``put``: before each timed run the keys are removed (untimed), so both write new keys.
+* ``put``: before each timed run the keys are removed (untimed), so both write new keys;
+  the tier upserts (``OVERWRITE``).
+* ``create``: the same with ``PutMode.CREATE`` (put sessions), as the tier chain writes.
 * ``get``: sizes remembered by the tier (it wrote or read the keys before).
-* ``get cold``: a new backend that never saw the keys asks their sizes from the master,
-  once per batch.
+* ``get cold``: a new backend that never saw the keys asks the sizes of its first batch
+  from the master and guesses the others' from them.
 * ``get+decode``: ``get_many`` then ``decode_blob`` into KV tensors (header, xxh3
   checksum, copy): the whole get path kvtier adds on top of the raw read.
 * ``decode``: that decode alone, against copying the same payload bytes into the same
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
-from kvtier.core.backend import Backend
+from kvtier.core.backend import Backend, PutMode
 from kvtier.core.blob import CodecPipeline, decode_blob
 from kvtier.core.buffers import Buffer, BufferPool, address_of
 from kvtier.core.factory import build_backend
@@ -83,7 +85,7 @@ class Row:
 
     @property
     def target(self) -> float | None:
-        return TARGET if self.op in ("put", "get") else None
+        return TARGET if self.op in ("put", "create", "get") else None
 
 
 def free_port() -> int:
@@ -228,9 +230,10 @@ class Case:
 
     # -- the operations ---------------------------------------------------------------
 
-    async def tier_put(self) -> None:
+    async def tier_put(self, mode: PutMode = PutMode.OVERWRITE) -> None:
         async def put(batch: Items) -> None:
-            assert all(await self.backend.put_many(batch)), "a benchmark write was refused"
+            stored = await self.backend.put_many(batch, mode)
+            assert all(stored), "a benchmark write was refused"
 
         await self.each_batch(put)
 
@@ -315,6 +318,8 @@ async def run_case(
     put = Measured(case.tier_put, before=case.remove)
     raw_put = Measured(case.raw_put, before=case.remove)
     add("put", await compare(nbytes, args.reps, put, raw_put), "batch_put_from")
+    create = Measured(partial(case.tier_put, PutMode.CREATE), before=case.remove)
+    add("create", await compare(nbytes, args.reps, create, raw_put), "batch_put_from")
     await case.tier_put()
     raw_get = Measured(case.raw_get)
     get = Measured(case.tier_get, after=case.release)
