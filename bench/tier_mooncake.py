@@ -48,8 +48,9 @@ import torch
 from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.blob import CodecPipeline, decode_blob
+from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool, address_of
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
@@ -180,7 +181,7 @@ def kv_blobs(shape: tuple[int, ...], count: int, pool: BufferPool, tag: str) -> 
     for i in range(count):
         key = f"bench-{tag}.{i:032x}"
         chunk = torch.randn(shape, generator=torch.Generator().manual_seed(i)).half()
-        items.append((key, pipeline.encode(key, chunk, pool)))
+        items.append((key, pipeline.encode(key, chunk, pool).buf))
     return items
 
 

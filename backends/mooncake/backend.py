@@ -123,10 +123,8 @@ class MooncakeBackend(Backend):
         self._objects = objects
 
     async def _close(self) -> None:
-        """Wait for calls in flight, deregister the pool's memory and leave the client
-        (closing it if this was its last backend)."""
-        if self.workers is not None:
-            await self.workers.shutdown()
+        """Deregister the pool's memory and leave the client (closing it if this was its
+        last backend); no call is in flight any more."""
         await asyncio.to_thread(self._detach)
 
     def _detach(self) -> None:

@@ -141,13 +141,9 @@ class NixlBackend(Backend):
 
     async def _close(self) -> None:
         """Withdraw from the index (best effort: entries expire anyway), release every
-        stored buffer, wait for reads still running, deregister the pool and drop
-        the agent."""
+        stored buffer, deregister the pool and drop the agent (no read is running)."""
         await self._publisher.close()
         self.store.clear()
-        workers, self.workers = self.workers, None  # stopped here, before the agent goes
-        if workers is not None:
-            await workers.shutdown()
         agent, self._agent = self._agent, None
         if agent is not None:
             await asyncio.to_thread(_close_agent, self.pool, agent)
