@@ -312,7 +312,7 @@ class PageCache:
 
 def kvtier_revision() -> str:
     """Where the imported kvtier comes from, and its git commit if it is a checkout."""
-    source = Path(next(iter(kvtier.core.__path__))).parent
+    source = Path(next(iter(kvtier.core.__path__))).resolve().parent
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True)
