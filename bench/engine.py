@@ -15,8 +15,9 @@ chunks of 256 tokens) goes through the public API, with ``torch.set_num_threads(
 * ``retrieve`` of the prompt stored last from that ``cpu`` tier into a preallocated
   tensor, against copying the chunk buffers into the same tensor;
 * ``lookup`` of a long prompt (``--lookup-tokens``, every chunk held by a ``cpu`` tier;
-  a small KV shape, since no data moves), in microseconds per chunk: the issue's
-  target is 3.5 us;
+  a small KV shape, since no data moves), its tokens given as a torch tensor and as a
+  list of ints (as vLLM holds them), in microseconds per chunk: the issue's target is
+  3.5 us;
 * ``retrieve`` from a ``file`` tier (``o_direct`` true, then false) by a ``KVTier``
   opened anew (as after a restart; opening is untimed), page cache dropped before each
   run (root; else the row says WARM), against reading the same chunk files with
@@ -49,6 +50,7 @@ import torch
 
 import kvtier.core
 from kvtier.core import KVLayout, KVTier
+from kvtier.core.keys import Tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiers import drop_page_cache, write_json
@@ -59,6 +61,12 @@ LOOKUP_LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=64, dtype=torch.
 """Lookups move no data: a small shape keeps a 64k-token prompt at 32 MiB."""
 LOOKUP_CALLS = 10
 """Lookups per timed run (one takes about a millisecond)."""
+TOKEN_FORMS: dict[str, Callable[[torch.Tensor], Tokens]] = {
+    "a tensor": lambda tokens: tokens,
+    "a list": lambda tokens: tokens.tolist(),
+}
+"""How a prompt's tokens reach lookup (vLLM holds them as a list of ints); the cost of
+turning them into keys differs by form, for kvtier and for LMCache."""
 TARGETS = {
     ("store + flush into cpu", "plain"): 0.8,
     ("store + flush into cpu", "peer"): 1.0,
@@ -461,11 +469,33 @@ def repeat(call: Callable[[], object], times: int = LOOKUP_CALLS) -> Timed:
     return Timed(run)
 
 
-def lookup_check(kt: KVTier, tokens: torch.Tensor) -> Callable[[], None]:
+def lookup_check(kt: KVTier, tokens: Tokens) -> Callable[[], None]:
     def call() -> None:
         assert kt.lookup(tokens) == len(tokens)
 
     return call
+
+
+def lookup_cases(
+    kt: KVTier,
+    long: torch.Tensor,
+    reps: int,
+    others: Mapping[str, Callable[[Tokens], Contender]] | None = None,
+) -> list[Case]:
+    """``KVTier.lookup`` of ``long`` (all cached in ``kt``), with the tokens in each of
+    :data:`TOKEN_FORMS`, beside the contenders ``others`` make for the same tokens."""
+    cases = []
+    note = f"{len(long)} tokens, all cached, {LOOKUP_CALLS} calls a run"
+    chunks = LOOKUP_CALLS * (len(long) // CHUNK)
+    for form, convert in TOKEN_FORMS.items():
+        tokens = convert(long)
+        contenders = {
+            "kvtier": Contender("kvtier", "KVTier.lookup", repeat(lookup_check(kt, tokens)))
+        }
+        contenders.update({name: make(tokens) for name, make in (others or {}).items()})
+        name = f"lookup, tokens as {form}"
+        cases.append(Case.measure(name, reps, contenders, chunks=chunks, note=note))
+    return cases
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -505,10 +535,7 @@ def run(folder: str, tokens: int, reps: int, lookup_tokens: int) -> list[Case]:
 
     long = prompt(lookup_tokens, 7)
     with lookup_tier(long) as kt:
-        looked = Contender("kvtier", "KVTier.lookup", repeat(lookup_check(kt, long)))
-        note = f"{lookup_tokens} tokens, all cached, {LOOKUP_CALLS} calls a run"
-        chunks = LOOKUP_CALLS * (lookup_tokens // CHUNK)
-        cases.append(Case.measure("lookup", reps, {"kvtier": looked}, chunks=chunks, note=note))
+        cases += lookup_cases(kt, long, reps)
 
     cache = PageCache()
     for direct in (True, False):

