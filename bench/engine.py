@@ -558,8 +558,11 @@ def arguments(doc: str | None, *, reps: int, tokens: int) -> argparse.ArgumentPa
     return parser
 
 
-def report(title: str, cases: list[Case], args: argparse.Namespace, **meta: Any) -> None:
-    """Print ``title`` and the table; write the JSON if ``--json`` asked for it."""
+def report(
+    title: str, cases: list[Case], args: argparse.Namespace, revision: str, **meta: Any
+) -> None:
+    """Print ``title`` and the table; write the JSON if ``--json`` asked for it, with
+    ``revision``, the :func:`kvtier_revision` taken when the run began."""
     mib = args.tokens * LAYOUT.bytes_per_token() / 2**20
     print(f"{title}; {args.tokens} tokens of Llama-3-8B-shaped KV ({mib:.0f} MiB); "
           f"medians [min-max] of {args.reps} rounds; torch threads 1")  # fmt: skip
@@ -572,7 +575,7 @@ def report(title: str, cases: list[Case], args: argparse.Namespace, **meta: Any)
             reps=args.reps,
             lookup_tokens=args.lookup_tokens,
             torch_threads=torch.get_num_threads(),
-            kvtier=kvtier_revision(),
+            kvtier=revision,
             **meta,
         )
 
@@ -580,9 +583,10 @@ def report(title: str, cases: list[Case], args: argparse.Namespace, **meta: Any)
 def main(argv: list[str]) -> int:
     args = arguments(__doc__, reps=5, tokens=2048).parse_args(argv)
     torch.set_num_threads(1)
+    revision = kvtier_revision()
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-", dir=args.dir) as folder:
         cases = run(folder, args.tokens, args.reps, args.lookup_tokens)
-    report("KVTier", cases, args)
+    report("KVTier", cases, args, revision)
     return 0
 
 

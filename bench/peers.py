@@ -117,6 +117,7 @@ from engine import (
     copy_from_chunks,
     copy_to_chunks,
     kvtier_retrieve,
+    kvtier_revision,
     kvtier_store,
     lookup_cases,
     lookup_tier,
@@ -510,12 +511,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     faulthandler.dump_traceback_later(args.watchdog, exit=True)
     torch.set_num_threads(1)
+    revision = kvtier_revision()
     cases = run(args)
     faulthandler.cancel_dump_traceback_later()
     report(
         f"kvtier vs LMCache {LMCACHE_VERSION}, same process",
         cases,
         args,
+        revision,
         redis_values=args.redis_values,
         parallel=args.parallel,
         lmcache=importlib.metadata.version("lmcache"),
