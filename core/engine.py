@@ -202,7 +202,7 @@ class KVTier:
     ) -> tuple[list[str], list[tuple[int, int]]]:
         """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on.
         Raises :class:`ConfigError` for bad tokens, extra keys or ``start``."""
-        keys = self.hasher.keys(
+        keys = self.hasher.key_strings(
             tokens, extra_keys=extra_keys, partial=self.config.store_partial_chunks
         )
         bounds = self.hasher.chunk_bounds(len(tokens), partial=self.config.store_partial_chunks)
@@ -214,7 +214,7 @@ class KVTier:
                 f"between 0 and len(tokens) ({len(tokens)}), got {start}"
             )
         first = start // self.config.chunk_tokens
-        return [str(k) for k in keys[first:]], bounds[first:]
+        return keys[first:], bounds[first:]
 
     def _check_out(self, out: object, tokens: int) -> torch.Tensor:
         """``out`` if it can hold ``tokens`` tokens of this layout; else :class:`ConfigError`

@@ -19,6 +19,7 @@ key's string form, so two models or tenants never share a chunk.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -134,6 +135,11 @@ def _as_int64(tokens: Tokens) -> np.ndarray[Any, np.dtype[np.int64]]:
     that is not a 1-D sequence of integer token ids (floats are never rounded)."""
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, (list, tuple)):  # the form engines keep; 2x faster than numpy's
+        try:
+            return np.frombuffer(array.array("q", tokens), dtype=np.int64)
+        except (TypeError, OverflowError):
+            pass  # not flat ints: numpy below says what is wrong
     try:
         given = np.asarray(tokens)
         if given.size and given.dtype.kind not in "iu":
@@ -180,6 +186,32 @@ class ChunkHasher:
         end = num_tokens if partial else num_tokens - num_tokens % step
         return [(start, min(start + step, end)) for start in range(0, end, step)]
 
+    def digests(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        partial: bool = False,
+    ) -> list[bytes]:
+        """Chained digests of the chunks of ``tokens`` in order.
+
+        ``extra_keys[i]`` (CBOR-encodable, e.g. a LoRA name or ``cache_salt``) is mixed
+        into chunk ``i``'s hash; chunks past the end of ``extra_keys`` get none. Raises
+        :class:`ConfigError` for tokens that are not integer ids or extra keys CBOR
+        cannot encode.
+        """
+        arr = _as_int64(tokens)
+        parent = self.root
+        digests = []
+        for i, (start, end) in enumerate(self.chunk_bounds(len(arr), partial=partial)):
+            extra = extra_keys[i] if i < len(extra_keys) else None
+            try:
+                parent = self._digest(parent, arr[start:end], extra)
+            except cbor2.CBOREncodeError as exc:
+                raise ConfigError(f"extra_keys[{i}] cannot be hashed (CBOR): {exc}") from None
+            digests.append(parent)
+        return digests
+
     def keys(
         self,
         tokens: Tokens,
@@ -187,32 +219,29 @@ class ChunkHasher:
         extra_keys: Sequence[ExtraKeys] = (),
         partial: bool = False,
     ) -> list[ChunkKey]:
-        """Keys of the chunks of ``tokens`` in order.
+        """Keys of the chunks of ``tokens`` in order (see :meth:`digests`)."""
+        digests = self.digests(tokens, extra_keys=extra_keys, partial=partial)
+        return [ChunkKey(self.namespace, digest) for digest in digests]
 
-        ``extra_keys[i]`` (CBOR-encodable, e.g. a LoRA name or ``cache_salt``) is mixed
-        into chunk ``i``'s hash; chunks past the end of ``extra_keys`` get none.
-        """
-        arr = _as_int64(tokens)
-        parent = self.root
-        keys = []
-        for i, (start, end) in enumerate(self.chunk_bounds(len(arr), partial=partial)):
-            extra = extra_keys[i] if i < len(extra_keys) else None
-            try:
-                parent = self._digest(parent, arr[start:end], extra)
-            except cbor2.CBOREncodeError as exc:
-                raise ConfigError(f"extra_keys[{i}] cannot be hashed (CBOR): {exc}") from None
-            keys.append(ChunkKey(self.namespace, parent))
-        return keys
+    def key_strings(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        partial: bool = False,
+    ) -> list[str]:
+        """``str()`` of each of :meth:`keys`, made without the key objects (lookups)."""
+        prefix = f"{self.namespace}."
+        digests = self.digests(tokens, extra_keys=extra_keys, partial=partial)
+        return [prefix + digest.hex() for digest in digests]
 
     def _digest(
         self, parent: bytes, tokens: np.ndarray[Any, np.dtype[np.int64]], extra: ExtraKeys
     ) -> bytes:
         if self.algorithm == "sha256_cbor":
             return sha256_cbor((parent, tuple(tokens.tolist()), extra))
-        h = xxhash.xxh3_128()
-        h.update(parent)
-        h.update(len(tokens).to_bytes(8, "little"))  # no token run can pass for extra keys
-        h.update(tokens.data)
+        # The length keeps a token run from passing for extra keys.
+        parts = [parent, len(tokens).to_bytes(8, "little"), tokens.data]
         if extra is not None:
-            h.update(cbor2.dumps(extra, canonical=True))
-        return h.digest()
+            parts.append(cbor2.dumps(extra, canonical=True))
+        return xxhash.xxh3_128_digest(b"".join(parts))
