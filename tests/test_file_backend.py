@@ -33,7 +33,7 @@ from kvtier.core.factory import build_backend
 from kvtier.core.testing import BackendConformance
 
 T = TypeVar("T")
-KiB = 1024
+KiB, MiB = 1 << 10, 1 << 20
 
 
 def key(i: int, ns: str = "test") -> str:
@@ -696,10 +696,10 @@ def test_cancelled_put_leaves_keys_absent_or_complete(
     a cancel the items running finish, the others are skipped."""
     slow_pwrite, writing, resume = paused(os.pwrite, count=threads)
 
-    items = {key(i): data(i, 50 * KiB) for i in range(4)}
+    items = {key(i): data(i, MiB) for i in range(4)}  # 1 MiB a thread at least
 
     async def scenario() -> None:
-        async with make(url, threads=threads) as backend:
+        async with make(url, capacity=64 * MiB, threads=threads) as backend:
             monkeypatch.setattr(os, "pwrite", slow_pwrite)
             bufs = [buf(v) for v in items.values()]
             task = asyncio.ensure_future(backend.put_many(list(zip(items, bufs, strict=True))))
@@ -709,9 +709,9 @@ def test_cancelled_put_leaves_keys_absent_or_complete(
                 await task
             for b in bufs:
                 b.release()  # the caller is done; the running write must not lose its bytes
-            scratch = [default_pool().acquire(50 * KiB) for _ in bufs]
+            scratch = [default_pool().acquire(MiB) for _ in bufs]
             for b in scratch:  # reuses the callers' memory if the backend did not retain it
-                b.view[:] = bytes(50 * KiB)
+                b.view[:] = bytes(MiB)
                 b.release()
             resume.set()
         assert all(b.refcount == 0 for b in bufs)
@@ -750,38 +750,50 @@ def meeting(real: Callable[..., Any], parties: int) -> tuple[Callable[..., Any],
 
 
 @pytest.mark.parametrize("o_direct", [False, True])
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize(
+    ("threads", "size", "used"),
+    [(1, MiB, 1), (4, MiB, 4), (4, MiB // 4, 2)],  # at least 1 MiB a thread
+)
 def test_a_batch_is_read_and_written_by_threads_in_parallel(
-    url: str, monkeypatch: pytest.MonkeyPatch, threads: int, o_direct: bool
+    url: str, monkeypatch: pytest.MonkeyPatch, threads: int, size: int, used: int, o_direct: bool
 ) -> None:
-    items = {key(i): data(i, 64 * KiB + i) for i in range(8)}  # one pwrite/preadv each
+    items = {key(i): data(i, size + i) for i in range(8)}  # one pwrite/preadv each
 
     async def scenario() -> None:
-        async with make(url, threads=threads, o_direct=o_direct) as backend:
+        async with make(url, capacity=64 * MiB, threads=threads, o_direct=o_direct) as backend:
             with monkeypatch.context() as patch:
-                pwrite, writers = meeting(os.pwrite, threads)
+                pwrite, writers = meeting(os.pwrite, used)
                 patch.setattr(os, "pwrite", pwrite)
                 assert await put(backend, items) == [True] * 8
             with monkeypatch.context() as patch:
-                preadv, readers = meeting(os.preadv, threads)
+                preadv, readers = meeting(os.preadv, used)
                 patch.setattr(os, "preadv", preadv)
                 assert await get(backend, list(items)) == list(items.values())
-            assert len(writers) == len(readers) == threads
+            assert len(writers) == len(readers) == used
 
     run(scenario)
 
 
-def test_parallel_writes_wait_for_room_instead_of_failing(root: Path, url: str) -> None:
-    """4 writes of 300 KiB in flight need more than the 1 MiB capacity: each waits for
-    the room the others hold, then evicts; none is refused."""
-    size, capacity = 300 * KiB, 1 << 20
+def test_parallel_writes_wait_for_room_instead_of_failing(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While 3 writes of 1.2 MiB hold their room (paused), a 4th needs more than the
+    4 MiB capacity left: it waits for them, then evicts; none is refused."""
+    size, capacity = 1200 * KiB, 4 * MiB
     items = {key(i): data(i, size) for i in range(8)}
     evicted: list[tuple[str, int]] = []
+    slow_pwrite, writing, resume = paused(os.pwrite, count=3)
 
     async def scenario() -> None:
         async with make(url, capacity=capacity, threads=4) as backend:
             backend.eviction_listener = evicted.extend
-            assert await put(backend, items) == [True] * 8
+            monkeypatch.setattr(os, "pwrite", slow_pwrite)
+            task = asyncio.ensure_future(put(backend, items))
+            assert await asyncio.to_thread(writing.wait, 10)
+            await asyncio.sleep(0.2)  # time for the 4th to ask for room (and be refused)
+            assert (await backend.stats()).details["reserved_bytes"] == 3 * size
+            resume.set()
+            assert await task == [True] * 8
             stats = await backend.stats()
             assert (stats.keys, stats.bytes_used, stats.evictions) == (3, 3 * size, 5)
             assert stats.details["reserved_bytes"] == 0

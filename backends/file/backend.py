@@ -38,6 +38,9 @@ from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigErro
 from kvtier.core.plugins import PluginRegistry
 
 T = TypeVar("T")
+GROUP_BYTES = 1 << 20
+"""Bytes a thread moves at least of a batch: for less, handing work to another thread
+costs more than it saves."""
 Wake = Callable[[], object]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
 
@@ -121,12 +124,13 @@ class FileBackend(Backend):
         self._indexed = True
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
-        calls = [partial(self._get_group, group) for group in self._groups(keys)]
+        groups = self._groups(keys, self.index.sizes(keys))
+        calls = [partial(self._get_group, group) for group in groups]
         return _flat(await self._pool().run_all(calls, orphan=_release_group))
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         pool, wake = self._pool(), self._waker()
-        groups = self._groups(items)
+        groups = self._groups(items, [buf.nbytes for _, buf in items])
         sync = _FolderSync(len(groups)) if self.options.fsync else None
         stop = threading.Event()
         # Retained so that a caller releasing them after a cancel cannot recycle memory
@@ -146,8 +150,7 @@ class FileBackend(Backend):
         return await self._blocking(partial(self._contains_batch, keys))
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
-        calls = [partial(self._delete_group, group) for group in self._groups(keys)]
-        return _flat(await self._pool().run_all(calls))
+        return await self._blocking(partial(self._delete_batch, keys))
 
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         for shard in await self._blocking(partial(self._listing, self.folder.shards)):
@@ -175,9 +178,11 @@ class FileBackend(Backend):
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _groups(self, items: Sequence[T]) -> list[Sequence[T]]:
-        """A batch cut into one run per thread."""
-        return _groups(items, self.options.threads)
+    def _groups(self, items: Sequence[T], sizes: Sequence[int | None]) -> list[Sequence[T]]:
+        """A batch of blobs of ``sizes`` (``None``: unknown) cut into one run per thread,
+        fewer where a thread would move less than :data:`GROUP_BYTES`."""
+        nbytes = sum(GROUP_BYTES if size is None else size for size in sizes)
+        return _groups(items, max(1, min(self.options.threads, nbytes // GROUP_BYTES)))
 
     def _pool(self) -> BlockingPool:
         """The workers, for a batch spread over them."""
@@ -241,7 +246,7 @@ class FileBackend(Backend):
             raise self._error(exc, "stat") from exc
         return found
 
-    def _delete_group(self, keys: Sequence[str]) -> list[bool]:
+    def _delete_batch(self, keys: Sequence[str]) -> list[bool]:
         try:
             deleted = [self.index.delete(key) for key in keys]
             if not all(deleted):

@@ -49,7 +49,10 @@ class KeyLocks:
     @contextmanager
     def __call__(self, key: str) -> Iterator[None]:
         with self._mutex:
-            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = (threading.Lock(), [0])
+            lock, users = entry
             users[0] += 1
         try:
             with lock:
@@ -94,6 +97,11 @@ class ChunkIndex:
     def knows(self, keys: Sequence[str]) -> list[bool]:
         with self.lock:
             return [key in self._sizes for key in keys]
+
+    def sizes(self, keys: Sequence[str]) -> list[int | None]:
+        """The size of each key's chunk; ``None`` where the key is unknown."""
+        with self.lock:
+            return [self._sizes.get(key) for key in keys]
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
