@@ -41,7 +41,7 @@ T = TypeVar("T")
 GROUP_BYTES = 1 << 20
 """Bytes a thread moves at least of a batch: for less, handing work to another thread
 costs more than it saves."""
-Wake = Callable[[], object]
+Wake = Callable[[], None]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
 
 
@@ -49,11 +49,6 @@ def _release_all(buffers: Iterable[Buffer | None]) -> None:
     for buf in buffers:
         if buf is not None:
             buf.release()
-
-
-def _release_group(buffers: list[Buffer | None]) -> None:
-    """``orphan`` of a batch of reads: releases what a group read for nobody."""
-    _release_all(buffers)
 
 
 def _groups(items: Sequence[T], count: int) -> list[Sequence[T]]:
@@ -126,7 +121,7 @@ class FileBackend(Backend):
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         groups = self._groups(keys, self.index.sizes(keys))
         calls = [partial(self._get_group, group) for group in groups]
-        return _flat(await self._pool().run_all(calls, orphan=_release_group))
+        return _flat(await self._pool().run_all(calls, orphan=_release_all))
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         pool, wake = self._pool(), self._waker()
@@ -193,9 +188,14 @@ class FileBackend(Backend):
 
     def _waker(self) -> Wake:
         """A :data:`Wake` for this event loop: it reports the evictions there, in the
-        order they happened."""
+        order they happened (or at the next wake, should this loop be closed)."""
         loop = asyncio.get_running_loop()
-        return partial(loop.call_soon_threadsafe, self._report_evictions)
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # closed: a batch nobody awaits
+                loop.call_soon_threadsafe(self._report_evictions)
+
+        return wake
 
     def _report_evictions(self) -> None:
         self._evicted(self.index.take_evicted())

@@ -23,7 +23,8 @@ class FileOptions(BaseModel):
     """Bypass the page cache with O_DIRECT (the filesystem must support it)."""
     threads: int = Field(default=4, ge=1, le=64)
     """Threads doing the tier's blocking file I/O: a batch's chunks are read and written
-    by up to this many threads at once, and all batches together use no more."""
+    by up to this many threads at once (each moving 1 MiB of it at least), and all
+    batches together use no more."""
     rescan_interval: float = Field(default=2.0, ge=0, allow_inf_nan=False)
     """Seconds between rescans of the folder, made before a write, that count the
     chunks other processes wrote or deleted; 0 turns them off (see the package doc)."""
