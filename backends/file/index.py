@@ -4,8 +4,8 @@ the bytes used and reserved, and the rescans that keep capacity across processes
 Locking, so that no thread waits for a lock held across a syscall unless it does
 file I/O itself:
 
-* :attr:`ChunkIndex.lock` guards the fields below and is never held across a
-  syscall; the event loop takes it (``stats``).
+* :attr:`ChunkIndex.lock` guards the index and is never held across a syscall; the
+  event loop takes it (``stats``, the sizes of a batch to read, evictions to report).
 * A key lock (:class:`KeyLocks`) serialises the syscalls that create, remove or look
   at one key's file with the index change that matches them, so the index and the
   folder change together. Only worker threads take key locks, one at a time, and
@@ -36,7 +36,7 @@ COUNTERS = (
     "rescans",
     "rejected_no_space",
 )
-"""The counters :meth:`ChunkIndex.counters` reports."""
+"""The counters :meth:`ChunkIndex.snapshot` reports."""
 
 
 class KeyLocks:
