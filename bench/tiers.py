@@ -1,6 +1,7 @@
 """Throughput of the ``cpu`` and ``file`` tiers against raw baselines from the same run.
 
     python bench/tiers.py [--json out.json] [--dir /path/on/disk] [--reps 5] [--batch 8]
+                          [--only tiers|cold-batch]
 
 Each case moves KV chunks (pool buffers of random fp16 bytes) through the Backend API
 (``put_many`` / ``get_many`` in batches of ``--batch``) and through the plain
@@ -12,12 +13,19 @@ dropped before every timed read (root needed, else the row says WARM). Before ev
 timed write the previous files are deleted and the disk synced, outside the timing.
 Tier and raw runs alternate (order flipped each repetition, after one warm-up of
 each); the table shows medians of ``--reps`` runs and the ratio tier / raw.
+
+Cold batch reads (``cold-batch``): one ``get_many`` of 16 chunk files of 2 MiB and of
+32 MiB written by an ``o_direct`` file tier, read back with ``threads`` 1 and 4, against
+``O_DIRECT`` ``preadv`` of the same files by 1 and by 4 threads; the page cache (with
+dentries and inodes) is dropped before every run, so each run is a cold start. The
+four runs rotate order each repetition; the table adds min-max GB/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -26,13 +34,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
+from kvtier.backends.file import FileBackend
 from kvtier.core.backend import Backend
 from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.factory import build_backend
@@ -46,6 +56,10 @@ FILE_CASES = (("buffered", False, False), ("o_direct", True, False), ("o_direct+
 TARGETS = {"cpu get": 0.8, "file o_direct put": 0.7, "file o_direct get": 0.8}
 """Minimum tier / raw ratios reported against."""
 MIN_RUN_BYTES = 128 << 20
+COLD_BATCH = 16
+"""Chunks in the cold batch read."""
+COLD_BATCH_CHUNKS = (2 << 20, 32 << 20)
+COLD_BATCH_THREADS = (1, 4)
 
 Step = Callable[[], Awaitable[object]]
 
@@ -74,6 +88,9 @@ class Row:
     raw_gbps: float
     cold: bool | None
     """For reads: whether the page cache was dropped before each run."""
+    tier_range: tuple[float, float] | None = None
+    """Slowest and fastest run in GB/s, where recorded."""
+    raw_range: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -95,21 +112,29 @@ def drop_page_cache() -> bool:
     return True
 
 
-async def compare(nbytes: int, reps: int, tier: Measured, raw: Measured) -> tuple[float, float]:
-    """Median GB/s of ``tier`` and ``raw`` over ``reps`` alternating runs each."""
-    seconds: dict[str, list[float]] = {"tier": [], "raw": []}
+async def measure(nbytes: int, reps: int, runs: dict[str, Measured]) -> dict[str, list[float]]:
+    """GB/s of each of ``runs`` in ``reps`` repetitions (after one warm-up), the order
+    rotated each repetition (for two runs: alternating)."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for rep in range(reps + 1):  # repetition 0 warms up
-        order = [("tier", tier), ("raw", raw)]
-        for name, m in order[:: 1 if rep % 2 else -1]:
+        turn = (rep + 1) % len(names)
+        for name in names[turn:] + names[:turn]:
+            m = runs[name]
             await m.before()
             start = time.perf_counter()
             await m.run()
             elapsed = time.perf_counter() - start
             await m.after()
             if rep:
-                seconds[name].append(elapsed)
-    tier_s, raw_s = (statistics.median(seconds[name]) for name in ("tier", "raw"))
-    return nbytes / tier_s / 1e9, nbytes / raw_s / 1e9
+                rates[name].append(nbytes / elapsed / 1e9)
+    return rates
+
+
+async def compare(nbytes: int, reps: int, tier: Measured, raw: Measured) -> tuple[float, float]:
+    """Median GB/s of ``tier`` and ``raw`` over ``reps`` alternating runs each."""
+    rates = await measure(nbytes, reps, {"tier": tier, "raw": raw})
+    return statistics.median(rates["tier"]), statistics.median(rates["raw"])
 
 
 def random_chunks(shape: tuple[int, ...], count: int, pool: BufferPool) -> list[Buffer]:
@@ -144,6 +169,19 @@ def raw_read(paths: list[str], bufs: list[Buffer], *, direct: bool) -> None:
                 done += os.preadv(fd, [buf.view[done:]], done)
         finally:
             os.close(fd)
+
+
+def raw_read_parallel(
+    paths: list[str], bufs: list[Buffer], *, direct: bool, threads: ThreadPoolExecutor, n: int
+) -> None:
+    """:func:`raw_read` of ``paths`` cut into ``n`` runs, one per thread of ``threads``."""
+    cuts = [len(paths) * i // n for i in range(n + 1)]
+    runs = [
+        threads.submit(raw_read, paths[a:b], bufs[a:b], direct=direct)
+        for a, b in itertools.pairwise(cuts)
+    ]
+    for run in runs:
+        run.result()
 
 
 def unlink_all(paths: list[str]) -> None:
@@ -226,13 +264,25 @@ class Bench:
         for buf in (*src, *dst):
             buf.release()
 
-    def raw_read(self, paths: list[str], size: int, *, direct: bool) -> Measured:
-        """Timed reads into buffers leased from the pool the tier reads into.
+    def raw_read(
+        self,
+        paths: list[str],
+        size: int,
+        *,
+        direct: bool,
+        threads: tuple[ThreadPoolExecutor, int] | None = None,
+    ) -> Measured:
+        """Timed reads into buffers leased from the pool the tier reads into, by one
+        thread or by ``threads`` (an executor and how many of its threads to use).
 
         Tier and raw runs then reuse the same memory: O_DIRECT speed on these VMs
         depends on the buffer's physical layout (up to 2x), not only on the disk.
         """
         bufs: list[Buffer] = []
+        read = partial(raw_read, paths, bufs, direct=direct)
+        if threads is not None:
+            executor, n = threads
+            read = partial(raw_read_parallel, paths, bufs, direct=direct, threads=executor, n=n)
 
         async def before() -> None:
             bufs[:] = [self.pool.acquire(size) for _ in paths]
@@ -242,9 +292,56 @@ class Bench:
             for buf in bufs:
                 buf.release()
 
-        return Measured(
-            partial(asyncio.to_thread, raw_read, paths, bufs, direct=direct), before, after
-        )
+        return Measured(partial(asyncio.to_thread, read), before, after)
+
+    async def cold_batch(self, size: int) -> None:
+        """One ``get_many`` of :data:`COLD_BATCH` cold chunk files of ``size`` bytes with
+        each of :data:`COLD_BATCH_THREADS`, against O_DIRECT reads of the same files."""
+        count, nbytes = COLD_BATCH, COLD_BATCH * size
+        src = [self.pool.copy_of(os.urandom(size)) for _ in range(count)]
+        items = [(f"bench.{i:032x}", buf) for i, buf in enumerate(src)]
+        keys = [key for key, _ in items]
+        url, options = f"file://{self.folder}/cold-batch", {"o_direct": True}
+        writer = build_backend(url, capacity=2 * nbytes, options=options, pool=self.pool)
+        assert isinstance(writer, FileBackend)
+        async with writer:
+            await self.put_all(writer, [items])
+        paths = [writer.folder.path(key) for key in keys]
+        runs: dict[str, Measured] = {}
+        tiers = []
+        with ThreadPoolExecutor(max(COLD_BATCH_THREADS)) as executor:
+            for n in COLD_BATCH_THREADS:
+                tier = build_backend(
+                    url, capacity=2 * nbytes, options={**options, "threads": n}, pool=self.pool
+                )
+                await tier.open()
+                tiers.append(tier)
+                runs[f"tier {n}"] = self.get_all(tier, [keys], before=self.drop)
+                parallel = (executor, n) if n > 1 else None
+                runs[f"raw {n}"] = self.raw_read(paths, size, direct=True, threads=parallel)
+            rates = await measure(nbytes, self.reps, runs)
+        for tier in tiers:
+            await tier.close()
+        shutil.rmtree(url.removeprefix("file://"))
+        for buf in src:
+            buf.release()
+        label = f"cold batch of {count}"
+        pairs = [(n, n) for n in COLD_BATCH_THREADS] + [(max(COLD_BATCH_THREADS), 1)]
+        for tier_n, raw_n in pairs:
+            tier_rates, raw_rates = rates[f"tier {tier_n}"], rates[f"raw {raw_n}"]
+            row = Row(
+                label,
+                size,
+                f"file o_direct threads={tier_n}",
+                "get",
+                statistics.median(tier_rates),
+                f"O_DIRECT preadv x{raw_n}",
+                statistics.median(raw_rates),
+                self.cold,
+                (min(tier_rates), max(tier_rates)),
+                (min(raw_rates), max(raw_rates)),
+            )
+            self.rows.append(row)
 
     @staticmethod
     async def put_all(backend: Backend, batches: list[list[tuple[str, Buffer]]]) -> None:
@@ -292,7 +389,7 @@ class Bench:
 
 def table(rows: list[Row], batch: int) -> str:
     head = (
-        f"{'chunk (batch ' + str(batch) + ')':<27} {'tier':<20} {'op':<4} {'GB/s':>8}  "
+        f"{'chunk (batch ' + str(batch) + ')':<27} {'tier':<24} {'op':<4} {'GB/s':>8}  "
         f"{'raw baseline':<20} {'GB/s':>6} {'ratio':>7}  target"
     )
     lines = [head, "-" * len(head)]
@@ -302,9 +399,11 @@ def table(rows: list[Row], batch: int) -> str:
             verdict = f">= {r.target}x {'ok' if r.ratio >= r.target else 'MISSED'}"
         if r.cold is False:
             verdict += " (WARM cache)"
+        if r.tier_range is not None and r.raw_range is not None:
+            verdict += " range {:.2f}-{:.2f} / {:.2f}-{:.2f}".format(*r.tier_range, *r.raw_range)
         label = f"{r.chunk} {r.chunk_bytes / 2**20:g} MiB"
         lines.append(
-            f"{label:<27} {r.case:<20} {r.op:<4} {r.tier_gbps:8.2f}  {r.raw:<20} "
+            f"{label:<27} {r.case:<24} {r.op:<4} {r.tier_gbps:8.2f}  {r.raw:<20} "
             f"{r.raw_gbps:6.2f} {r.ratio:7.2f}  {verdict}"
         )
     return "\n".join(lines)
@@ -325,13 +424,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dir", default="/var/tmp", help="a folder on the disk to test")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--batch", type=int, default=8, help="chunks per put_many/get_many")
+    parser.add_argument(
+        "--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)"
+    )
     return parser.parse_args(argv)
 
 
-async def run_all(folder: str, reps: int, batch: int) -> list[Row]:
+SECTIONS = ("tiers", "cold-batch")
+
+
+async def run_all(folder: str, reps: int, batch: int, sections: Sequence[str]) -> list[Row]:
     bench = Bench(folder, reps, batch)
-    for name, shape in CHUNKS.items():
-        await bench.chunk(name, shape)
+    if "tiers" in sections:
+        for name, shape in CHUNKS.items():
+            await bench.chunk(name, shape)
+    if "cold-batch" in sections:
+        for size in COLD_BATCH_CHUNKS:
+            await bench.cold_batch(size)
     return bench.rows
 
 
@@ -339,13 +448,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     folder = tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.dir)
     try:
-        rows = asyncio.run(run_all(folder, args.reps, args.batch))
+        torch.set_num_threads(1)  # copies on a loaded machine: more threads only contend
+        rows = asyncio.run(run_all(folder, args.reps, args.batch, args.only or SECTIONS))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(table(rows, args.batch))
     print(
         "cpu tier: zero copy (get_many returns the stored buffer), so its GB/s is "
-        "bytes / lookup time"
+        "bytes / lookup time; range: slowest-fastest run GB/s, tier / raw"
     )
     if args.json:
         write_json(

@@ -1,32 +1,39 @@
 """The ``file`` tier: layout, persistence across restarts and processes, cleanup,
-capacity on disk, error translation and cancellation."""
+capacity on disk, error translation, cancellation, parallel batches, CREATE, and an
+event loop that never waits for the disk (alone and in a chain with a redis tier)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
+import itertools
 import multiprocessing
 import os
 import random
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import torch
 
-from kvtier.backends.file import TEMP_GRACE_S, FileBackend
-from kvtier.core.backend import PutMode
+from kvtier.backends.file import TEMP_GRACE_S, FileBackend, chunkio
+from kvtier.core import KVLayout, KVTier
+from kvtier.core.backend import Backend, PutMode
 from kvtier.core.buffers import Buffer, default_pool
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
 from kvtier.core.factory import build_backend
 from kvtier.core.testing import BackendConformance
 
 T = TypeVar("T")
-KiB = 1024
+KiB, MiB = 1 << 10, 1 << 20
 
 
 def key(i: int, ns: str = "test") -> str:
@@ -85,15 +92,18 @@ def disk_bytes(root: Path) -> int:
 
 
 def paused(
-    real: Callable[..., Any], when: Callable[[], bool] = lambda: True
+    real: Callable[..., Any], when: Callable[[], bool] = lambda: True, count: int = 1
 ) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
-    """``real`` wrapped so that calls for which ``when()`` holds set ``started`` and
-    block until ``resume`` is set; returns ``(wrapper, started, resume)``."""
+    """``real`` wrapped so that calls for which ``when()`` holds block until ``resume``
+    is set, and ``started`` is set once ``count`` of them are blocked; returns
+    ``(wrapper, started, resume)``."""
     started, resume = threading.Event(), threading.Event()
+    entered = itertools.count(1)
 
     def wrapper(*args: Any) -> Any:
         if when():
-            started.set()
+            if next(entered) >= count:
+                started.set()
             resume.wait(10)
         return real(*args)
 
@@ -123,6 +133,21 @@ class TestFileConformance(BackendConformance):
 
     def stop_server(self, url: str) -> None:
         shutil.rmtree(url.removeprefix("file://"))  # the disk is gone
+
+    def raw_write(self, backend: Backend, key: str, data: bytes) -> None:
+        """A chunk file written with plain file I/O, as another writer would."""
+        path = chunk_path(Path(backend.url.removeprefix("file://")), key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.parent / f".{key}.raw"
+        temp.write_bytes(data)
+        temp.rename(path)
+
+    def raw_read(self, backend: Backend, key: str) -> bytes | None:
+        """The bytes of ``key``'s chunk file, read with plain file I/O."""
+        try:
+            return chunk_path(Path(backend.url.removeprefix("file://")), key).read_bytes()
+        except FileNotFoundError:
+            return None
 
 
 class TestFileDirectSyncConformance(TestFileConformance):
@@ -252,8 +277,8 @@ def test_fsync_syncs_each_file_and_each_folder_once(
 
 
 def test_restart_with_a_smaller_capacity_trims_the_folder(root: Path, url: str) -> None:
-    async def fill() -> None:
-        async with make(url, capacity=1 << 20) as backend:
+    async def fill() -> None:  # one thread: the batch is written in order, oldest first
+        async with make(url, capacity=1 << 20, threads=1) as backend:
             await put(backend, {key(i): data(i, 100 * KiB) for i in range(10)})
 
     async def reopen() -> list[tuple[str, int]]:
@@ -663,33 +688,428 @@ def test_invalid_keys_never_become_paths(url: str) -> None:
 # -- cancellation ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("threads", "started"), [(1, [0]), (2, [0, 2])])
 def test_cancelled_put_leaves_keys_absent_or_complete(
-    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch, threads: int, started: list[int]
 ) -> None:
-    slow_pwrite, started, resume = paused(os.pwrite)
+    """A batch of 4 runs as ``threads`` groups, one item after another in each; after
+    a cancel the items running finish, the others are skipped."""
+    slow_pwrite, writing, resume = paused(os.pwrite, count=threads)
 
-    items = {key(i): data(i, 50 * KiB) for i in range(3)}
+    items = {key(i): data(i, MiB) for i in range(4)}  # 1 MiB a thread at least
 
     async def scenario() -> None:
-        async with make(url) as backend:
+        async with make(url, capacity=64 * MiB, threads=threads) as backend:
             monkeypatch.setattr(os, "pwrite", slow_pwrite)
             bufs = [buf(v) for v in items.values()]
             task = asyncio.ensure_future(backend.put_many(list(zip(items, bufs, strict=True))))
-            await asyncio.to_thread(started.wait, 10)
+            await asyncio.to_thread(writing.wait, 10)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             for b in bufs:
                 b.release()  # the caller is done; the running write must not lose its bytes
-            scratch = [default_pool().acquire(50 * KiB) for _ in bufs]
+            scratch = [default_pool().acquire(MiB) for _ in bufs]
             for b in scratch:  # reuses the callers' memory if the backend did not retain it
-                b.view[:] = bytes(50 * KiB)
+                b.view[:] = bytes(MiB)
                 b.release()
             resume.set()
         assert all(b.refcount == 0 for b in bufs)
 
     run(scenario)
-    assert chunk_path(root, key(0)).read_bytes() == items[key(0)]
-    assert not chunk_path(root, key(1)).exists()
-    assert not chunk_path(root, key(2)).exists()
+    for i, (k, v) in enumerate(items.items()):
+        if i in started:
+            assert chunk_path(root, k).read_bytes() == v
+        else:
+            assert not chunk_path(root, k).exists()
     assert list((root / ".tmp").iterdir()) == []
+
+
+# -- parallel batches ------------------------------------------------------------------
+
+
+def test_threads_option(url: str) -> None:
+    assert make(url).options.threads == 4
+    with pytest.raises(ConfigError, match="threads"):
+        make(url, threads=0)
+
+
+def meeting(real: Callable[..., Any], parties: int) -> tuple[Callable[..., Any], set[str]]:
+    """``real`` wrapped so that calls wait (up to 10 s) until ``parties`` of them are in
+    at once, which fails unless they run in parallel; returns ``(wrapper, names of the
+    threads that called it)``."""
+    barrier = threading.Barrier(parties, timeout=10)
+    names: set[str] = set()
+
+    def wrapper(*args: Any) -> Any:
+        names.add(threading.current_thread().name)
+        barrier.wait()
+        return real(*args)
+
+    return wrapper, names
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+@pytest.mark.parametrize(
+    ("threads", "size", "used"),
+    [(1, MiB, 1), (4, MiB, 4), (4, MiB // 4, 2)],  # at least 1 MiB a thread
+)
+def test_a_batch_is_read_and_written_by_threads_in_parallel(
+    url: str, monkeypatch: pytest.MonkeyPatch, threads: int, size: int, used: int, o_direct: bool
+) -> None:
+    items = {key(i): data(i, size + i) for i in range(8)}  # one pwrite/preadv each
+
+    async def scenario() -> None:
+        async with make(url, capacity=64 * MiB, threads=threads, o_direct=o_direct) as backend:
+            with monkeypatch.context() as patch:
+                pwrite, writers = meeting(os.pwrite, used)
+                patch.setattr(os, "pwrite", pwrite)
+                assert await put(backend, items) == [True] * 8
+            with monkeypatch.context() as patch:
+                preadv, readers = meeting(os.preadv, used)
+                patch.setattr(os, "preadv", preadv)
+                assert await get(backend, list(items)) == list(items.values())
+            assert len(writers) == len(readers) == used
+
+    run(scenario)
+
+
+def test_parallel_writes_wait_for_room_instead_of_failing(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While 3 writes of 1.2 MiB hold their room (paused), a 4th needs more than the
+    4 MiB capacity left: it waits for them, then evicts; none is refused."""
+    size, capacity = 1200 * KiB, 4 * MiB
+    items = {key(i): data(i, size) for i in range(8)}
+    evicted: list[tuple[str, int]] = []
+    slow_pwrite, writing, resume = paused(os.pwrite, count=3)
+
+    async def scenario() -> None:
+        async with make(url, capacity=capacity, threads=4) as backend:
+            backend.eviction_listener = evicted.extend
+            monkeypatch.setattr(os, "pwrite", slow_pwrite)
+            task = asyncio.ensure_future(put(backend, items))
+            assert await asyncio.to_thread(writing.wait, 10)
+            await asyncio.sleep(0.2)  # time for the 4th to ask for room (and be refused)
+            assert (await backend.stats()).details["reserved_bytes"] == 3 * size
+            resume.set()
+            assert await task == [True] * 8
+            stats = await backend.stats()
+            assert (stats.keys, stats.bytes_used, stats.evictions) == (3, 3 * size, 5)
+            assert stats.details["reserved_bytes"] == 0
+
+    run(scenario)
+    on_disk = {p.name for p in root.glob("??/*")}
+    assert len(on_disk) == 3 and disk_bytes(root) == 3 * size
+    assert sorted(evicted) == sorted((k, size) for k in set(items) - on_disk)
+
+
+# -- the event loop never blocks -------------------------------------------------------
+
+OS_CALLS = (
+    "open", "close", "stat", "lstat", "fstat", "pwrite", "preadv", "utime", "fsync",
+    "replace", "link", "unlink", "scandir", "listdir", "makedirs", "access", "ftruncate",
+)  # fmt: skip
+"""The ``os`` functions the file tier calls."""
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def record_loop_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Wrap :data:`OS_CALLS`; returns the list of those called on an event loop thread."""
+    on_loop: list[str] = []
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if on_event_loop():
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in OS_CALLS:
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    return on_loop
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_the_event_loop_makes_no_syscall(
+    url: str, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    async def scenario() -> None:
+        backend = make(url, capacity=300 * KiB, fsync=fsync, rescan_interval=1e-6)
+        on_loop = record_loop_calls(monkeypatch)
+        evicted: list[tuple[str, int]] = []
+        backend.eviction_listener = evicted.extend
+        async with backend:
+            assert await put(backend, {key(i): data(i, 100 * KiB) for i in range(3)}) == [True] * 3
+            assert await put(backend, {key(0): b"0"}, PutMode.CREATE) == [False]
+            assert await put(backend, {key(5): data(5, 100 * KiB)}, PutMode.CREATE) == [True]
+            assert await backend.contains_many([key(5), key(9)]) == [True, False]
+            assert await backend.contains_many([key(5)]) == [True]  # known: from memory
+            assert await get(backend, [key(5), key(9)]) == [data(5, 100 * KiB), None]
+            assert len([k async for k in backend.iter_keys()]) == 3
+            assert (await backend.stats()).keys == 3
+            assert await backend.delete_many([key(5), key(9)]) == [True, False]
+        assert on_loop == []
+        assert len(evicted) == 1
+
+    run(scenario)
+
+
+def stall(
+    monkeypatch: pytest.MonkeyPatch, name: str, needle: str
+) -> tuple[threading.Event, threading.Event]:
+    """Make ``os.<name>`` calls on a path (or descriptor) containing ``needle`` block (up
+    to 10 s) until ``resume`` is set; returns ``(started, resume)``."""
+    real = getattr(os, name)
+    started, resume = threading.Event(), threading.Event()
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        paths = [str(arg) for arg in args]
+        if args and isinstance(args[0], int):
+            with contextlib.suppress(OSError):
+                paths.append(os.readlink(f"/proc/self/fd/{args[0]}"))
+        if any(needle in path for path in paths):
+            started.set()
+            resume.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, wrapper)
+    return started, resume
+
+
+@pytest.mark.parametrize("slow", ["replace", "unlink", "stat", "preadv"])
+def test_a_slow_syscall_delays_nothing_else(
+    url: str, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """While a worker thread is stuck in a syscall on key 1's file (holding key 1's
+    lock where it takes one), every other operation, on the loop or in the other
+    threads, goes on."""
+    one = key(1)
+    stuck_in = {
+        "replace": lambda b: put(b, {one: b"uno"}),  # rename of an OVERWRITE
+        "unlink": lambda b: b.delete_many([one]),
+        "stat": lambda b: put(b, {one: b"uno"}, PutMode.CREATE),  # a known key: probed
+        "preadv": lambda b: get(b, [one]),
+    }
+
+    async def scenario() -> None:
+        async with make(url, rescan_interval=0) as backend:
+            await put(backend, {one: b"one", key(2): b"two", key(6): b"six"})
+            started, resume = stall(monkeypatch, slow, one)
+            task = asyncio.ensure_future(stuck_in[slow](backend))
+            assert await asyncio.to_thread(started.wait, 10)
+            begin = time.monotonic()
+            others = asyncio.gather(
+                backend.stats(),
+                get(backend, [key(2), key(3)]),
+                backend.contains_many([key(2), key(3)]),
+                put(backend, {key(4): b"four"}),
+                put(backend, {key(5): b"five"}, PutMode.CREATE),
+                backend.delete_many([key(6)]),
+                collect(backend.iter_keys()),
+            )
+            try:
+                done = await asyncio.wait_for(others, 5)
+                assert time.monotonic() - begin < 2.5 and not task.done()
+            finally:
+                resume.set()
+            assert done[1:6] == [[b"two", None], [True, False], [True], [True], [True]]
+            await task
+
+    run(scenario)
+
+
+async def collect(keys: Any) -> list[str]:
+    return [k async for k in keys]
+
+
+# -- CREATE ----------------------------------------------------------------------------
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count the calls of :data:`OS_CALLS` (and ``renameat2``) from now on."""
+    calls: Counter[str] = Counter()
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in OS_CALLS:
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    real = chunkio._rename_noreplace
+    monkeypatch.setattr(chunkio, "_rename_noreplace", wrap("renameat2", real))
+    return calls
+
+
+def test_create_costs_what_overwrite_costs(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CREATE of a new key renames with RENAME_NOREPLACE instead of ``os.replace`` and
+    looks nothing up first; of a key known present, it stats it and writes nothing."""
+
+    async def scenario() -> None:
+        async with make(url) as backend:
+            await put(backend, {key(0): b"first in shard 00"})
+            with monkeypatch.context() as patch:
+                overwrite = count_calls(patch)
+                assert await put(backend, {key(1): b"one"}) == [True]
+            with monkeypatch.context() as patch:
+                create = count_calls(patch)
+                assert await put(backend, {key(2): b"two"}, PutMode.CREATE) == [True]
+            with monkeypatch.context() as patch:
+                present = count_calls(patch)
+                assert await put(backend, {key(2): b"deux"}, PutMode.CREATE) == [False]
+            assert await get(backend, [key(1), key(2)]) == [b"one", b"two"]
+        assert overwrite - Counter(replace=1) == create - Counter(renameat2=1)
+        assert create["renameat2"] == 1 and not create["stat"] + create["link"]
+        assert present == Counter(stat=1)
+
+    run(scenario)
+
+
+def test_create_adopts_a_key_another_process_stored(url: str) -> None:
+    async def scenario() -> None:
+        async with make(url) as a, make(url) as b:
+            await put(a, {key(1): b"from a"})
+            assert await put(b, {key(1): b"from b"}, PutMode.CREATE) == [False]
+            stats = await b.stats()
+            assert (stats.keys, stats.bytes_used, stats.details["adopted"]) == (1, 6, 1)
+            assert stats.details["reserved_bytes"] == 0
+            assert await get(b, [key(1)]) == [b"from a"]
+
+    run(scenario)
+    assert list(Path(url.removeprefix("file://"), ".tmp").iterdir()) == []
+
+
+def test_create_links_where_rename_noreplace_is_unsupported(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(src: str, dst: str) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument", dst)
+
+    monkeypatch.setattr(chunkio, "_rename_noreplace", unsupported)
+
+    async def scenario() -> None:
+        async with make(url, threads=1) as backend, make(url, threads=1) as other:
+            await put(backend, {key(0): b"0"})  # makes shard 00
+            calls = count_calls(monkeypatch)
+            assert await put(backend, {key(1): b"1", key(2): b"2"}, PutMode.CREATE) == [True] * 2
+            assert await put(backend, {key(1): b"uno"}, PutMode.CREATE) == [False]
+            # unknown to the other instance: written, then the link fails
+            assert await put(other, {key(2): b"dos"}, PutMode.CREATE) == [False]
+            assert await get(backend, [key(1), key(2)]) == [b"1", b"2"]
+            assert await get(other, [key(1), key(2)]) == [b"1", b"2"]
+            assert calls["renameat2"] == 2  # once per backend: then it knows
+            assert calls["link"] == 3
+
+    run(scenario)
+    assert list((root / ".tmp").iterdir()) == []
+
+
+# -- in a tier chain with a redis tier -------------------------------------------------
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype=torch.float16)
+CHUNK = 16
+HOLD_S = 2.0
+"""How long the slow file tier's I/O hangs."""
+
+
+def prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50_000, (4 * CHUNK,), generator=gen)
+    return tokens, torch.randn(LAYOUT.chunk_shape(4 * CHUNK), generator=gen).to(LAYOUT.dtype)
+
+
+def telling(real: Callable[..., Any], called: threading.Event, done: threading.Event) -> Any:
+    """Async method ``real`` wrapped to set ``called`` when called, ``done`` when done."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        called.set()
+        result = await real(*args, **kwargs)
+        done.set()
+        return result
+
+    return wrapper
+
+
+def test_a_slow_file_tier_never_delays_the_redis_tier(
+    tmp_path: Path, valkey_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every syscall of the file tier's threads hangs (a disk that stopped
+    answering) and a retrieve waits for the file tier, the redis tier in the same
+    chain takes its writes and serves its reads at its own speed, and the event loop
+    makes no file syscall."""
+    gate, hanging = threading.Event(), threading.Event()
+    asked, redis_wrote, ignored = threading.Event(), threading.Event(), threading.Event()
+    gate.set()
+    on_loop: list[str] = []
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if on_event_loop():
+                on_loop.append(name)
+            elif threading.current_thread() is not threading.main_thread() and not gate.is_set():
+                hanging.set()
+                gate.wait(10)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in OS_CALLS:
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    config = {
+        "chunk_tokens": CHUNK,
+        "tiers": [
+            {"url": valkey_server.url, "name": "redis", "timeout": 30},
+            {"url": f"file://{tmp_path}/kv", "name": "file", "capacity": "64MiB", "timeout": 60},
+        ],
+    }
+    with KVTier.open(config, model="slow-file", layout=LAYOUT) as kv, ThreadPoolExecutor(1) as bg:
+        first, first_kv = prompt(1)
+        kv.store(first, first_kv)
+        kv.flush()
+        assert [kv.stats().tier(t).stored for t in ("redis", "file")] == [4, 4]
+
+        backends = {t.name: t.backend for t in kv.chain.tiers}
+        put_many = backends["redis"].put_many
+        monkeypatch.setattr(backends["redis"], "put_many", telling(put_many, ignored, redis_wrote))
+        for method in ("contains_many", "get_many"):
+            real = getattr(backends["file"], method)
+            monkeypatch.setattr(backends["file"], method, telling(real, asked, ignored))
+        gate.clear()
+        try:
+            closed = time.monotonic()
+            second, second_kv = prompt(2)
+            kv.store(second, second_kv)  # the file tier's write hangs
+            assert hanging.wait(10), "the file tier's I/O never started"
+            assert redis_wrote.wait(10), "the redis write waited for the file tier"
+            asked.clear()
+            nowhere = bg.submit(kv.retrieve, prompt(3)[0])  # in no tier: waits for the file tier
+            assert asked.wait(10), "the retrieve never asked the file tier"
+
+            start = time.monotonic()
+            n, got = kv.retrieve(first)  # from redis
+            assert time.monotonic() - start < HOLD_S / 4, "a redis read waited for the file tier"
+            assert n == len(first) and torch.equal(got, first_kv)
+            assert kv.lookup(second) == len(second)
+            assert not gate.is_set() and not nowhere.done()  # the file tier still hangs
+
+            time.sleep(max(0.0, HOLD_S - (time.monotonic() - closed)))
+        finally:
+            gate.set()
+        assert nowhere.result(10)[0] == 0
+        kv.flush()
+        redis, file = kv.stats().tier("redis"), kv.stats().tier("file")
+        assert file.stored == 8 and file.errors == redis.errors == 0
+        assert file.max_op_seconds > 0.8 * HOLD_S
+        assert redis.max_op_seconds < HOLD_S / 4, "a redis operation waited for the file tier"
+    assert on_loop == []

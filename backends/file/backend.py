@@ -1,0 +1,362 @@
+"""The ``file`` tier's backend: each batch spread over the tier's worker threads.
+
+The event loop only hands work to the threads and reads the index under its lock,
+which is never held across a syscall (see :mod:`kvtier.backends.file.index`); every
+syscall runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel
+
+from kvtier.backends.file.chunkio import (
+    NO_SPACE,
+    Mover,
+    create_temp,
+    o_direct_works,
+    open_chunk,
+    read_all,
+    write_all,
+)
+from kvtier.backends.file.folder import Folder, fsync_dir
+from kvtier.backends.file.index import ChunkIndex
+from kvtier.backends.file.options import FileOptions, root_from_url
+from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
+from kvtier.core.blocking import BlockingPool
+from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
+from kvtier.core.plugins import PluginRegistry
+
+T = TypeVar("T")
+GROUP_BYTES = 1 << 20
+"""Bytes a thread moves at least of a batch: for less, handing work to another thread
+costs more than it saves."""
+Wake = Callable[[], None]
+"""Tells the event loop, from a worker thread, that chunks were evicted."""
+
+
+def _release_all(buffers: Iterable[Buffer | None]) -> None:
+    for buf in buffers:
+        if buf is not None:
+            buf.release()
+
+
+def _groups(items: Sequence[T], count: int) -> list[Sequence[T]]:
+    """``items`` cut into at most ``count`` runs of nearly equal length, in order."""
+    n = min(count, len(items))
+    return [items[i * len(items) // n : (i + 1) * len(items) // n] for i in range(n)]
+
+
+def _flat(groups: Iterable[Sequence[T]]) -> list[T]:
+    return [item for group in groups for item in group]
+
+
+class _FolderSync:
+    """Collects the folders the groups of one ``fsync`` batch placed files in; the group
+    that ends last syncs them (once each, after every rename of the batch)."""
+
+    def __init__(self, groups: int) -> None:
+        self._lock = threading.Lock()
+        self._left = groups
+        self._folders: set[str] = set()
+
+    def group_done(self, folders: Iterable[str]) -> list[str]:
+        """Record a group's folders; all folders to sync if it was the last group."""
+        with self._lock:
+            self._folders.update(folders)
+            self._left -= 1
+            return sorted(self._folders) if not self._left else []
+
+
+class FileBackend(Backend):
+    """A bounded, persistent, shareable byte store with one file per chunk."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        persistent=True, shared=True, bounded=True, listing=True, create_mode=True
+    )
+    options: FileOptions
+
+    def __init__(
+        self,
+        url: str,
+        options: BaseModel,
+        *,
+        capacity: int | None = None,
+        pool: BufferPool | None = None,
+        registry: PluginRegistry | None = None,
+    ) -> None:
+        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
+        if not isinstance(options, FileOptions):
+            raise ConfigError(f"{url}: options must be FileOptions, got {type(options).__name__}")
+        if capacity is None or capacity <= 0:
+            raise ConfigError(
+                f"tier {url!r} needs a positive capacity in bytes so that the folder cannot "
+                f"grow without bound (got {capacity!r}); set the tier's capacity, e.g. 100 GiB"
+            )
+        self.folder = Folder(root_from_url(url))
+        policy = self.registry.eviction_policy(options.eviction).load()()
+        self.index = ChunkIndex(self.folder, capacity, policy, options.rescan_interval)
+        self._mover = Mover(self.folder.root, fsync=options.fsync)
+        self._indexed = False
+
+    # -- the hooks (on the event loop) -------------------------------------------------
+
+    async def _open(self) -> None:
+        if self._indexed:
+            return
+        self._start_workers(self.options.threads)
+        await self._blocking(partial(self._open_sync, self._waker()))
+        self._indexed = True
+
+    async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
+        groups = self._groups(keys, self.index.sizes(keys))
+        calls = [partial(self._get_group, group) for group in groups]
+        return _flat(await self._pool().run_all(calls, orphan=_release_all))
+
+    async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
+        pool, wake = self._pool(), self._waker()
+        groups = self._groups(items, [buf.nbytes for _, buf in items])
+        sync = _FolderSync(len(groups)) if self.options.fsync else None
+        stop = threading.Event()
+        # Retained so that a caller releasing them after a cancel cannot recycle memory
+        # a thread still writes from; each group releases its own. Nothing awaits
+        # between here and run_all's submissions.
+        for _, buf in items:
+            buf.retain()
+        calls = [partial(self._put_group, group, mode, stop, sync, wake) for group in groups]
+        try:
+            results = await pool.run_all(calls)
+        except asyncio.CancelledError:
+            stop.set()  # the groups skip the keys they have not started
+            raise
+        return _flat(results)
+
+    async def _contains_unique(self, keys: list[str]) -> list[bool]:
+        return await self._blocking(partial(self._contains_batch, keys))
+
+    async def _delete_unique(self, keys: list[str]) -> list[bool]:
+        return await self._blocking(partial(self._delete_batch, keys))
+
+    async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
+        for shard in await self._blocking(partial(self._listing, self.folder.shards)):
+            listing = partial(self._listing, partial(self.folder.keys_in, shard, prefix))
+            for key in await self._blocking(listing):
+                yield key
+
+    async def _stats(self) -> BackendStats:
+        keys, used, reserved, evictions, counts = self.index.snapshot()
+        details: dict[str, Any] = {
+            "root": self.folder.root,
+            "o_direct": self.options.o_direct,
+            "fsync": self.options.fsync,
+            "threads": self.options.threads,
+            "reserved_bytes": reserved,
+            **counts,
+        }
+        return BackendStats(
+            keys=keys,
+            bytes_used=used,
+            capacity_bytes=self.index.capacity,
+            evictions=evictions,
+            details=details,
+        )
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _groups(self, items: Sequence[T], sizes: Sequence[int | None]) -> list[Sequence[T]]:
+        """A batch of blobs of ``sizes`` (``None``: unknown) cut into one run per thread,
+        fewer where a thread would move less than :data:`GROUP_BYTES`."""
+        nbytes = sum(GROUP_BYTES if size is None else size for size in sizes)
+        return _groups(items, max(1, min(self.options.threads, nbytes // GROUP_BYTES)))
+
+    def _pool(self) -> BlockingPool:
+        """The workers, for a batch spread over them."""
+        self._check_open()
+        if self.workers is None:
+            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+        return self.workers
+
+    def _waker(self) -> Wake:
+        """A :data:`Wake` for this event loop: it reports the evictions there, in the
+        order they happened (or at the next wake, should this loop be closed)."""
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # closed: a batch nobody awaits
+                loop.call_soon_threadsafe(self._report_evictions)
+
+        return wake
+
+    def _report_evictions(self) -> None:
+        self._evicted(self.index.take_evicted())
+
+    def _check_root(self) -> None:
+        """Raise ``BackendUnavailableError`` if the folder vanished (e.g. unmounted)."""
+        if not self.folder.exists():
+            raise BackendUnavailableError(f"{self.url}: folder {self.folder.root} is gone")
+
+    def _error(self, exc: OSError, action: str) -> BackendError:
+        """Translate an ``OSError``: a missing or inaccessible folder means unavailable."""
+        if not self.folder.usable():
+            return BackendUnavailableError(
+                f"{self.url}: folder {self.folder.root} is gone or not accessible ({exc})"
+            )
+        return BackendError(f"{self.url}: {action} failed: {exc}")
+
+    # -- blocking work, in the worker threads ------------------------------------------
+
+    def _open_sync(self, wake: Wake) -> None:
+        try:
+            os.makedirs(self.folder.temp_dir, exist_ok=True)
+            if self.options.o_direct and not o_direct_works(self.folder.new_temp(), self.pool):
+                raise ConfigError(
+                    f"{self.url}: the filesystem of {self.folder.root} refuses O_DIRECT (tmpfs "
+                    "and some network or FUSE filesystems do); set o_direct: false for this tier"
+                )
+            if self.index.scan():
+                wake()
+        except OSError as exc:
+            raise BackendUnavailableError(
+                f"{self.url}: cannot open {self.folder.root}: {exc}"
+            ) from exc
+
+    def _listing(self, call: Callable[[], list[str]]) -> list[str]:
+        try:
+            return call()
+        except OSError as exc:
+            raise self._error(exc, "listing") from exc
+
+    def _contains_batch(self, keys: Sequence[str]) -> list[bool]:
+        try:
+            found = self.index.knows(keys)
+            for i, key in enumerate(keys):
+                found[i] = found[i] or self.index.probe(key)
+            self._check_root()  # keys known from memory say nothing about the folder
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
+        return found
+
+    def _delete_batch(self, keys: Sequence[str]) -> list[bool]:
+        try:
+            deleted = [self.index.delete(key) for key in keys]
+            if not all(deleted):
+                self._check_root()
+        except OSError as exc:
+            raise self._error(exc, "delete") from exc
+        return deleted
+
+    def _get_group(self, keys: Sequence[str]) -> list[Buffer | None]:
+        out: list[Buffer | None] = []
+        try:
+            for key in keys:
+                out.append(self._read(key))
+            if None in out:  # a miss may mean the whole folder is gone
+                self._check_root()
+        except BaseException as exc:
+            _release_all(out)
+            if isinstance(exc, OSError):
+                raise self._error(exc, "read") from exc
+            raise
+        return out
+
+    def _read(self, key: str) -> Buffer | None:
+        direct = self.options.o_direct
+        fd = open_chunk(self.folder.path(key), direct=direct)
+        if fd is None:
+            self.index.missed(key)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            buf = read_all(fd, st.st_size, self.pool, direct=direct)
+            try:
+                with contextlib.suppress(OSError):  # the access time orders LRU on restart
+                    os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
+                self.index.read(key, fd, st.st_size)
+            except BaseException:
+                buf.release()
+                raise
+        finally:
+            os.close(fd)
+        return buf
+
+    def _put_group(
+        self,
+        items: Sequence[tuple[str, Buffer]],
+        mode: PutMode,
+        stop: threading.Event,
+        sync: _FolderSync | None,
+        wake: Wake,
+    ) -> list[bool]:
+        stored: list[bool] = []
+        try:
+            try:
+                for key, buf in items:
+                    stored.append(not stop.is_set() and self._put(key, buf, mode, wake))
+            finally:
+                _release_all(buf for _, buf in items)
+                placed = zip(items, stored, strict=False)
+                folders = {os.path.dirname(self.folder.path(k)) for (k, _), ok in placed if ok}
+                last = sync.group_done(folders) if sync is not None else []
+            for folder in last:  # after the renames: one journal commit covers them
+                fsync_dir(folder)
+        except OSError as exc:
+            raise self._error(exc, "write") from exc
+        return stored
+
+    def _put(self, key: str, buf: Buffer, mode: PutMode, wake: Wake) -> bool:
+        if self.index.rescan_if_due():
+            wake()
+        if mode is PutMode.CREATE and self.index.knows([key])[0] and self.index.probe(key):
+            return False
+        fits, evicted = self.index.make_room(buf.nbytes)
+        if evicted:
+            wake()
+        if not fits:
+            return False
+        try:
+            return self._write(key, buf, mode is PutMode.CREATE)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            self.index.count("rejected_no_space")
+            return False
+        finally:
+            self.index.unreserve(buf.nbytes)
+
+    def _write(self, key: str, buf: Buffer, create: bool) -> bool:
+        """Write ``buf`` to a temp file and move it to ``key``'s path; ``False`` if
+        ``create`` found the key present. The temp file never outlives the call. With
+        ``fsync`` the data is synced before the rename; the batch syncs the folders."""
+        path, temp = self.folder.path(key), self.folder.new_temp()
+        fd = create_temp(temp, direct=self.options.o_direct)
+        try:
+            write_all(fd, buf, self.pool, direct=self.options.o_direct)
+            now = time.time_ns()
+            os.utime(fd, ns=(now, now))  # exact times order LRU on restart
+            if self.options.fsync:
+                os.fsync(fd)
+            move = partial(self._mover.place, temp, path, create=create)
+            placed = self.index.place(key, buf.nbytes, move)
+            if not placed:
+                os.unlink(temp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        finally:
+            os.close(fd)  # releases the temp file's lock, after the rename
+        if not placed:  # another process stored the key: count its file
+            self.index.probe(key)
+        return placed
