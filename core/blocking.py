@@ -71,7 +71,15 @@ class BlockingPool:
         likewise every result when the awaiting task is cancelled."""
         if not calls:
             return []
-        futures = [self.submit(call) for call in calls]
+        futures: list[Future[T]] = []
+        try:
+            for call in calls:
+                futures.append(self.submit(call))
+        except BackendUnavailableError:  # shut down meanwhile: the ones started run on
+            if orphan is not None:
+                for future in futures:
+                    future.add_done_callback(lambda f: _hand_over(f, orphan))
+            raise
         waiting = [asyncio.wrap_future(f) for f in futures]
         try:
             await asyncio.wait(waiting)
