@@ -20,10 +20,12 @@ import torch
 from servers._process import free_port
 from servers.valkey import TLSProxy, ValkeyCluster, ValkeyServer
 
-from kvtier.backends.redis.backend import RedisBackend, Target, parse_url
+from kvtier.backends.redis import resp, transport
+from kvtier.backends.redis.backend import RedisBackend
+from kvtier.backends.redis.url import Target, parse_url
 from kvtier.core import KVLayout, KVTier
-from kvtier.core.backend import PutMode
-from kvtier.core.buffers import BufferPool
+from kvtier.core.backend import Backend, PutMode
+from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.errors import (
     BackendError,
     BackendUnavailableError,
@@ -94,11 +96,45 @@ def session(url: str, body: Callable[[RedisBackend], Coroutine[Any, Any, T]], **
 # -- the conformance suite -------------------------------------------------------------
 
 
-class TestRedisConformance(BackendConformance):
+def stored_name(backend: Backend, key: str) -> str:
+    """The server key under which ``backend`` stores chunk ``key``."""
+    return f"{backend.options.key_prefix}{{{key}}}"
+
+
+class RawRedis(BackendConformance):
+    """Out-of-band reads and writes of what the backend stores, with a plain redis-py
+    client: a chunk is one string value, or a split hash whose parts are joined."""
+
+    def raw_client(self) -> Any:
+        raise NotImplementedError
+
+    def raw_write(self, backend: Backend, key: str, data: bytes) -> None:
+        client = self.raw_client()
+        try:
+            client.set(stored_name(backend, key), data)
+        finally:
+            client.close()
+
+    def raw_read(self, backend: Backend, key: str) -> bytes | None:
+        name = stored_name(backend, key)
+        client = self.raw_client()
+        try:
+            if client.type(name) != b"hash":
+                return client.get(name)
+            fields = client.hgetall(name)
+        finally:
+            client.close()
+        return b"".join(fields[b"p%d" % i] for i in range(int(fields[b"n"])))
+
+
+class TestRedisConformance(RawRedis):
     @pytest.fixture
     def backend_url(self, valkey_server: ValkeyServer) -> str:
         self.server = valkey_server
         return valkey_server.url
+
+    def raw_client(self) -> Any:
+        return raw(self.server)
 
     def stop_server(self, url: str) -> None:
         self.server.stop()  # the fixture restarts it for the next test
@@ -110,14 +146,41 @@ class TestRedisSplitConformance(TestRedisConformance):
     options = {"max_value_bytes": 64 * KiB, "parallel": 2}
 
 
-class TestRedisClusterConformance(BackendConformance):
+class TestRedisClusterConformance(RawRedis):
     @pytest.fixture
     def backend_url(self, valkey_cluster: ValkeyCluster) -> str:
         self.cluster = valkey_cluster
         return valkey_cluster.url
 
+    def raw_client(self) -> Any:
+        return redis.RedisCluster(host="127.0.0.1", port=self.cluster.nodes[0].port)
+
     def stop_server(self, url: str) -> None:
         self.cluster.stop()  # the fixture restarts it for the next test
+
+
+@pytest.fixture
+def unknown_redis_py(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redis-py release the fast path does not know: batches must take the stock
+    path, and never touch the fast one."""
+    monkeypatch.setattr(redis, "__version__", "99.0.0")
+
+    async def fast_path(*args: Any) -> None:
+        raise AssertionError("the fast path ran with an unknown redis-py release")
+
+    monkeypatch.setattr(transport, "exchange", fast_path)
+
+
+@pytest.mark.usefixtures("unknown_redis_py")
+class TestRedisStockConformance(TestRedisConformance):
+    """The suite through redis-py's public pipeline API, split blobs included."""
+
+    options = {"max_value_bytes": 64 * KiB}
+
+
+@pytest.mark.usefixtures("unknown_redis_py")
+class TestRedisClusterStockConformance(TestRedisClusterConformance):
+    """The suite through redis-py's cluster pipeline."""
 
 
 # -- URLs and options ------------------------------------------------------------------
@@ -198,8 +261,11 @@ def test_without_redis_the_plugin_registers_and_names_the_extra(
     monkeypatch.setitem(sys.modules, "redis", None)  # import redis fails
     monkeypatch.delitem(sys.modules, "kvtier.backends.redis")
     monkeypatch.delitem(sys.modules, "kvtier.backends.redis.backend")
+    monkeypatch.delitem(sys.modules, "kvtier.backends.redis.url")
     registry = PluginRegistry(entry_points=False)  # imports the plugin module again
     assert registry.backend_for_url("redis+cluster://h:1").name == "redis"
+    with pytest.raises(ConfigError, match="port 'x' is not a number"):
+        build_backend("redis://127.0.0.1:x", registry=registry)  # checked without redis-py
     with pytest.raises(MissingExtraError, match=r"pip install 'kvtier\[redis\]'"):
         build_backend("redis://127.0.0.1:6379", registry=registry)
 
@@ -435,14 +501,16 @@ def test_unreachable_server_is_unavailable_at_open() -> None:
 
 
 def test_full_server_rejects_writes_and_keeps_serving(valkey_factory) -> None:
-    server = valkey_factory("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
-    values = {key(i): data(i, 256 * KiB) for i in range(16)}
+    # 4 MiB: the server counts each connection's query buffer (up to a value's size,
+    # kept a while after a large write) against maxmemory, so "room again" needs slack.
+    server = valkey_factory("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    values = {key(i): data(i, 256 * KiB) for i in range(24)}
 
     async def body(backend: RedisBackend) -> None:
         stored = []
         for k, v in values.items():
             stored += await put(backend, {k: v})
-        assert False in stored, "2 MiB of maxmemory took 4 MiB of writes"
+        assert False in stored, "4 MiB of maxmemory took 6 MiB of writes"
         assert True in stored
         assert (await backend.stats()).details["rejected_oom"] == stored.count(False)
         kept = [k for k, ok in zip(values, stored, strict=True) if ok]
@@ -526,6 +594,200 @@ def test_cancelled_large_writes_never_complete_with_reused_memory(
     session(valkey_server.url, body)
 
 
+def test_the_fast_path_is_used_only_with_known_redis_py_releases() -> None:
+    for release in ("7.4.1", "8.1.0", "8.2.0", "8.2.13"):
+        assert transport.fast_path_works(release), release
+    for release in ("5.0.1", "7.3.0", "8.0.1", "8.3.0", "9.0.0", "99.0.0"):
+        assert not transport.fast_path_works(release), release
+
+
+@pytest.mark.parametrize("release", ["installed", "unknown"])
+def test_each_redis_py_release_takes_its_data_path(
+    request: pytest.FixtureRequest, valkey_server: ValkeyServer, release: str
+) -> None:
+    if release == "unknown":
+        request.getfixturevalue("unknown_redis_py")
+    values = {key(i): data(i, n) for i, n in enumerate([0, 10, 64 * KiB, 3 * MiB + 1])}
+
+    async def body(backend: RedisBackend) -> str:
+        assert await put(backend, values) == [True] * 4
+        assert await put(backend, values, PutMode.CREATE) == [False] * 4
+        assert await get(backend, [*values, key(9)]) == [*values.values(), None]
+        assert await backend.delete_many(list(values)) == [True] * 4
+        return str((await backend.stats()).details["data_path"])
+
+    fast = release == "installed" and transport.fast_path_works()
+    assert session(valkey_server.url, body, max_value_bytes=MiB) == (
+        "direct" if fast else "redis-py"
+    )
+
+
+@pytest.mark.parametrize("release", ["installed", "unknown"])
+def test_create_is_one_round_trip_per_batch_split_values_included(
+    request: pytest.FixtureRequest,
+    valkey_server: ValkeyServer,
+    monkeypatch: pytest.MonkeyPatch,
+    release: str,
+) -> None:
+    if release == "unknown":
+        request.getfixturevalue("unknown_redis_py")
+    pipelines = []
+    run_slice = transport.Transport._slice
+
+    async def counted(self: Any, node: Any, jobs: list) -> Any:
+        pipelines.append(len(jobs))
+        return await run_slice(self, node, jobs)
+
+    monkeypatch.setattr(transport.Transport, "_slice", counted)
+    first = {key(1): data(1, 100), key(2): data(2, 300 * KiB), key(3): data(3, 5)}
+    second = {key(2): data(4, 200 * KiB), key(4): data(5, 150 * KiB), key(5): b"new"}
+
+    async def body(backend: RedisBackend) -> None:
+        assert await put(backend, first, PutMode.CREATE) == [True] * 3
+        assert pipelines == [3], "the parts and the publish script went in one pipeline"
+        assert await put(backend, second, PutMode.CREATE) == [False, True, True]
+        assert pipelines == [3, 3]
+        assert await get(backend, [*first, key(4)]) == [*first.values(), second[key(4)]]
+        stats = await backend.stats()
+        assert stats.details["split_writes"] == 2
+
+    session(valkey_server.url, body, max_value_bytes=64 * KiB, parallel=1)
+    with raw(valkey_server) as client:
+        assert not [n for n in client.keys("*") if b":tmp:" in n], "a refused split left parts"
+
+
+@pytest.mark.parametrize("release", ["installed", "unknown"])
+def test_a_stalled_server_fails_after_the_socket_timeout(
+    request: pytest.FixtureRequest, valkey_factory, release: str
+) -> None:
+    if release == "unknown":
+        request.getfixturevalue("unknown_redis_py")
+    server = valkey_factory()
+    value = data(1, MiB)
+
+    async def body(backend: RedisBackend) -> None:
+        assert await put(backend, {key(1): value}) == [True]
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.perf_counter()
+            with pytest.raises(BackendUnavailableError, match="unavailable"):
+                await backend.get_many([key(1)])
+            assert 0.4 < time.perf_counter() - start < 5
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert await get(backend, [key(1)]) == [value], "a fresh connection serves again"
+
+    session(server.url, body, socket_timeout=0.5)
+
+
+def test_a_server_that_went_away_is_noticed_at_once(valkey_factory) -> None:
+    """A pooled connection whose server closed it fails fast (then the next one is
+    tried), never waiting out the socket timeout."""
+    server = valkey_factory()
+
+    async def body(backend: RedisBackend) -> None:
+        assert await put(backend, {key(1): b"v"}) == [True]
+        server.stop()
+        for settle in (0, 0.1):
+            await asyncio.sleep(settle)  # the event loop may or may not have seen the EOF
+            start = time.perf_counter()
+            with pytest.raises(BackendUnavailableError, match="unavailable"):
+                await backend.get_many([key(1)])
+            assert time.perf_counter() - start < 2
+
+    session(server.url, body, socket_timeout=10)
+
+
+# -- RESP on the fast path -------------------------------------------------------------
+
+
+def feed(parser: resp.ReplyParser, stream: bytes, piece: int) -> None:
+    """Deliver ``stream`` to ``parser`` at most ``piece`` bytes at a time, as a socket
+    might; it must be complete exactly at the end."""
+    done = 0
+    while done < len(stream):
+        into = parser.buffer()
+        count = min(into.nbytes, piece, len(stream) - done)
+        assert count > 0, "the parser offered no room"
+        into[:count] = stream[done : done + count]
+        done += count
+        assert parser.received(count) == (done == len(stream)), f"at byte {done}"
+
+
+@pytest.mark.parametrize("piece", [1, 3, 4096, 100_000, 1 << 30])
+def test_replies_parse_whatever_pieces_the_socket_delivers(piece: int) -> None:
+    pool = BufferPool()
+    padded = data(1, resp.POOLED_MIN + 5)  # its CRLF fits in its pool block
+    exact = data(2, 2 * resp.POOLED_MIN)  # fills its block: the CRLF comes separately
+    stream = b"".join(
+        [
+            b"+OK\r\n:-42\r\n$-1\r\n$3\r\nabc\r\n$0\r\n\r\n",
+            b"-OOM command not allowed\r\n-WRONGTYPE Operation against a key\r\n",
+            b"*-1\r\n*0\r\n*2\r\n*2\r\n$1\r\nn\r\n:3\r\n",
+            b"$%d\r\n%s\r\n" % (len(padded), padded),
+            b"$%d\r\n%s\r\n" % (len(exact), exact),
+        ]
+    )
+    parser = resp.ReplyParser(pool)
+    for _ in range(2):  # a parser serves one pipeline after another
+        parser.start(11)
+        feed(parser, stream, piece)
+        got = parser.take()
+        assert got[:5] == [b"OK", -42, None, b"abc", b""]
+        assert isinstance(got[5], redis.exceptions.OutOfMemoryError)
+        assert isinstance(got[6], redis.ResponseError) and str(got[6]).startswith("WRONGTYPE")
+        assert got[7:9] == [None, []]
+        nested, big = got[9], got[10]
+        assert nested[0] == [b"n", 3] and isinstance(nested[1], Buffer)
+        assert bytes(nested[1].view) == padded and bytes(big.view) == exact
+        nested[1].release()
+        big.release()
+    assert pool.allocations == 2 and pool.reuses == 2, "pooled replies came from the pool"
+
+
+@pytest.mark.parametrize(
+    ("stream", "problem"),
+    [
+        (b"+OK\r\n+OK\r\n", "more replies than commands"),
+        (b"?what\r\n", "unknown reply type"),
+        (b"$3\r\nabcXY", "does not end with CRLF"),
+        (b"$%d\r\n%sXY" % (resp.POOLED_MIN, b"x" * resp.POOLED_MIN), "does not end with CRLF"),
+    ],
+)
+def test_bytes_that_are_not_resp_are_refused(stream: bytes, problem: str) -> None:
+    parser = resp.ReplyParser(BufferPool())
+    parser.start(1)
+    with pytest.raises(redis.exceptions.InvalidResponse, match=problem):
+        feed(parser, stream, 1 << 30)
+
+
+def test_an_abandoned_pipeline_returns_its_buffers() -> None:
+    pool = BufferPool()
+    parser = resp.ReplyParser(pool)
+    parser.start(2)
+    whole = b"$%d\r\n%s\r\n" % (resp.POOLED_MIN, b"a" * resp.POOLED_MIN)
+    half = b"*2\r\n" + whole + b"$%d\r\n" % (2 * resp.POOLED_MIN) + b"b" * 1000
+    into = parser.buffer()
+    into[: len(half)] = half
+    assert not parser.received(len(half))
+    parser.abandon()
+    assert pool.idle_bytes == 3 * resp.POOLED_MIN, "both leases went back to the pool"
+
+
+def test_errors_are_redis_py_exceptions_and_values_are_sent_in_place() -> None:
+    moved = resp.error_reply("MOVED 3999 127.0.0.1:6381")
+    assert isinstance(moved, redis.exceptions.MovedError) and moved.slot_id == 3999
+    assert type(resp.error_reply("ERR unknown command")) is redis.ResponseError
+    value = memoryview(data(1, resp.INLINE_MAX))
+    pieces = resp.pack([("SET", "k", value, "PX", 5), ("GET", b"k")])
+    assert pieces[1] is value, "a large value is sent from the caller's memory"
+    assert b"".join(pieces) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%s\r\n$2\r\nPX\r\n$1\r\n5\r\n"
+        b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" % (value.nbytes, value)
+    )
+
+
 # -- the cluster -----------------------------------------------------------------------
 
 
@@ -542,6 +804,25 @@ def test_cluster_spreads_keys_over_every_node(valkey_cluster: ValkeyCluster) -> 
     for node in valkey_cluster.nodes:
         with raw(node) as client:
             assert client.dbsize() > 0, f"node {node.port} holds no chunk"
+
+
+def test_a_stale_slot_table_is_corrected_by_the_cluster(valkey_cluster: ValkeyCluster) -> None:
+    """A command the fast path sends to the wrong node (MOVED) runs again through
+    redis-py's cluster pipeline, which also corrects the slot table."""
+    value = data(1, 300 * KiB)
+
+    async def body(backend: RedisBackend) -> None:
+        client: Any = backend._transport.client  # type: ignore[union-attr]
+        slot = client.keyslot(stored_name(backend, key(1)))
+        right = client.nodes_manager.slots_cache[slot][0]
+        wrong = next(n for n in client.get_primaries() if n.name != right.name)
+        client.nodes_manager.slots_cache[slot] = [wrong]
+        assert await put(backend, {key(1): value}) == [True]
+        client.nodes_manager.slots_cache[slot] = [wrong]
+        assert await get(backend, [key(1)]) == [value]
+        assert client.nodes_manager.slots_cache[slot][0].name == right.name
+
+    session(valkey_cluster.url, body)
 
 
 # -- faults through the engine ---------------------------------------------------------

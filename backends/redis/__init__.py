@@ -13,9 +13,10 @@ Everything else goes in the tier's ``options`` (:class:`RedisOptions`), e.g.::
       options: {key_prefix: "kv:", ttl: 86400, refresh_ttl: true, tls: true,
                 ssl_ca_certs: /etc/ssl/ca.pem, username: kvtier, password: "..."}
 
-This module only registers the backend: redis-py is imported when a tier is built
-(``kvtier.backends.redis.backend``), so without it a tier says ``pip install
-'kvtier[redis]'``.
+This module only registers the backend, and its URLs are checked by
+:func:`~kvtier.backends.redis.url.parse_url`: redis-py is imported when a tier is built
+(``kvtier.backends.redis.backend``), so without it a bad URL is still named, and a good
+one says ``pip install 'kvtier[redis]'``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from kvtier.backends.redis.url import SCHEMES, parse_url
 from kvtier.core.config import ByteSize
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
-
-SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
 
 
 class RedisOptions(BaseModel):
@@ -109,6 +109,7 @@ def kvtier_backends() -> list[BackendSpec]:
             schemes=SCHEMES,
             cls="kvtier.backends.redis.backend:RedisBackend",
             options=RedisOptions,
+            check_url=parse_url,
             extra="redis",
             description="Redis or Valkey server or cluster (redis-py asyncio)",
         )
