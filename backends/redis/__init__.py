@@ -17,6 +17,11 @@ This module only registers the backend, and its URLs are checked by
 :func:`~kvtier.backends.redis.url.parse_url`: redis-py is imported when a tier is built
 (``kvtier.backends.redis.backend``), so without it a bad URL is still named, and a good
 one says ``pip install 'kvtier[redis]'``.
+
+The package: ``url`` (URLs, no redis-py), ``client`` (the redis-py client, checks at
+open, error translation), ``transport`` (batches as pipelines; the version-checked fast
+path), ``resp`` (its RESP2 packing and parsing into pool buffers), ``split`` (blobs
+over the server's value size) and ``backend`` (the tier).
 """
 
 from __future__ import annotations

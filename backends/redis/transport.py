@@ -184,7 +184,9 @@ class Receiver(asyncio.BufferedProtocol):
         self.watch = loop.call_later(every, self._check, transport, every, mark)
 
 
-async def exchange(conn: Any, commands: Sequence[Command], pool: BufferPool, stall: float) -> Any:
+async def exchange(
+    conn: Any, commands: Sequence[Command], pool: BufferPool, stall: float
+) -> list[Reply]:
     """Run ``commands`` as one pipeline on redis-py connection ``conn`` (connected) on
     the fast path; see :meth:`Receiver.exchange`."""
     writer = conn._writer
@@ -312,16 +314,17 @@ class Transport:
         cluster node), retried on a fresh connection after a connection error."""
         node = isinstance(source, ClusterNode)
         conn = source.acquire_connection() if node else await source.get_connection()
+        failures = 0
         try:
-            for attempt in range(self.retries + 1):
+            while True:
                 try:
                     if not conn.is_connected:
                         await conn.connect()
-                    return await exchange(conn, commands, self.pool, self.stall_after)  # type: ignore[no-any-return]
+                    return await exchange(conn, commands, self.pool, self.stall_after)
                 except _LOST:
-                    if attempt == self.retries:
+                    failures += 1
+                    if failures > self.retries:
                         raise
-            raise AssertionError("unreachable")
         finally:
             if node:
                 source.release(conn)
