@@ -41,8 +41,9 @@ import torch
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
-from kvtier.core.blob import CodecPipeline, decode_blob
+from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
@@ -115,7 +116,7 @@ def encode_chunks(
     for i in range(count):
         key = f"bench.{i:032x}"
         chunk = kv[:, :, i * chunk_tokens : (i + 1) * chunk_tokens]
-        items.append((key, pipeline.encode(key, chunk, pool)))
+        items.append((key, pipeline.encode(key, chunk, pool).buf))
     return items, tokens, kv
 
 

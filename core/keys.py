@@ -241,7 +241,7 @@ class ChunkHasher:
         if self.algorithm == "sha256_cbor":
             return sha256_cbor((parent, tuple(tokens.tolist()), extra))
         # The length keeps a token run from passing for extra keys.
-        parts = [parent, len(tokens).to_bytes(8, "little"), tokens.data]
+        parts: list[bytes | memoryview] = [parent, len(tokens).to_bytes(8, "little"), tokens.data]
         if extra is not None:
             parts.append(cbor2.dumps(extra, canonical=True))
         return xxhash.xxh3_128_digest(b"".join(parts))
