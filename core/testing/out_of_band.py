@@ -92,7 +92,11 @@ class OutOfBandTests(SuiteBase):
         buf = h.blob(70_000)
 
         async def body(backend: Backend) -> None:
-            self.raw_write(backend, raw_key, os.urandom(5000))
+            data = os.urandom(5000)
+            self.raw_write(backend, raw_key, data)
+            assert self.raw_read(backend, raw_key) == data, (
+                "the test class's raw_read does not return what its raw_write stored"
+            )
             assert await backend.put_many([(put_key, buf)]) == [True]
             deleted = await backend.delete_many([raw_key, miss, put_key])
             assert deleted == [True, False, True], (
