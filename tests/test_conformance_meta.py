@@ -48,9 +48,9 @@ Broken = TypeVar("Broken", bound=MemoryBackend)
 def stored_blobs(backend: Backend) -> dict[str, Buffer]:
     """The key -> blob mapping of the RAM store behind ``backend``: the meta-tests' only
     look inside ``MemoryBackend`` (repoint it when that store moves)."""
-    store = backend._store() if isinstance(backend, SharedMemory) else backend
-    assert isinstance(store, MemoryBackend)
-    return store._blobs
+    home = backend._home() if isinstance(backend, SharedMemory) else backend
+    assert isinstance(home, MemoryBackend)
+    return home.store.blobs
 
 
 HOMES: dict[str, MemoryBackend] = {}
@@ -73,7 +73,7 @@ class SharedMemory(MemoryBackend):
         verified_reads=False,
     )
 
-    def _store(self) -> MemoryBackend:
+    def _home(self) -> MemoryBackend:
         if self.url in STOPPED:
             raise BackendUnavailableError(f"{self.url}: the store is down")
         if self.url not in HOMES:
@@ -81,26 +81,26 @@ class SharedMemory(MemoryBackend):
         return HOMES[self.url]
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
-        return await self._store()._get_unique(keys)
+        return await self._home()._get_unique(keys)
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         copies = [(key, self.pool.copy_of(buf.view)) for key, buf in items]
         try:
-            return await self._store()._put_unique(copies, mode)
+            return await self._home()._put_unique(copies, mode)
         finally:
             release_all(buf for _, buf in copies)
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
-        return await self._store()._contains_unique(keys)
+        return await self._home()._contains_unique(keys)
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
-        return await self._store()._delete_unique(keys)
+        return await self._home()._delete_unique(keys)
 
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
-        return self._store()._iter_keys(prefix)
+        return self._home()._iter_keys(prefix)
 
     async def _stats(self) -> BackendStats:
-        return await self._store()._stats()
+        return await self._home()._stats()
 
     async def _close(self) -> None:
         """The store outlives its clients."""
@@ -372,7 +372,7 @@ class ForgetsOnClose(SharedMemory):
     """A persistent store that loses its data when a client closes."""
 
     async def _close(self) -> None:
-        await self._store()._close()
+        await self._home()._close()
 
 
 @catches("test_invalid_key_rejected", r"contains_many with .* did not raise ConfigError")
@@ -404,10 +404,10 @@ class ListsWhenClosed(MemoryBackend):
 class UntranslatedOutage(SharedMemory):
     """Lets the client's connection error escape instead of ``BackendUnavailableError``."""
 
-    def _store(self) -> MemoryBackend:
+    def _home(self) -> MemoryBackend:
         if self.url in STOPPED:
             raise ConnectionRefusedError(111, "Connection refused")
-        return super()._store()
+        return super()._home()
 
 
 # -- broken backends: capacity and concurrency -----------------------------------------
