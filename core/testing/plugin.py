@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-pytest.register_assert_rewrite("kvtier.core.testing.conformance")
+SUITE_MODULES = "base batches capacity concurrency conformance harness lifetime out_of_band"
+"""Modules of ``kvtier.core.testing`` whose asserts pytest rewrites (the suite's)."""
+pytest.register_assert_rewrite(*(f"kvtier.core.testing.{name}" for name in SUITE_MODULES.split()))
 
 
 @dataclass(frozen=True)
