@@ -6,6 +6,7 @@ riding out an index outage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -619,3 +620,29 @@ def test_chain_rides_out_an_index_outage(valkey_factory: ValkeyFactory) -> None:
         for tokens, kv in (before, during):
             n, got = cache.retrieve(tokens)
             assert n == 2 * CHUNK and torch.equal(got, kv)
+
+
+def test_close_returns_while_a_heartbeat_swallows_its_cancel(
+    valkey_server: ValkeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py's asyncio pipeline can ignore a cancel that arrives as it starts and
+    return normally; close() must not then wait for a heartbeat that beats on."""
+    from kvtier.backends.nixl.index import PeerIndex
+
+    beating = asyncio.Event()
+
+    async def deaf_heartbeat(self: PeerIndex) -> bool:
+        beating.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the pipeline does
+            await asyncio.sleep(0.05)
+        return True
+
+    monkeypatch.setattr(PeerIndex, "heartbeat", deaf_heartbeat)
+
+    async def body() -> None:
+        backend = open_backend(f"nixl://{group()}", BufferPool(), index=valkey_server.url, ttl=0.6)
+        await backend.open()
+        await asyncio.wait_for(beating.wait(), 5)
+        await asyncio.wait_for(backend.close(), 5)
+
+    run(body)

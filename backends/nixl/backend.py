@@ -65,9 +65,11 @@ class NixlBackend(Backend):
     """The ``nixl`` tier; see the module docstring. :attr:`store` holds this process's
     chunks; index writes are serialised on the event loop it is opened in."""
 
+    # Not ``shared``: peers read each other's chunks, but each process owns its own
+    # (a CREATE or delete acts on this process's chunks only).
     capabilities = Capabilities(
         persistent=False,
-        shared=True,
+        shared=False,
         bounded=True,
         listing=True,
         create_mode=True,

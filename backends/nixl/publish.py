@@ -49,6 +49,7 @@ class Publisher:
         self._metadata: Metadata | None = None
         self._flush_lock = asyncio.Lock()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
 
     def changed(self, key: str, location: Location | None) -> None:
         """``key`` is now stored at ``location`` (``None``: gone, or not readable by
@@ -110,7 +111,7 @@ class Publisher:
     async def _beat(self, index: PeerIndex, interval: float) -> None:
         """Renew this agent's TTLs; publish again in full when the index lost our
         record, and write changes an earlier failure left."""
-        while True:
+        while not self._closing:  # a redis-py pipeline may swallow a cancel: check too
             await asyncio.sleep(interval)
             try:
                 if not await index.heartbeat():
@@ -125,11 +126,11 @@ class Publisher:
 
     async def close(self) -> None:
         """Stop the heartbeat and withdraw every entry (best effort: they expire anyway)."""
+        self._closing = True
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None:
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.wait({heartbeat}, timeout=CLOSE_TIMEOUT_S)
         index, self._index = self._index, None
         if index is None:
             return
