@@ -61,11 +61,13 @@ class S3Backend(Backend):
     """An unbounded, persistent, shared byte store: one S3 object per chunk.
 
     ``capabilities.create_mode``: ``PutMode.CREATE`` costs one conditional request per
-    chunk and is atomic between concurrent writers where the store honours
-    ``If-None-Match`` (AWS since 2024, MinIO, Ceph, SeaweedFS). Where it does not
-    (``conditional_put: emulated``, or ``auto`` found it ignored), CREATE is a HEAD
-    then a PUT: what ``contains_many`` then ``OVERWRITE`` would cost, and like them
-    not atomic between concurrent writers.
+    chunk where the store honours ``If-None-Match`` (AWS since 2024, MinIO, Ceph,
+    SeaweedFS), atomic between concurrent writers for blobs sent in one PUT, and for
+    multipart uploads where the store's conditional completion is (see
+    :mod:`~kvtier.backends.s3.writes`). Where it does not (``conditional_put:
+    emulated``, or ``auto`` found it ignored), CREATE is a HEAD then a PUT: what
+    ``contains_many`` then ``OVERWRITE`` would cost, and like them not atomic between
+    concurrent writers.
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities(

@@ -9,9 +9,12 @@ absent or complete. Request bodies are zero-copy views of the pool buffer.
 ``PutMode.CREATE`` is one conditional request where the store honours
 ``If-None-Match: *`` (``conditional_put``: ``native``, or ``auto`` once a probe found
 it): the PUT, or the multipart upload's completion, which the store refuses if the
-key exists. That is atomic between concurrent writers, and costs no HEAD; a multipart
-CREATE of a key that exists uploads its parts before the completion is refused (and
-the upload aborted). Where the store ignores the header (``emulated``), CREATE is a
+key exists. It costs no HEAD; a multipart CREATE of a key that exists uploads its
+parts before the completion is refused (and the upload aborted). A conditional PUT
+is atomic between concurrent writers (AWS, MinIO, SeaweedFS); a conditional
+completion is as atomic as the store makes it: AWS and MinIO check under a lock,
+SeaweedFS 4.48 lets several racing completions of one key succeed (the last one's
+value stays, whole). Where the store ignores the header (``emulated``), CREATE is a
 HEAD and then a plain write: two requests, not atomic between concurrent writers.
 """
 
