@@ -118,10 +118,9 @@ class S3Backend(Backend):
         )
 
     async def _close(self) -> None:
-        """Wait for the requests queued and in flight, then disconnect."""
+        """Disconnect (the workers, and with them every request, have ended)."""
         connected, self._connected = self._connected, None
         if connected is not None:
-            await connected.workers.shutdown()  # before the client they use goes
             connected.bucket.close()
 
     def _io(self) -> _Connected:
