@@ -51,8 +51,9 @@ from botocore.config import Config
 
 from kvtier.backends.s3 import S3Options
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.blob import CodecPipeline, decode_blob
+from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
@@ -122,7 +123,7 @@ def real_blobs(shape: tuple[int, ...], count: int, pool: BufferPool) -> list[tup
         gen = torch.Generator().manual_seed(i)
         chunk = torch.randn(shape, generator=gen).to(torch.float16)
         key = f"bench.{i:032x}"
-        items.append((key, pipeline.encode(key, chunk, pool)))
+        items.append((key, pipeline.encode(key, chunk, pool).buf))  # the blob's reference
     return items
 
 
