@@ -13,6 +13,8 @@ For each size, at least ``--run-mib`` MiB per timed run:
   upload of 8 MiB parts) against boto3 ``put_object`` of the same bytes (as ``bytes``,
   made untimed) from ``--concurrency`` threads, and for 32 MiB also against boto3
   multipart uploads cut into the same parts (the same requests, raw);
+* put with ``PutMode.CREATE`` (how the tier chain writes) into absent keys (deleted
+  untimed before each run) against boto3 ``put_object`` with ``If-None-Match: *``;
 * get: ``get_many`` (ranged GETs straight into pool buffers) against boto3
   ``get_object()["Body"].read()`` (what boto3 code does: a new ``bytes`` per object)
   and, as a stricter baseline, ``readinto`` into preallocated, touched buffers;
@@ -48,9 +50,10 @@ import torch
 from botocore.config import Config
 
 from kvtier.backends.s3 import S3Options
-from kvtier.core.backend import Backend
-from kvtier.core.blob import CodecPipeline, decode_blob
+from kvtier.core.backend import Backend, PutMode
+from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry
 
@@ -66,7 +69,7 @@ CHUNKS: dict[str, tuple[int, ...]] = {
 }
 TARGET = 0.9
 """Minimum tier / raw ratio reported against, for the baselines in ``TARGETED``."""
-TARGETED = ("boto3 put_object", "boto3 multipart", "boto3 read()")
+TARGETED = ("boto3 put_object", "boto3 multipart", "boto3 If-None-Match", "boto3 read()")
 DEFAULTS = S3Options()
 
 
@@ -120,7 +123,7 @@ def real_blobs(shape: tuple[int, ...], count: int, pool: BufferPool) -> list[tup
         gen = torch.Generator().manual_seed(i)
         chunk = torch.randn(shape, generator=gen).to(torch.float16)
         key = f"bench.{i:032x}"
-        items.append((key, pipeline.encode(key, chunk, pool)))
+        items.append((key, pipeline.encode(key, chunk, pool).buf))  # the blob's reference
     return items
 
 
@@ -181,6 +184,14 @@ class S3Bench:
         def raw_put(i: int) -> None:
             self.client.put_object(Bucket=bucket, Key=raw_names[i], Body=payloads[i])
 
+        def raw_create(i: int) -> None:
+            self.client.put_object(
+                Bucket=bucket, Key=raw_names[i], Body=payloads[i], IfNoneMatch="*"
+            )
+
+        def raw_delete(i: int) -> None:
+            self.client.delete_object(Bucket=bucket, Key=raw_names[i])
+
         def raw_read(i: int) -> None:
             body = self.client.get_object(Bucket=bucket, Key=raw_names[i])["Body"]
             assert len(body.read()) == items[i][1].nbytes
@@ -203,6 +214,17 @@ class S3Bench:
                 result = await compare(nbytes, self.reps, put, raw)
                 self.add(name, size, "put", "put_many", result, "boto3 multipart")
 
+            create = Measured(
+                partial(self.create_all, tier, batches),
+                before=partial(Bench.delete, tier, keys),
+            )
+            raw = Measured(
+                partial(self.parallel, raw_create, count),
+                before=partial(self.parallel, raw_delete, count),
+            )
+            result = await compare(nbytes, self.reps, create, raw)
+            self.add(name, size, "put", "put_many(CREATE)", result, "boto3 If-None-Match")
+
             get = Bench.get_all(tier, keys)
             raw = Measured(partial(self.parallel, raw_read, count))
             result = await compare(nbytes, self.reps, get, raw)
@@ -221,6 +243,12 @@ class S3Bench:
             await tier.close()
             for buf in (*(b for _, b in items), *targets):
                 buf.release()
+
+    @staticmethod
+    async def create_all(tier: Backend, batches: list[list[tuple[str, Buffer]]]) -> None:
+        for batch in batches:
+            stored = await tier.put_many(batch, PutMode.CREATE)
+            assert all(stored), "a benchmark key existed before its CREATE"
 
     def multipart(self, names: list[str], payloads: list[bytes]) -> None:
         """Multipart uploads cut as the tier cuts them, every part on the thread pool."""
@@ -298,7 +326,7 @@ class S3Bench:
 def table(rows: list[Row], batch: int, concurrency: int) -> str:
     head = (
         f"{'chunk (batch ' + str(batch) + ', ' + str(concurrency) + ' conns)':<34} "
-        f"{'op':<4} {'tier':<16} {'GB/s':>6}  {'raw baseline':<17} {'GB/s':>6} {'ratio':>6}"
+        f"{'op':<4} {'tier':<16} {'GB/s':>6}  {'raw baseline':<19} {'GB/s':>6} {'ratio':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -307,7 +335,7 @@ def table(rows: list[Row], batch: int, concurrency: int) -> str:
         if r.target is not None:
             verdict = f"  >= {r.target}x {'ok' if r.ratio >= r.target else 'MISSED'}"
         lines.append(
-            f"{label:<34} {r.op:<4} {r.tier:<16} {r.tier_gbps:6.3f}  {r.raw:<17} "
+            f"{label:<34} {r.op:<4} {r.tier:<16} {r.tier_gbps:6.3f}  {r.raw:<19} "
             f"{r.raw_gbps:6.3f} {r.ratio:6.2f}{verdict}"
         )
     return "\n".join(lines)

@@ -1,61 +1,56 @@
-"""Blocking calls of one operation, run on a bounded thread pool for the event loop."""
+"""Concurrency of the s3 tier above its :class:`~kvtier.core.blocking.BlockingPool`:
+the per-key steps of a batch as tasks (:func:`each`), and the blocking calls of one
+key's transfer grouped so that what they use is cleaned up once all of them ended
+(:class:`Operation`)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
-from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.blocking import BlockingPool
 
+A = TypeVar("A")
 T = TypeVar("T")
 
 
-class Calls:
-    """The thread-pool calls one operation makes (one key's reads or upload).
+class Operation:
+    """The blocking calls one transfer makes (one key's ranged reads, or its upload).
 
-    An operation that fails or is cancelled cannot stop a call already running, so
-    whatever those calls use (a buffer they fill or send, an open upload) is cleaned
-    up by :meth:`after` once every call has ended; calls not started yet are dropped.
-    ``owner`` names the tier in errors.
+    A call cannot be stopped once it runs, so when the transfer fails or is cancelled,
+    what its calls use (a buffer they fill or send from, a response body, an open
+    upload) is cleaned up by :meth:`after` once every one of them has ended; calls not
+    started yet are dropped.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, owner: str) -> None:
-        self._executor = executor
-        self._owner = owner
+    def __init__(self, workers: BlockingPool) -> None:
+        self._workers = workers
         self._futures: list[Future[Any]] = []
 
-    def _submit(self, call: Callable[[], T]) -> Future[T]:
-        try:
-            future = self._executor.submit(call)
-        except RuntimeError:  # shut down by a concurrent close()
-            raise BackendUnavailableError(f"{self._owner}: backend is closed") from None
-        self._futures.append(future)
-        return future
-
-    async def run(self, call: Callable[[], T], orphan: Callable[[T], None] | None = None) -> T:
-        """The result of ``call()``. If the caller is cancelled, ``orphan`` receives the
-        result should the call still return one."""
-        future = self._submit(call)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if orphan is not None:
-                future.add_done_callback(lambda f: _hand_over(f, orphan))
-            raise
-
     async def run_all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
-        """Results of ``calls`` run in parallel; on the first failure the rest are
-        abandoned (see :meth:`after`) and the failure is raised."""
-        waiting = [asyncio.wrap_future(self._submit(call)) for call in calls]
+        """Results of ``calls`` run in parallel, in order; on the first failure (or
+        cancellation) the calls not started are dropped and the failure is raised at
+        once, without waiting for those still running."""
+        waiting = []
+        for call in calls:
+            future = self._workers.submit(call)
+            self._futures.append(future)
+            waiting.append(asyncio.wrap_future(future))
         try:
             return list(await asyncio.gather(*waiting))
         except BaseException:
-            for future in waiting:
-                future.cancel()
+            for wrapper in waiting:
+                wrapper.cancel()  # also drops its call if no thread has taken it yet
             raise
+
+    async def run(self, call: Callable[[], T]) -> T:
+        """The result of ``call()``, as :meth:`run_all` runs it."""
+        [result] = await self.run_all([call])
+        return result
 
     def after(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup()`` once every call has ended: now if they have, else in the
@@ -79,36 +74,39 @@ class Calls:
             future.add_done_callback(ended)
 
 
-def _hand_over(future: Future[T], orphan: Callable[[T], None]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        orphan(future.result())
-
-
-async def gather_all(
-    awaitables: Sequence[Awaitable[T]], drop: Callable[[T], None] | None = None
+async def each(
+    items: Sequence[A],
+    step: Callable[[A], Coroutine[Any, Any, T]],
+    *,
+    drop: Callable[[T], None] | None = None,
 ) -> list[T]:
-    """Results of ``awaitables``, run concurrently. If one fails the others still
-    finish, then the first failure is raised; results nobody receives (after a
-    failure, or when the caller is cancelled) are handed to ``drop``."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    if not tasks:
-        return []
+    """``step(item)`` for every item, run as concurrent tasks; results in order.
+
+    The first failure cancels the other steps and is raised once they have ended
+    (promptly: a cancelled step leaves its blocking calls to :meth:`Operation.after`).
+    Results nobody receives (after a failure, or when the caller is cancelled) go to
+    ``drop``, e.g. to release the buffers they hold.
+    """
+    tasks = [asyncio.ensure_future(step(item)) for item in items]
     try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            task.cancel()  # a no-op for those done
         await asyncio.wait(tasks)
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()
-            task.add_done_callback(lambda t: _drop_result(t, drop))
+            task.add_done_callback(partial(_unwanted, drop))
         raise
-    failures = [e for e in (t.exception() for t in tasks) if e is not None]
+    failures = [e for t in tasks if not t.cancelled() and (e := t.exception()) is not None]
     if failures:
         for task in tasks:
-            _drop_result(task, drop)
+            _unwanted(drop, task)
         raise failures[0]
     return [task.result() for task in tasks]
 
 
-def _drop_result(task: asyncio.Future[T], drop: Callable[[T], None] | None) -> None:
-    """Hand an unwanted result to ``drop``; retrieve an unwanted exception."""
+def _unwanted(drop: Callable[[T], None] | None, task: asyncio.Future[T]) -> None:
+    """Hand a result nobody receives to ``drop``; mark an exception as retrieved."""
     if not task.cancelled() and task.exception() is None and drop is not None:
         drop(task.result())
