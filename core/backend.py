@@ -30,7 +30,7 @@ from abc import ABC
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -63,7 +63,9 @@ class Capabilities:
     listing: bool = True
     """``iter_keys`` is supported."""
     create_mode: bool = True
-    """``PutMode.CREATE`` is honoured atomically."""
+    """``PutMode.CREATE`` is honoured atomically (of racing CREATEs of one key, one
+    wins) in one round trip; the tier chain then writes with it. Without it, the
+    chain writes with ``OVERWRITE``."""
     hands_over_evictions: bool = False
     """Passes evicted blobs to ``demotion_sink``, so a ``write_policy: back`` tier below
     can receive them."""
@@ -101,7 +103,9 @@ class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend
     ``_iter_keys`` and ``_stats``, and may override ``_open`` and ``_close``.
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()
+    """What this backend can do. A class attribute; an instance may narrow it once it
+    knows more about its store (an S3 store that ignores conditional writes)."""
 
     def __init__(
         self,

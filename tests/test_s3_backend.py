@@ -268,12 +268,15 @@ def test_create_mode_with_native_and_emulated_conditions(seaweedfs: SeaweedFS) -
             assert again == [False, False]
             got = await backend.get_many([key(1), key(2)])
             assert same(got[0], old) and same(got[1], big_old)
+            # Only an atomic CREATE is one: the chain writes emulated stores with OVERWRITE.
+            assert backend.capabilities.create_mode is (conditional_put == "auto")
             return str((await backend.stats()).details["conditional_put"])
         finally:
             await backend.close()
 
     assert run(scenario("auto")) == "native"
     assert run(scenario("emulated")) == "emulated"
+    assert S3Backend.capabilities.create_mode, "narrowed per instance, not for the class"
 
 
 def test_create_is_one_conditional_request(seaweedfs: SeaweedFS) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -81,7 +81,7 @@ class _FolderSync:
 class FileBackend(Backend):
     """A bounded, persistent, shareable byte store with one file per chunk."""
 
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         persistent=True, shared=True, bounded=True, listing=True, create_mode=True
     )
     options: FileOptions

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -65,12 +65,12 @@ class S3Backend(Backend):
     SeaweedFS), atomic between concurrent writers for blobs sent in one PUT, and for
     multipart uploads where the store's conditional completion is (see
     :mod:`~kvtier.backends.s3.writes`). Where it does not (``conditional_put:
-    emulated``, or ``auto`` found it ignored), CREATE is a HEAD then a PUT: what
-    ``contains_many`` then ``OVERWRITE`` would cost, and like them not atomic between
-    concurrent writers.
+    emulated``, or ``auto`` found it ignored), CREATE is a HEAD then a PUT, not atomic
+    between concurrent writers: the instance then says ``create_mode=False``, and the
+    tier chain writes with ``OVERWRITE`` (one request).
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         persistent=True, shared=True, bounded=False, listing=True, create_mode=True
     )
     options: S3Options
@@ -116,6 +116,8 @@ class S3Backend(Backend):
             Reader(bucket, workers, self.pool, self.options.part_size, self._counts),
             Writer(bucket, workers, self.options, self._counts),
         )
+        if native_create(self.options) is False:
+            self.capabilities = replace(self.capabilities, create_mode=False)
 
     async def _close(self) -> None:
         """Disconnect (the workers, and with them every request, have ended)."""
@@ -141,7 +143,11 @@ class S3Backend(Backend):
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         writer = self._io().writer
-        return await each(items, lambda item: writer.put(self.prefix + item[0], item[1], mode))
+        try:
+            return await each(items, lambda item: writer.put(self.prefix + item[0], item[1], mode))
+        finally:
+            if writer.native_create is False:  # configured, or found by the auto probe
+                self.capabilities = replace(self.capabilities, create_mode=False)
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
         io = self._io()
