@@ -11,21 +11,16 @@ policy picks victims until it does; a blob larger than the whole capacity is rej
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-from kvtier.backends.ram import RamStore, iterate
-from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
-from kvtier.core.buffers import Buffer, BufferPool
-from kvtier.core.errors import ConfigError
+from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
+from kvtier.core.backend import Backend, BackendStats, PutMode
+from kvtier.core.buffers import Buffer
 from kvtier.core.hookspecs import hookimpl
-from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import BackendSpec
-
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]*")
+from kvtier.core.urls import name_from_url
 
 
 class MemoryOptions(BaseModel):
@@ -37,21 +32,6 @@ class MemoryOptions(BaseModel):
     """Eviction policy: ``lru``, ``lfu`` or one a plugin registers."""
 
 
-def _check_url(url: str) -> None:
-    parts = urlsplit(url)
-    if (
-        parts.scheme != "cpu"
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or not _NAME_RE.fullmatch(parts.netloc)
-    ):
-        raise ConfigError(
-            f"invalid cpu tier URL {url!r}: write 'cpu://' or 'cpu://<name>' "
-            "(a name of letters, digits, '-' and '_')"
-        )
-
-
 class MemoryBackend(Backend):
     """In-process RAM tier: a :class:`~kvtier.backends.ram.RamStore` (thread safe).
 
@@ -59,36 +39,15 @@ class MemoryBackend(Backend):
     below) before this tier lets go of them. :attr:`store` holds the blobs.
     """
 
-    capabilities = Capabilities(
-        persistent=False,
-        shared=False,
-        bounded=True,
-        listing=True,
-        create_mode=True,
-        hands_over_evictions=True,
-        verified_reads=True,
-    )
+    capabilities = CAPABILITIES
     options: MemoryOptions
+    options_model = MemoryOptions
 
-    def __init__(
-        self,
-        url: str,
-        options: MemoryOptions,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
-        _check_url(url)
-        if capacity is None:
-            raise ConfigError(
-                f"the cpu tier {url!r} needs a capacity: set e.g. 'capacity: 2GiB' on the tier"
-            )
-        if capacity <= 0:
-            raise ConfigError(f"the cpu tier {url!r} needs a positive capacity, got {capacity}")
-        policy = self.registry.eviction_policy(options.eviction).load()()
-        self.store = RamStore(capacity, policy, self._evicted)
+    def _configure(self) -> None:
+        name_from_url(self.url, "cpu", what="name")
+        assert self.capacity is not None  # bounded: checked by Backend
+        policy = self.registry.eviction_policy(self.options.eviction).load()()
+        self.store = RamStore(self.capacity, policy, self._evicted)
         """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:

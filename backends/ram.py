@@ -17,13 +17,24 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
-from kvtier.core.backend import BackendStats, PutMode
+from kvtier.core.backend import BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.eviction import EvictionPolicy
 
 Evicted = Callable[[Sequence[tuple[str, int]], Sequence[Buffer]], None]
 """Takes ``(key, nbytes)`` of evicted blobs and one reference to each of them
 (:meth:`kvtier.core.backend.Backend._evicted`)."""
+CAPABILITIES = Capabilities(
+    persistent=False,
+    shared=False,
+    bounded=True,
+    listing=True,
+    create_mode=True,
+    hands_over_evictions=True,
+    verified_reads=True,
+)
+"""What a backend that keeps its blobs in a :class:`RamStore` can do: its hits are the
+very buffers the tier chain checked or sealed before storing them."""
 Changed = Callable[[str, Buffer | None], None]
 """Told, under the store's lock, that ``key`` now holds a buffer, or ``None`` when it
 left the store (deleted, evicted, overwritten, cleared). Must not block."""

@@ -26,17 +26,17 @@ duplicate is written). Blocking work runs in :attr:`Backend.workers`, a private
 from __future__ import annotations
 
 import enum
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
 from kvtier.core.blocking import BlockingPool, Orphan
 from kvtier.core.buffers import Buffer, BufferPool, default_pool
-from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.keys import validate_key
 from kvtier.core.plugins import PluginRegistry, get_registry
 
@@ -94,18 +94,22 @@ DemotionSink = Callable[[Sequence[tuple[str, Buffer]]], None]
 """Takes ownership of evicted blobs (one reference each) to write them to a lower tier."""
 
 
-class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend has them
+class Backend(ABC):
     """Base class of storage backends.
 
-    Subclasses are built by the tier chain as ``cls(url, options, capacity=...,
-    pool=..., registry=...)`` where ``options`` is an instance of the spec's options model, then
-    opened with ``await backend.open()``. They implement the ``_*_unique`` hooks,
-    ``_iter_keys`` and ``_stats``, and may override ``_open`` and ``_close``.
+    Built by the tier chain as ``cls(url, options, capacity=..., pool=...,
+    registry=...)`` where ``options`` is an instance of :attr:`options_model`, then
+    opened with ``await backend.open()``. A subclass checks its URL and options and
+    sets up its state in :meth:`_configure` (no I/O; the constructor calls it),
+    implements the ``_*_unique`` hooks, ``_iter_keys`` and ``_stats``, and may
+    override ``_open`` and ``_close``.
     """
 
     capabilities: Capabilities = Capabilities()
     """What this backend can do. A class attribute; an instance may narrow it once it
     knows more about its store (an S3 store that ignores conditional writes)."""
+    options_model: ClassVar[type[BaseModel] | None] = None
+    """The options model of the backend's spec; the constructor refuses other options."""
 
     def __init__(
         self,
@@ -127,6 +131,22 @@ class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend
         self.workers: BlockingPool | None = None
         """This backend's threads for blocking calls, once :meth:`_start_workers` ran."""
         self._closed = False
+        model = self.options_model
+        if model is not None and not isinstance(options, model):
+            raise ConfigError(
+                f"{url}: options must be {model.__name__}, got {type(options).__name__}"
+            )
+        if self.capabilities.bounded and (capacity is None or capacity <= 0):
+            raise ConfigError(
+                f"tier {url!r} needs a positive capacity in bytes, so that it cannot grow "
+                f"without bound (got {capacity!r}): set e.g. 'capacity: 2GiB' on the tier"
+            )
+        self._configure()
+
+    def _configure(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Check the URL and options (:class:`ConfigError` for what the backend cannot
+        use) and set up state, without I/O. Bounded backends have a positive
+        ``capacity`` here."""
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -261,32 +281,32 @@ class Backend(ABC):  # noqa: B024 - the hooks become abstract once every backend
     # The hooks get valid keys, each once, in non-empty batches of an open backend, and
     # return one result per key in the same order.
 
+    @abstractmethod
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         """Blobs for ``keys``, each a reference the caller owns; ``None`` for a miss."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
+    @abstractmethod
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         """Store each blob (retaining any buffer kept past the call); ``False`` where
         ``CREATE`` found the key or the blob was rejected. Of keys repeated in the
         caller's batch, this sees the last value for ``OVERWRITE``, the first for
         ``CREATE``."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
+    @abstractmethod
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
         """Whether each key is stored."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
+    @abstractmethod
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         """Delete each key; ``True`` where it existed."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
+    @abstractmethod
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """Every stored key starting with ``prefix``, each once (an async generator)."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
+    @abstractmethod
     async def _stats(self) -> BackendStats:
         """A snapshot of the backend's counters."""
-        raise NotImplementedError  # abstract once every built-in backend implements it
 
     async def __aenter__(self) -> Backend:
         await self.open()

@@ -36,7 +36,6 @@ VAULT_PLUGIN = """
     from pydantic import BaseModel, ConfigDict
     from kvtier.core import hookimpl
     from kvtier.core.backend import Backend, BackendStats, PutMode
-    from kvtier.core.keys import validate_key
     from kvtier.core.specs import BackendSpec
 
     STORES = {}
@@ -48,18 +47,17 @@ VAULT_PLUGIN = """
     class VaultBackend(Backend):
         '''Blobs as bytes in a dict per URL, shared by every instance in the process.'''
 
-        def __init__(self, url, options, **kwargs):
-            super().__init__(url, options, **kwargs)
-            self.blobs = STORES.setdefault(url, {})
+        def _configure(self):
+            self.blobs = STORES.setdefault(self.url, {})
 
-        async def get_many(self, keys):
-            found = [self.blobs.get(validate_key(key)) for key in keys]
+        async def _get_unique(self, keys):
+            found = [self.blobs.get(key) for key in keys]
             return [None if blob is None else self.pool.copy_of(blob) for blob in found]
 
-        async def put_many(self, items, mode=PutMode.OVERWRITE):
+        async def _put_unique(self, items, mode):
             stored = []
             for key, buf in items:
-                if mode is PutMode.CREATE and validate_key(key) in self.blobs:
+                if mode is PutMode.CREATE and key in self.blobs:
                     stored.append(False)
                     continue
                 data = bytearray(buf.view)
@@ -69,18 +67,18 @@ VAULT_PLUGIN = """
                 stored.append(True)
             return stored
 
-        async def contains_many(self, keys):
-            return [validate_key(key) in self.blobs for key in keys]
+        async def _contains_unique(self, keys):
+            return [key in self.blobs for key in keys]
 
-        async def delete_many(self, keys):
-            return [self.blobs.pop(validate_key(key), None) is not None for key in keys]
+        async def _delete_unique(self, keys):
+            return [self.blobs.pop(key, None) is not None for key in keys]
 
-        async def iter_keys(self, prefix=""):
+        async def _iter_keys(self, prefix):
             for key in list(self.blobs):
                 if key.startswith(prefix):
                     yield key
 
-        async def stats(self):
+        async def _stats(self):
             return BackendStats(keys=len(self.blobs))
 
     @hookimpl

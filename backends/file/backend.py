@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
 from kvtier.backends.file.chunkio import (
     NO_SPACE,
     Mover,
@@ -33,9 +31,8 @@ from kvtier.backends.file.index import ChunkIndex
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
-from kvtier.core.plugins import PluginRegistry
 
 T = TypeVar("T")
 GROUP_BYTES = 1 << 20
@@ -85,28 +82,14 @@ class FileBackend(Backend):
         persistent=True, shared=True, bounded=True, listing=True, create_mode=True
     )
     options: FileOptions
+    options_model = FileOptions
 
-    def __init__(
-        self,
-        url: str,
-        options: BaseModel,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
-        if not isinstance(options, FileOptions):
-            raise ConfigError(f"{url}: options must be FileOptions, got {type(options).__name__}")
-        if capacity is None or capacity <= 0:
-            raise ConfigError(
-                f"tier {url!r} needs a positive capacity in bytes so that the folder cannot "
-                f"grow without bound (got {capacity!r}); set the tier's capacity, e.g. 100 GiB"
-            )
-        self.folder = Folder(root_from_url(url))
-        policy = self.registry.eviction_policy(options.eviction).load()()
-        self.index = ChunkIndex(self.folder, capacity, policy, options.rescan_interval)
-        self._mover = Mover(self.folder.root, fsync=options.fsync)
+    def _configure(self) -> None:
+        assert self.capacity is not None  # bounded: checked by Backend
+        self.folder = Folder(root_from_url(self.url))
+        policy = self.registry.eviction_policy(self.options.eviction).load()()
+        self.index = ChunkIndex(self.folder, self.capacity, policy, self.options.rescan_interval)
+        self._mover = Mover(self.folder.root, fsync=self.options.fsync)
         self._indexed = False
 
     # -- the hooks (on the event loop) -------------------------------------------------

@@ -43,10 +43,9 @@ from kvtier.backends.mooncake.objects import Counters, Objects, SizeMemory
 from kvtier.backends.mooncake.reads import Reader
 from kvtier.backends.mooncake.writes import LentBlobs, Writer
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.keys import is_valid_key
-from kvtier.core.plugins import PluginRegistry
 
 
 class MooncakeBackend(Backend):
@@ -61,32 +60,24 @@ class MooncakeBackend(Backend):
         hands_over_evictions=False,
     )
     options: MooncakeOptions
+    options_model = MooncakeOptions
 
-    def __init__(
-        self,
-        url: str,
-        options: MooncakeOptions,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
+    def _configure(self) -> None:
         self._settings = Settings(
-            master=parse_mooncake_url(url),
-            metadata_server=options.metadata_server,
-            local_hostname=options.local_hostname,
-            protocol=options.protocol,
-            rdma_devices=options.rdma_devices,
-            global_segment_size=options.global_segment_size,
-            local_buffer_size=options.local_buffer_size,
+            master=parse_mooncake_url(self.url),
+            metadata_server=self.options.metadata_server,
+            local_hostname=self.options.local_hostname,
+            protocol=self.options.protocol,
+            rdma_devices=self.options.rdma_devices,
+            global_segment_size=self.options.global_segment_size,
+            local_buffer_size=self.options.local_buffer_size,
         )
         self._config = ReplicateConfig()
-        self._config.replica_num = options.replica_num
-        if options.soft_pin:
+        self._config.replica_num = self.options.replica_num
+        if self.options.soft_pin:
             self._config.soft_pin_action = SoftPinAction.ENABLE
-            if options.soft_pin_ttl is not None:
-                self._config.soft_pin_ttl_ms = round(options.soft_pin_ttl * 1000)
+            if self.options.soft_pin_ttl is not None:
+                self._config.soft_pin_ttl_ms = round(self.options.soft_pin_ttl * 1000)
         self._counters = Counters()
         self._objects: Objects | None = None
         self._registrar: PoolRegistrar | None = None

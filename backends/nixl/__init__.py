@@ -31,12 +31,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
+from kvtier.core.urls import name_from_url
 
 INDEX_SCHEMES = ("redis", "rediss", "unix")
-_GROUP_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 _DEVICES_RE = re.compile(r"[A-Za-z0-9_.:,-]+")
 
 
@@ -104,19 +103,8 @@ def redact(url: str) -> str:
 
 def group_from_url(url: str) -> str:
     """The group of ``nixl://<group>`` (``"default"`` for ``nixl://``)."""
-    parts = urlsplit(url)
-    if (
-        parts.scheme != "nixl"
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or not _GROUP_RE.fullmatch(parts.netloc)
-    ):
-        raise ConfigError(
-            f"invalid nixl tier URL {url!r}: write 'nixl://' or 'nixl://<group>' (a group "
-            "of up to 64 letters, digits, '-' and '_'; the index goes in options.index)"
-        )
-    return parts.netloc or "default"
+    hint = "; the index goes in options.index"
+    return name_from_url(url, "nixl", what="group", hint=hint) or "default"
 
 
 @hookimpl

@@ -31,12 +31,11 @@ from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
 from kvtier.backends.nixl.publish import Publisher
 from kvtier.backends.nixl.reader import PeerReader, release_all
-from kvtier.backends.ram import RamStore, iterate
-from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
+from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
+from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool
-from kvtier.core.errors import BackendUnavailableError, ConfigError
-from kvtier.core.plugins import PluginRegistry
+from kvtier.core.errors import BackendUnavailableError
 
 _COUNTERS = (
     "remote_hits",
@@ -67,38 +66,18 @@ class NixlBackend(Backend):
 
     # Not ``shared``: peers read each other's chunks, but each process owns its own
     # (a CREATE or delete acts on this process's chunks only).
-    capabilities = Capabilities(
-        persistent=False,
-        shared=False,
-        bounded=True,
-        listing=True,
-        create_mode=True,
-        hands_over_evictions=True,
-        verified_reads=True,
-    )
+    capabilities = CAPABILITIES
     options: NixlOptions
+    options_model = NixlOptions
 
-    def __init__(
-        self,
-        url: str,
-        options: NixlOptions,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
-        self.group = group_from_url(url)
-        if capacity is None or capacity <= 0:
-            raise ConfigError(
-                f"the nixl tier {url!r} needs a positive capacity (RAM shared with peers): "
-                "set e.g. 'capacity: 4GiB' on the tier"
-            )
+    def _configure(self) -> None:
+        self.group = group_from_url(self.url)
+        assert self.capacity is not None  # bounded: checked by Backend
         self.name = agent_name()
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._publisher = Publisher(url, self._counts)
-        policy = self.registry.eviction_policy(options.eviction).load()()
-        self.store = RamStore(capacity, policy, self._evicted, changed=self._changed)
+        self._publisher = Publisher(self.url, self._counts)
+        policy = self.registry.eviction_policy(self.options.eviction).load()()
+        self.store = RamStore(self.capacity, policy, self._evicted, changed=self._changed)
         """This process's chunks; :attr:`RamStore.blobs` is the mapping itself."""
         self._agent: PeerAgent | None = None
         self._index: PeerIndex | None = None

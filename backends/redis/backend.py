@@ -48,10 +48,9 @@ from kvtier.backends.redis.split import INCOMPLETE, STORED, assemble, write_job
 from kvtier.backends.redis.transport import Client, Job, Transport, fast_path_works
 from kvtier.backends.redis.url import parse_url, redacted
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError
 from kvtier.core.keys import is_valid_key
-from kvtier.core.plugins import PluginRegistry
 
 SCAN_COUNT = 1000
 """Keys one SCAN call looks at."""
@@ -71,23 +70,16 @@ class RedisBackend(Backend):
         persistent=True, shared=True, bounded=False, listing=True, create_mode=True
     )
     options: RedisOptions
+    options_model = RedisOptions
 
-    def __init__(
-        self,
-        url: str,
-        options: RedisOptions,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
-        self.target = parse_url(url)
-        check_options(url, self.target, options)
-        self._prefix = options.key_prefix
-        self._ttl_ms = None if options.ttl is None else max(1, round(options.ttl * 1000))
+    def _configure(self) -> None:
+        self.target = parse_url(self.url)
+        check_options(self.url, self.target, self.options)
+        self._prefix = self.options.key_prefix
+        ttl = self.options.ttl
+        self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
         self._transport: Transport | None = None
-        self._max_value = options.max_value_bytes or DEFAULT_MAX_VALUE
+        self._max_value = self.options.max_value_bytes or DEFAULT_MAX_VALUE
         self._counts = dict.fromkeys(
             ("hits", "misses", "rejected_oom", "rejected_incomplete", "split_writes"), 0
         )

@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from kvtier.backends.s3 import S3Options, parse_s3_url
 from kvtier.backends.s3.bucket import Bucket
 from kvtier.backends.s3.calls import each
@@ -34,9 +32,8 @@ from kvtier.backends.s3.reads import Reader
 from kvtier.backends.s3.writes import Writer, native_create
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendUnavailableError, ConfigError
-from kvtier.core.plugins import PluginRegistry
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -74,28 +71,19 @@ class S3Backend(Backend):
         persistent=True, shared=True, bounded=False, listing=True, create_mode=True
     )
     options: S3Options
+    options_model = S3Options
 
-    def __init__(
-        self,
-        url: str,
-        options: BaseModel,
-        *,
-        capacity: int | None = None,
-        pool: BufferPool | None = None,
-        registry: PluginRegistry | None = None,
-    ) -> None:
-        super().__init__(url, options, capacity=capacity, pool=pool, registry=registry)
-        if not isinstance(options, S3Options):
-            raise ConfigError(f"{url}: options must be S3Options, got {type(options).__name__}")
-        if capacity is not None:
+    def _configure(self) -> None:
+        if self.capacity is not None:
             raise ConfigError(
-                f"tier {url!r}: the s3 tier does not enforce a capacity (the bucket holds "
+                f"tier {self.url!r}: the s3 tier does not enforce a capacity (the bucket holds "
                 "what it is given); remove 'capacity' and expire old chunks with a bucket "
                 "lifecycle rule"
             )
-        self.bucket, self.prefix = parse_s3_url(url)
-        endpoint = options.endpoint_url or f"AWS S3 ({options.region or 'default region'})"
-        self._place = Place(url, self.bucket, endpoint)
+        self.bucket, self.prefix = parse_s3_url(self.url)
+        region = self.options.region or "default region"
+        endpoint = self.options.endpoint_url or f"AWS S3 ({region})"
+        self._place = Place(self.url, self.bucket, endpoint)
         self._connected: _Connected | None = None
         self._counts: Counter[str] = Counter()
 
