@@ -12,6 +12,7 @@ policy picks victims until it does; a blob larger than the whole capacity is rej
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,7 +40,7 @@ class MemoryBackend(Backend):
     below) before this tier lets go of them. :attr:`store` holds the blobs.
     """
 
-    capabilities = CAPABILITIES
+    capabilities = replace(CAPABILITIES, process_local=True)
     options: MemoryOptions
     options_model = MemoryOptions
 

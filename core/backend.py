@@ -69,6 +69,10 @@ class Capabilities:
     hands_over_evictions: bool = False
     """Passes evicted blobs to ``demotion_sink``, so a ``write_policy: back`` tier below
     can receive them."""
+    process_local: bool = False
+    """Blobs stay in this process: no other process or host reads them. They need no
+    checksum there, so the tier chain stores them unsealed and seals a blob only when
+    it leaves for another tier (:func:`kvtier.core.blob.seal`)."""
     verified_reads: bool = False
     """``get_many`` returns only blobs that were checked when they entered this process
     (an in-process store keeps the very buffers the tier chain verified or encoded; a

@@ -98,14 +98,23 @@ class Blob:
     """An encoded chunk in a :class:`Buffer`, with its validated header.
 
     The holder owns one reference of ``buf``: pass it on or :meth:`release` it (or use
-    the blob as a context manager).
+    the blob as a context manager). ``sealed``: its checksum is known to be written
+    (see :meth:`ensure_sealed`).
     """
 
-    __slots__ = ("buf", "header")
+    __slots__ = ("buf", "header", "sealed")
 
-    def __init__(self, buf: Buffer, header: BlobHeader) -> None:
+    def __init__(self, buf: Buffer, header: BlobHeader, *, sealed: bool) -> None:
         self.buf = buf
         self.header = header
+        self.sealed = sealed
+
+    def ensure_sealed(self) -> None:
+        """Write the checksum unless it is known to be there: before the blob's bytes
+        leave the process. Sealing an already sealed blob rewrites the same 8 bytes."""
+        if not self.sealed:
+            seal(self.buf.view)
+            self.sealed = True
 
     @property
     def key(self) -> str:
@@ -121,7 +130,7 @@ class Blob:
 
     def retain(self) -> Blob:
         """Another reference to the same bytes; release each."""
-        return Blob(self.buf.retain(), self.header)
+        return Blob(self.buf.retain(), self.header, sealed=self.sealed)
 
     def release(self) -> None:
         self.buf.release()

@@ -109,9 +109,11 @@ class TierChain:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     def _demotion_sink(self, target: int) -> Callable[[Sequence[tuple[str, Buffer]]], None]:
+        sealed = not self.tiers[target - 1].backend.capabilities.process_local
+
         def demote(items: Sequence[tuple[str, Buffer]]) -> None:
             # Evicted blobs were checked when they entered the tier above.
-            blobs = [Blob(buf, fmt.parse(buf.view)) for _, buf in items]
+            blobs = [Blob(buf, fmt.parse(buf.view), sealed=sealed) for _, buf in items]
             self.spawn(self.write_and_release(blobs, [target]))
 
         return demote
@@ -220,7 +222,8 @@ class TierChain:
                 return f"corrupt:{exc}"
             except CodecUnavailableError as exc:
                 return f"unavailable:{exc}"
-            r.blob = Blob(r.buf, header)
+            caps = self.tiers[r.tier].backend.capabilities
+            r.blob = Blob(r.buf, header, sealed=not caps.process_local)
             return None
 
         results = await self.codec.run_all([partial(one, r) for r in reads])
@@ -285,7 +288,20 @@ class TierChain:
 
     async def write(self, blobs: Sequence[Blob], targets: Sequence[int]) -> None:
         """Write checked blobs to each target tier, in that tier's encoding. The caller
-        keeps ownership of ``blobs``."""
+        keeps ownership of ``blobs``.
+
+        A blob is sealed (its checksum computed, in the codec threads) once, before it
+        first goes to a tier that is not ``process_local``; a process-local tier (the
+        ``cpu`` tier) takes it as it is, so a chunk that never leaves the process is
+        never checksummed."""
+        outside = {  # the encodings written as they are to tiers outside the process
+            self.tiers[t].pipeline.name
+            for t in targets
+            if not self.tiers[t].backend.capabilities.process_local
+        }
+        unsealed = [b for b in blobs if not b.sealed and b.header.pipeline in outside]
+        if unsealed:
+            await self.codec.run_all([b.ensure_sealed for b in unsealed])
         await asyncio.gather(*(self._write_tier(self.tiers[t], blobs) for t in targets))
 
     async def _write_tier(self, tier: Tier, blobs: Sequence[Blob]) -> None:

@@ -26,9 +26,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -80,10 +78,9 @@ class KVTierStats:
 
 @dataclass
 class _Queued:
-    """Chunks one ``store`` call queued: blobs being sealed by the codec threads."""
+    """The chunks one ``store`` call queued (unsealed blobs: see :meth:`TierChain.write`)."""
 
     blobs: list[Blob]
-    sealing: list[Future[None]]
     tokens: int
 
 
@@ -257,8 +254,9 @@ class KVTier:
         head_dim]``, the KV of ``tokens[start:]``) for every write-through tier; return
         the end of the accepted tokens (``start`` when none was).
 
-        The data is copied before returning, so the caller may reuse ``kv``; the
-        checksums are computed by the codec threads meanwhile. Chunks that do not fit
+        The data is copied before returning (one copy), so the caller may reuse
+        ``kv``; a checksum is computed later, in the codec threads, if and when a chunk
+        is written to a tier outside the process. Chunks that do not fit
         the store queue's byte budget are dropped (counted), as are chunks already
         queued; nothing here waits for storage.
         """
@@ -268,7 +266,6 @@ class KVTier:
             raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
         blobs: list[Blob] = []
-        sealing: list[Future[None]] = []
         accepted = start
         for i, (key, (chunk_start, end)) in enumerate(zip(keys, bounds, strict=True)):
             nbytes = (end - chunk_start) * self.layout.bytes_per_token()
@@ -283,12 +280,10 @@ class KVTier:
                 break
             if not queued:
                 part = kv[:, :, chunk_start - start : end - start]
-                blob = self._raw.encode(key, part, self.pool, sealed=False)
-                blobs.append(blob)
-                sealing.append(self._codec.submit(partial(fmt.seal, blob.view)))
+                blobs.append(self._raw.encode(key, part, self.pool, sealed=False))
             accepted = end
         if blobs:
-            job = _Queued(blobs, sealing, accepted - start)
+            job = _Queued(blobs, accepted - start)
             self._io.loop.call_soon_threadsafe(self._enqueue, job)
         return accepted
 
@@ -314,7 +309,6 @@ class KVTier:
             try:
                 if job is None:
                     return
-                await asyncio.gather(*map(asyncio.wrap_future, job.sealing))
                 await self.chain.write(job.blobs, self._through)
             except Exception as exc:
                 log.exception("writing %d queued chunks failed", len(job.blobs) if job else 0)

@@ -391,7 +391,7 @@ class _Migration:
             return _Problem(Outcome.CORRUPT, f"foreign blob: it holds key {header.key!r:.120}")
         if pipeline is None or header.pipeline == pipeline.name:
             return blob
-        source = fmt.Blob(blob, header)  # borrowed: the caller releases ``blob``
+        source = fmt.Blob(blob, header, sealed=True)  # borrowed: the caller releases it
         try:
             return fmt.recode(source, pipeline, self.source.registry, self.destination.pool).buf
         except ChunkCorruptedError as exc:

@@ -118,8 +118,8 @@ class CodecPipeline:
         The blob lives in a buffer leased from ``pool``; the caller owns (and
         releases) it. With a tensor codec alone the payload is written in place, so
         ``raw`` costs one copy plus the checksum. ``sealed=False`` leaves the checksum
-        to the caller (:func:`kvtier.core.blob.seal`, e.g. in another thread), which
-        must seal the blob before anything reads or stores it.
+        out: the caller seals the blob (:meth:`Blob.ensure_sealed`) before its bytes
+        leave the process, and only then.
         """
         dtype_name(chunk.dtype)  # ConfigError for dtypes a blob cannot name
         if chunk.dim() != 5:
@@ -144,7 +144,7 @@ class CodecPipeline:
                 header = self._header(key, chunk, params, sizes)
                 blob = self._assemble(header, memoryview(data).cast("B"), pool)
         if sealed:
-            fmt.seal(blob.view)
+            blob.ensure_sealed()
         return blob
 
     def _encode_in_place(
@@ -160,7 +160,7 @@ class CodecPipeline:
             header = self._header(key, chunk, [params], [payload_len])
             if len(header) <= header_len:
                 fmt.frame(buf.view, header, header_len, payload_len)
-                return fmt.Blob(buf, fmt.parse(buf.view))
+                return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
             relocated = self._assemble(header, payload, pool)
         except BaseException:
             buf.release()
@@ -175,4 +175,4 @@ class CodecPipeline:
         start = fmt.payload_start(header_len)
         buf.view[start : start + payload.nbytes] = payload
         fmt.frame(buf.view, header, header_len, payload.nbytes)
-        return fmt.Blob(buf, fmt.parse(buf.view))
+        return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
