@@ -37,6 +37,9 @@ from kvtier.core.tier import Tier
 
 log = logging.getLogger(__name__)
 
+FETCH_PARTS = 4
+"""Concurrent ``get_many`` calls a fetch from a tier outside the process is split into."""
+
 
 @dataclass
 class _Read:
@@ -155,54 +158,69 @@ class TierChain:
         """Decode the longest available run of ``keys`` (from the first) into
         ``targets`` (one tensor per key, the chunk's shape); return its length.
 
-        One ``get_many`` per tier, each asking for what the tiers above missed. A chunk
-        is served by the fastest tier holding a valid copy: bytes from tiers without
+        Each tier is asked (one ``get_many``, or :data:`FETCH_PARTS` concurrent ones for
+        a tier outside the process, so that checking and decoding the first part
+        overlaps reading the rest) for what the tiers above did not serve. A chunk is
+        served by the fastest tier holding a valid copy: bytes from tiers without
         ``verified_reads`` are verified; a corrupt blob is counted, deleted from its
-        tier and read from the next; a blob needing a codec this process lacks is a
+        tier and asked of the next; a blob needing a codec this process lacks is a
         miss there and stays. Chunks served by slower tiers are copied into the faster
-        tiers that ``promote`` (:meth:`drain` waits for that).
+        tiers that ``promote`` (:meth:`drain` waits for that). Targets past the
+        returned run may have been written.
         """
-        reads = await self._read(keys, range(len(keys)), 0)
         served: dict[int, _Read] = {}
-        end = len(keys)
         try:
-            while reads:
-                # The run ends at the first chunk that is neither served nor read.
-                end = next((i for i in range(end) if i not in served and i not in reads), end)
-                for i in [i for i in reads if i >= end]:
-                    reads.pop(i).buf.release()
-                batch = [reads.pop(i) for i in sorted(reads)]
-                failed = await self._decode(batch, keys, targets)
-                served.update((r.index, r) for r in batch if r.index not in failed)
-                reads = await self._read_below(keys, [r for r in batch if r.index in failed])
-            count = next((i for i in range(end) if i not in served), end)
+            pending = list(range(len(keys)))
+            for t, tier in enumerate(self.tiers):
+                if not pending:
+                    break
+                parts = 1 if tier.backend.capabilities.process_local else FETCH_PARTS
+                step = -(-len(pending) // parts)
+                reads = [
+                    self._serve(t, pending[i : i + step], keys, targets, served)
+                    for i in range(0, len(pending), step)
+                ]
+                results = await asyncio.gather(*reads, return_exceptions=True)
+                failure = next((r for r in results if isinstance(r, BaseException)), None)
+                if failure is not None:
+                    raise failure
+                pending = [i for i in pending if i not in served]
+            count = next((i for i in range(len(keys)) if i not in served), len(keys))
             self._promote([r for i, r in served.items() if i < count])
             return count
         finally:
-            for r in [*served.values(), *reads.values()]:
+            for r in served.values():
                 r.buf.release()
 
-    async def _read(
-        self, keys: Sequence[str], wanted: Sequence[int], first_tier: int
-    ) -> dict[int, _Read]:
-        """``get_many`` of ``keys[i]`` for ``i`` in ``wanted``, tier by tier from
-        ``first_tier``, each tier asked for what the tiers before it missed."""
-        found: dict[int, _Read] = {}
-        pending = list(wanted)
-        for t in range(first_tier, len(self.tiers)):
-            if not pending:
-                break
-            tier = self.tiers[t]
-            asked = [keys[i] for i in pending]
-            got = await tier.guarded("get", tier.backend.get_many, asked, count=len(asked))
-            if got is None:
-                continue
-            hits = [(i, buf) for i, buf in zip(pending, got, strict=True) if buf is not None]
-            for i, buf in hits:
-                found[i] = _Read(i, t, buf)
-            self._count_reads(tier, [buf for _, buf in hits], len(pending) - len(hits))
-            pending = [i for i in pending if i not in found]
-        return found
+    async def _serve(
+        self,
+        t: int,
+        wanted: Sequence[int],
+        keys: Sequence[str],
+        targets: Sequence[torch.Tensor],
+        served: dict[int, _Read],
+    ) -> None:
+        """One ``get_many`` of ``keys[i]`` (``i`` in ``wanted``) from tier ``t``; each
+        hit is checked and decoded into its target, and those that pass go into
+        ``served``."""
+        tier = self.tiers[t]
+        asked = [keys[i] for i in wanted]
+        got = await tier.guarded("get", tier.backend.get_many, asked, count=len(asked))
+        if got is None:
+            return
+        reads = [_Read(i, t, buf) for i, buf in zip(wanted, got, strict=True) if buf is not None]
+        self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads))
+        try:
+            failed = await self._decode(reads, keys, targets)
+        except BaseException:
+            for r in reads:
+                r.buf.release()
+            raise
+        for r in reads:
+            if r.index in failed:
+                r.buf.release()
+            else:
+                served[r.index] = r
 
     async def _decode(
         self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[torch.Tensor]
@@ -235,18 +253,6 @@ class TierChain:
             elif why is not None:
                 log.warning("tier %s: %s", self.tiers[r.tier].name, why.partition(":")[2])
         return failed
-
-    async def _read_below(self, keys: Sequence[str], failed: Sequence[_Read]) -> dict[int, _Read]:
-        """Release reads that failed and read their chunks again from the tiers below
-        the one that served each."""
-        found: dict[int, _Read] = {}
-        by_tier: dict[int, list[int]] = {}
-        for r in failed:
-            r.buf.release()
-            by_tier.setdefault(r.tier, []).append(r.index)
-        for t, indexes in by_tier.items():
-            found.update(await self._read(keys, indexes, t + 1))
-        return found
 
     def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int) -> None:
         if hits:
