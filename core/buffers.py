@@ -24,6 +24,7 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
 PAGE = mmap.PAGESIZE
 MIN_CLASS = 1 << 12
+HUGE_PAGE = 2 << 20
 _refs_lock = threading.Lock()
 
 
@@ -180,6 +181,10 @@ class BufferPool:
 
     def _map(self, size: int) -> memoryview:
         memory = mmap.mmap(-1, size)
+        if size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            # Transparent huge pages where the kernel allows them (madvise mode):
+            # 512x fewer first-touch faults and TLB misses on copies.
+            memory.madvise(mmap.MADV_HUGEPAGE)
         block = memoryview(memory)
         address = address_of(block)
         with self._lock:

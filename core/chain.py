@@ -315,24 +315,28 @@ class TierChain:
         left alone; no ``contains_many`` first), else ``OVERWRITE``. Blobs already in
         the tier's encoding go as they are, checksum included; the others are encoded
         anew, but only those the tier lacks: encoding costs more than asking."""
-        todo = list(blobs)
-        if any(b.header.pipeline != tier.pipeline.name for b in todo):
-            keys = [b.key for b in todo]
+        ready = [b for b in blobs if b.header.pipeline == tier.pipeline.name]
+        other = [b for b in blobs if b.header.pipeline != tier.pipeline.name]
+        if other:
+            keys = [b.key for b in other]
             present = await tier.guarded(
                 "contains", tier.backend.contains_many, keys, count=len(keys)
             )
-            if present is None:
-                return
-            todo = [b for b, ok in zip(todo, present, strict=True) if not ok]
-        if not todo:
-            return
-        try:
-            encoded = await self.codec.run_all(
-                [partial(fmt.recode, b, tier.pipeline, self.registry, self.pool) for b in todo],
-                orphan=Blob.release,
-            )
-        except Exception as exc:
-            tier.encode_failed(exc, len(todo))
+            lacking = [] if present is None else [not ok for ok in present]  # None: skipped
+            other = [b for b, lacks in zip(other, lacking, strict=False) if lacks]
+        encoded = [b.retain() for b in ready]
+        if other:
+            try:
+                encoded += await self.codec.run_all(
+                    [
+                        partial(fmt.recode, b, tier.pipeline, self.registry, self.pool)
+                        for b in other
+                    ],
+                    orphan=Blob.release,
+                )
+            except Exception as exc:
+                tier.encode_failed(exc, len(other))
+        if not encoded:
             return
         try:
             mode = PutMode.CREATE if tier.backend.capabilities.create_mode else PutMode.OVERWRITE
