@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 from tiers import write_json
 
-from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.plugins import PluginRegistry
 

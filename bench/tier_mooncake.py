@@ -48,8 +48,8 @@ import torch
 from tiers import CHUNKS, MIN_RUN_BYTES, Measured, compare, write_json
 
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool, address_of
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry

@@ -41,8 +41,8 @@ import torch
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
-from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry

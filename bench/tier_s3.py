@@ -51,8 +51,8 @@ from botocore.config import Config
 
 from kvtier.backends.s3 import S3Options
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.plugins import get_registry

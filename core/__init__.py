@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
     from kvtier.core.buffers import Buffer, BufferPool
     from kvtier.core.config import KVTierConfig, TierConfig, load_config
-    from kvtier.core.engine import KVTier, KVTierStats
+    from kvtier.core.engine import KVTier
     from kvtier.core.errors import (
         BackendError,
         BackendUnavailableError,
@@ -35,13 +35,14 @@ if TYPE_CHECKING:
         SubcommandSpec,
         TierEvent,
     )
+    from kvtier.core.tier import KVTierStats
 
 _EXPORTS = {
     "Backend": "backend", "BackendStats": "backend", "Capabilities": "backend",
     "PutMode": "backend",
     "Buffer": "buffers", "BufferPool": "buffers",
     "KVTierConfig": "config", "TierConfig": "config", "load_config": "config",
-    "KVTier": "engine", "KVTierStats": "engine",
+    "KVTier": "engine", "KVTierStats": "tier",
     "BackendError": "errors", "BackendUnavailableError": "errors",
     "ChunkCorruptedError": "errors", "CodecUnavailableError": "errors",
     "ConfigError": "errors", "KVTierError": "errors",

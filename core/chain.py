@@ -25,6 +25,7 @@ from kvtier.core.backend import PutMode
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.codecs import decode as decoding
 from kvtier.core.errors import (
     BackendUnavailableError,
     ChunkCorruptedError,
@@ -235,7 +236,7 @@ class TierChain:
                 check = fmt.parse if trusted else fmt.verify
                 header = check(r.buf.view, expected_key=keys[r.index])
                 with torch.inference_mode(target.is_inference()), torch.no_grad():
-                    fmt.decode_into(r.buf, header, self.registry, target)
+                    decoding.decode_into(r.buf, header, self.registry, target)
             except ChunkCorruptedError as exc:
                 return f"corrupt:{exc}"
             except CodecUnavailableError as exc:
@@ -329,7 +330,7 @@ class TierChain:
             try:
                 encoded += await self.codec.run_all(
                     [
-                        partial(fmt.recode, b, tier.pipeline, self.registry, self.pool)
+                        partial(decoding.recode, b, tier.pipeline, self.registry, self.pool)
                         for b in other
                     ],
                     orphan=Blob.release,

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from kvtier.core import blob as fmt
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import BufferPool, default_pool
 from kvtier.core.chain import TierChain
+from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
 from kvtier.core.errors import ConfigError
@@ -48,32 +48,9 @@ from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.runtime import LoopThread
 from kvtier.core.specs import EventKind, TierEvent
-from kvtier.core.tier import Tier, TierStats
+from kvtier.core.tier import KVTierStats, Tier, TierStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KVTierStats:
-    """Per-tier counters plus the store queue's."""
-
-    tiers: list[TierStats]
-    stores_queued: int = 0
-    stores_dropped: int = 0
-    tokens_stored: int = 0
-    queue_bytes: int = 0
-
-    def tier(self, name: str) -> TierStats:
-        return next(t for t in self.tiers if t.name == name)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "tiers": [t.as_dict() for t in self.tiers],
-            "stores_queued": self.stores_queued,
-            "stores_dropped": self.stores_dropped,
-            "tokens_stored": self.tokens_stored,
-            "queue_bytes": self.queue_bytes,
-        }
 
 
 @dataclass
@@ -235,7 +212,7 @@ class KVTier:
                 f"head_dim={want[4]}]"
             )
         try:
-            fmt.check_out(out)
+            decoding.check_out(out)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return out

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from kvtier.core import blob as fmt
 from kvtier.core.backend import Backend, PutMode
 from kvtier.core.buffers import Buffer
+from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.errors import (
     BackendError,
@@ -393,7 +394,9 @@ class _Migration:
             return blob
         source = fmt.Blob(blob, header, sealed=True)  # borrowed: the caller releases it
         try:
-            return fmt.recode(source, pipeline, self.source.registry, self.destination.pool).buf
+            return decoding.recode(
+                source, pipeline, self.source.registry, self.destination.pool
+            ).buf
         except ChunkCorruptedError as exc:
             return _Problem(Outcome.CORRUPT, str(exc))
         except KVTierError as exc:

@@ -62,6 +62,29 @@ class TierStats:
         return {**asdict(self), "mean_latency_ms": round(self.mean_latency_ms, 3)}
 
 
+@dataclass
+class KVTierStats:
+    """Per-tier counters plus the store queue's."""
+
+    tiers: list[TierStats]
+    stores_queued: int = 0
+    stores_dropped: int = 0
+    tokens_stored: int = 0
+    queue_bytes: int = 0
+
+    def tier(self, name: str) -> TierStats:
+        return next(t for t in self.tiers if t.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tiers": [t.as_dict() for t in self.tiers],
+            "stores_queued": self.stores_queued,
+            "stores_dropped": self.stores_dropped,
+            "tokens_stored": self.tokens_stored,
+            "queue_bytes": self.queue_bytes,
+        }
+
+
 class CircuitBreaker:
     """Skips a failing tier for ``retry_after`` seconds, doubling up to a minute."""
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 import xxhash
 
-from kvtier.core.blob import FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, decode_blob, verify
+from kvtier.core.blob import FORMAT_VERSION, MAGIC, MAX_HEADER_BYTES, verify
 from kvtier.core.buffers import BufferPool
 from kvtier.core.codec import Params, TensorCodec
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.codecs.raw import RawCodec
 from kvtier.core.codecs.zstd import ZstdCodec

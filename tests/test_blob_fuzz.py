@@ -19,8 +19,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.core.blob import MAGIC, decode_blob, verify
+from kvtier.core.blob import MAGIC, verify
 from kvtier.core.buffers import BufferPool
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError
 from kvtier.core.plugins import PluginRegistry

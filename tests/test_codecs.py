@@ -12,9 +12,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.core.blob import decode_blob
 from kvtier.core.buffers import BufferPool
 from kvtier.core.codec import ByteCodec, TensorCodec
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.codecs.shuffle import ShuffleCodec
 from kvtier.core.codecs.zstd import ZstdCodec, ZstdOptions

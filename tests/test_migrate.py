@@ -16,9 +16,10 @@ import torch
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
-from kvtier.core.blob import decode_blob, verify
+from kvtier.core.blob import verify
 from kvtier.core.buffers import default_pool
 from kvtier.core.cli import main
+from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
 from kvtier.core.keys import ChunkKey, namespace_for

@@ -1,0 +1,160 @@
+"""Decoding blobs: the codec stages a blob's header names, run backwards into a tensor.
+
+The inverse of :class:`~kvtier.core.codecs.pipeline.CodecPipeline`. Everything it reads
+from a header was validated by :func:`kvtier.core.blob.verify` or
+:func:`~kvtier.core.blob.parse`; a blob whose stages do not add up raises
+:class:`ChunkCorruptedError`, one that needs a codec this process lacks raises
+:class:`CodecUnavailableError`, and a caller's unusable ``out`` raises
+:class:`ValueError` before anything is read.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvtier.core.blob import Blob, BlobHeader, payload_of, verify
+from kvtier.core.buffers import Buffer, BufferPool, BytesLike
+from kvtier.core.codec import ByteCodec, Codec, TensorCodec
+from kvtier.core.codecs._views import tensor_view
+from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError, ConfigError
+from kvtier.core.plugins import PluginRegistry
+
+if TYPE_CHECKING:
+    from kvtier.core.codecs.pipeline import CodecPipeline
+
+
+def _corrupt(what: str) -> ChunkCorruptedError:
+    return ChunkCorruptedError(f"corrupt blob: {what}")
+
+
+_decoders: weakref.WeakKeyDictionary[PluginRegistry, dict[str, Codec]] = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
+
+
+def _decoder(registry: PluginRegistry, name: str) -> Codec:
+    """The registry's codec ``name`` with default options, built once per registry;
+    :class:`CodecUnavailableError` when no plugin provides it."""
+    with _decoders_lock:
+        cache = _decoders.setdefault(registry, {})
+        codec = cache.get(name)
+        if codec is None:
+            try:
+                spec = registry.codec(name)
+            except ConfigError as exc:
+                raise CodecUnavailableError(f"blob needs {exc}") from None
+            codec = cache[name] = spec.load()()
+        return codec
+
+
+def check_out(out: torch.Tensor) -> None:
+    """Raise :class:`ValueError` for an ``out`` that cannot be written here (an
+    inference tensor outside inference mode): the caller's mistake, not the blob's."""
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("out is an inference tensor: decode into it inside torch.inference_mode()")
+
+
+def _codecs_for(
+    header: BlobHeader, registry: PluginRegistry
+) -> tuple[TensorCodec, list[ByteCodec]]:
+    """The codecs of ``header``'s stages, after checking that they can hold its shape
+    (before anything is allocated for it)."""
+    names = [name for name, _ in header.stages]
+    codecs = [_decoder(registry, name) for name in names]
+    tensor_codec = codecs[0]
+    byte_codecs = [codec for codec in codecs[1:] if isinstance(codec, ByteCodec)]
+    if not isinstance(tensor_codec, TensorCodec) or len(byte_codecs) != len(codecs) - 1:
+        raise _corrupt(f"stages {names} are not one tensor codec followed by byte codecs")
+    if len(set(names)) != len(names):
+        raise _corrupt(f"stages {names} repeat a codec")
+    try:
+        expected = tensor_codec.encoded_nbytes(header.shape, header.dtype)
+    except Exception as exc:
+        raise _corrupt(
+            f"{names[0]} cannot size {header.shape}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if header.sizes[0] != expected:
+        raise _corrupt(
+            f"{names[0]} payload for {header.shape} is {expected} bytes, not {header.sizes[0]}"
+        )
+    return tensor_codec, byte_codecs
+
+
+def decode_into(
+    blob: BytesLike | Buffer | Blob,
+    header: BlobHeader,
+    registry: PluginRegistry,
+    out: torch.Tensor,
+) -> None:
+    """Decode a blob whose ``header`` was validated (:func:`verify` / :func:`parse`)
+    into ``out`` (the header's shape and dtype, any strides).
+
+    A blob that does not decode to ``out``'s shape, or whose stages fail, raises
+    :class:`ChunkCorruptedError` (``out`` may then be partly written); a codec this
+    process does not have raises :class:`CodecUnavailableError` (the blob is fine).
+    """
+    check_out(out)
+    tensor_codec, byte_codecs = _codecs_for(header, registry)
+    if tuple(out.shape) != header.shape or out.dtype != header.dtype:
+        raise _corrupt(
+            f"blob holds {header.shape} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
+        )
+    try:
+        data = payload_of(blob, header)
+        stages = zip(byte_codecs, header.stages[1:], header.sizes[:-1], strict=True)
+        for codec, (name, params), nbytes in reversed(list(stages)):
+            data = memoryview(codec.decode(data, params, nbytes)).cast("B")
+            if data.nbytes != nbytes:
+                raise _corrupt(f"{name} produced {data.nbytes} bytes, expected {nbytes}")
+        tensor_codec.decode_into(data, header.stages[0][1], out)
+    except (ChunkCorruptedError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _corrupt(f"decoding {header.key!r:.120} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _empty_chunk(header: BlobHeader, registry: PluginRegistry) -> torch.Tensor:
+    """A new tensor for ``header``'s chunk, once its stages were checked to hold it."""
+    _codecs_for(header, registry)
+    return torch.empty(header.shape, dtype=header.dtype)
+
+
+def chunk_of(blob: Blob, registry: PluginRegistry) -> torch.Tensor:
+    """The chunk ``blob`` holds: a zero-copy view of its payload for ``raw`` blobs (valid
+    while the blob is), else decoded into a new tensor."""
+    header = blob.header
+    if header.pipeline == "raw" and header.payload_nbytes:
+        count = header.payload_nbytes // header.dtype.itemsize
+        return tensor_view(payload_of(blob, header), header.dtype, count).view(header.shape)
+    out = _empty_chunk(header, registry)
+    decode_into(blob, header, registry, out)
+    return out
+
+
+def decode_blob(
+    blob: BytesLike | Buffer | Blob,
+    registry: PluginRegistry,
+    out: torch.Tensor | None = None,
+    *,
+    expected_key: str | None = None,
+) -> tuple[BlobHeader, torch.Tensor]:
+    """:func:`verify` then :func:`decode_into`; returns the header and the chunk (in
+    ``out`` when given, else in a new tensor that does not alias the blob)."""
+    if out is not None:
+        check_out(out)  # before anything is read
+    header = verify(blob, expected_key=expected_key)
+    if out is None:
+        out = _empty_chunk(header, registry)
+    decode_into(blob, header, registry, out)
+    return header, out
+
+
+def recode(blob: Blob, pipeline: CodecPipeline, registry: PluginRegistry, pool: BufferPool) -> Blob:
+    """``blob`` in ``pipeline``'s encoding: another reference to the same bytes when it
+    already is (its checksum is passed along, not recomputed), else encoded anew."""
+    if blob.header.pipeline == pipeline.name:
+        return blob.retain()
+    return pipeline.encode(blob.key, chunk_of(blob, registry), pool)
