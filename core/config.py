@@ -68,7 +68,6 @@ def parse_size(value: Any) -> int:
 
 
 ByteSize: TypeAlias = Annotated[int, BeforeValidator(parse_size)]
-CodecSteps: TypeAlias = "str | list[str | dict[str, Any]]"
 
 
 class _Strict(BaseModel):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -79,12 +79,6 @@ def validate_key(text: str) -> str:
     if type(text) is not str or len(text) > MAX_KEY_LENGTH or _KEY_RE.match(text) is None:
         ChunkKey.parse(text if isinstance(text, str) else repr(text))  # raises, explained
     return text
-
-
-def validate_keys(keys: Iterable[str]) -> None:
-    """:func:`validate_key` on each of ``keys``."""
-    for key in keys:
-        validate_key(key)
 
 
 def is_valid_key(text: str) -> bool:
