@@ -23,10 +23,12 @@ that fails is skipped; callers see misses, never a tier's exception.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,6 +53,10 @@ from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import KVTierStats, Tier, TierStats
 
 log = logging.getLogger(__name__)
+
+PARALLEL_COPY_BYTES = 4 << 20
+"""A ``store`` of at least this many bytes (in two chunks or more) is copied by the
+codec threads in parallel."""
 
 
 @dataclass
@@ -242,7 +248,7 @@ class KVTier:
         if not isinstance(kv, torch.Tensor):
             raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
-        blobs: list[Blob] = []
+        parts: list[tuple[str, torch.Tensor]] = []
         accepted = start
         for i, (key, (chunk_start, end)) in enumerate(zip(keys, bounds, strict=True)):
             nbytes = (end - chunk_start) * self.layout.bytes_per_token()
@@ -256,13 +262,31 @@ class KVTier:
                 self._drop(keys[i:])
                 break
             if not queued:
-                part = kv[:, :, chunk_start - start : end - start]
-                blobs.append(self._raw.encode(key, part, self.pool, sealed=False))
+                parts.append((key, kv[:, :, chunk_start - start : end - start]))
             accepted = end
-        if blobs:
-            job = _Queued(blobs, accepted - start)
+        if parts:
+            job = _Queued(self._encode(parts), accepted - start)
             self._io.loop.call_soon_threadsafe(self._enqueue, job)
         return accepted
+
+    def _encode(self, parts: list[tuple[str, torch.Tensor]]) -> list[Blob]:
+        """Unsealed raw blobs of ``parts``, copied by the codec threads in parallel
+        (the caller waits) when there is enough to share, else by the caller."""
+        if len(parts) < 2 or sum(p.nbytes for _, p in parts) < PARALLEL_COPY_BYTES:
+            return [self._raw.encode(key, part, self.pool, sealed=False) for key, part in parts]
+        futures = [self._codec.submit(partial(self._copy, key, part)) for key, part in parts]
+        concurrent.futures.wait(futures)
+        blobs = [f.result() for f in futures if f.exception() is None]
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            for blob in blobs:
+                blob.release()
+            raise failed
+        return blobs
+
+    def _copy(self, key: str, part: torch.Tensor) -> Blob:
+        with torch.no_grad():  # autograd is per thread: never record history on blobs
+            return self._raw.encode(key, part, self.pool, sealed=False)
 
     def _drop(self, keys: list[str]) -> None:
         event = TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys))

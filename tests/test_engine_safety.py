@@ -4,6 +4,7 @@ work once: one checksum per hop, one round trip per tier, bugs told from outages
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,33 @@ def test_a_backend_bug_skips_the_tier_and_is_logged_as_a_bug(
         assert stats.errors == 1 and not stats.available
     bug = [r for r in caplog.records if "bug in backend" in r.getMessage()]
     assert bug and bug[0].exc_info is not None, "the traceback was not logged"
+
+
+@pytest.mark.parametrize("kind", ["plain", "inference", "requires_grad"])
+def test_a_big_store_is_copied_by_the_codec_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from kvtier.core import engine
+
+    monkeypatch.setattr(engine, "PARALLEL_COPY_BYTES", 0)  # any store of 2+ chunks
+    copiers: list[str] = []
+    copy = engine.KVTier._copy
+
+    def recording(self: KVTier, key: str, part: torch.Tensor) -> Any:
+        copiers.append(threading.current_thread().name)
+        return copy(self, key, part)
+
+    monkeypatch.setattr(engine.KVTier, "_copy", recording)
+    tokens, kv = prompt(4 * CHUNK)
+    if kind == "inference":
+        with torch.inference_mode():
+            kv = kv.clone()
+    elif kind == "requires_grad":
+        kv = kv.float().requires_grad_().half()
+    with KVTier.open(config(tmp_path), model="m", layout=LAYOUT) as cache:
+        with torch.inference_mode(kind == "inference"):
+            assert cache.store(tokens, kv) == 4 * CHUNK
+        cache.flush()
+        n, got = cache.retrieve(tokens)
+    assert n == 4 * CHUNK and torch.equal(got, kv.detach()) and not got.requires_grad
+    assert len(copiers) == 4 and all(name.startswith("kvtier-codec") for name in copiers)
