@@ -225,35 +225,30 @@ class TierChain:
 
     async def _decode(
         self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[torch.Tensor]
-    ) -> dict[int, str]:
+    ) -> set[int]:
         """Check and decode each read into its target, in the codec threads; returns the
-        failures by chunk index (corrupt blobs already counted and deleted)."""
+        indexes of the chunks that failed (corrupt blobs already counted and deleted)."""
 
-        def one(r: _Read) -> str | None:
+        def one(r: _Read) -> ChunkCorruptedError | CodecUnavailableError | None:
             target = targets[r.index]
-            trusted = self.tiers[r.tier].backend.capabilities.verified_reads
+            caps = self.tiers[r.tier].backend.capabilities
             try:
-                check = fmt.parse if trusted else fmt.verify
+                check = fmt.parse if caps.verified_reads else fmt.verify
                 header = check(r.buf.view, expected_key=keys[r.index])
                 with torch.inference_mode(target.is_inference()), torch.no_grad():
                     decoding.decode_into(r.buf, header, self.registry, target)
-            except ChunkCorruptedError as exc:
-                return f"corrupt:{exc}"
-            except CodecUnavailableError as exc:
-                return f"unavailable:{exc}"
-            caps = self.tiers[r.tier].backend.capabilities
+            except (ChunkCorruptedError, CodecUnavailableError) as exc:
+                return exc
             r.blob = Blob(r.buf, header, sealed=not caps.process_local)
             return None
 
-        results = await self.codec.run_all([partial(one, r) for r in reads])
-        failed = {r.index: why for r, why in zip(reads, results, strict=True) if why is not None}
-        for r in reads:
-            why = failed.get(r.index)
-            if why is not None and why.startswith("corrupt:"):
-                await self._discard_corrupt(r.tier, keys[r.index], why.partition(":")[2])
-            elif why is not None:
-                log.warning("tier %s: %s", self.tiers[r.tier].name, why.partition(":")[2])
-        return failed
+        problems = await self.codec.run_all([partial(one, r) for r in reads])
+        for r, problem in zip(reads, problems, strict=True):
+            if isinstance(problem, ChunkCorruptedError):
+                await self._discard_corrupt(r.tier, keys[r.index], str(problem))
+            elif problem is not None:  # the blob is fine: another process can read it
+                log.warning("tier %s: %s", self.tiers[r.tier].name, problem)
+        return {r.index for r, problem in zip(reads, problems, strict=True) if problem}
 
     def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int) -> None:
         if hits:
