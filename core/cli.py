@@ -27,6 +27,7 @@ from kvtier.core.backend import Backend
 from kvtier.core.config import load_config, parse_size
 from kvtier.core.errors import BackendError, ConfigError, KVTierError, PluginError
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.urls import redact
 
 COMMAND_SETTINGS: dict[str, Any] = dict(
     add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
@@ -127,7 +128,7 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML config file.
 
         pipeline = CodecPipeline.from_config(tier.codec, registry)
         capacity = "-" if tier.capacity is None else f"{tier.capacity / 2**30:.2f} GiB"
-        table.add_row(str(tier.name), tier.url, spec.name, capacity, pipeline.name,
+        table.add_row(str(tier.name), redact(tier.url), spec.name, capacity, pipeline.name,
                       tier.write_policy, "yes" if tier.promote else "no")  # fmt: skip
     console.print(table)
 
@@ -166,7 +167,7 @@ def ls(
         async with _inspected(url, option) as backend:
             return await _describe_keys(backend, prefix, limit)
 
-    table = Table(title=url)
+    table = Table(title=redact(url))
     for column in ("namespace", "key", "blob"):
         table.add_column(column)
     for row in asyncio.run(run()):
@@ -191,7 +192,7 @@ def stats(
             return await backend.stats(), per_namespace
 
     snapshot, per_namespace = asyncio.run(run())
-    table = Table(title=url)
+    table = Table(title=redact(url))
     table.add_column("stat")
     table.add_column("value", justify="right")
     for name in ("keys", "bytes_used", "evictions"):
@@ -294,7 +295,9 @@ def migrate(
     from kvtier.core.migrate import migrate as run_migration
 
     if src_url.rstrip("/") == dst_url.rstrip("/"):
-        raise ConfigError(f"SRC_URL and DST_URL are the same store ({src_url}); name two stores")
+        raise ConfigError(
+            f"SRC_URL and DST_URL are the same store ({redact(src_url)}); name two stores"
+        )
     registry = get_registry()
     capacities: list[int | None] = []
     for flag, url, text in (("--src-capacity", src_url, src_capacity),
@@ -343,7 +346,7 @@ def migrate(
         table = Table(title="kvtier migrate" + (" (dry run)" if dry_run else ""))
         table.add_column("chunks")
         table.add_column("count", justify="right")
-        rows = [("from", src_url), ("to", dst_url),
+        rows = [("from", redact(src_url)), ("to", redact(dst_url)),
                 ("would copy" if dry_run else "copied", report.copied),
                 ("skipped (at destination)", report.skipped),
                 ("mismatched at destination", report.mismatched),

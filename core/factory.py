@@ -8,6 +8,7 @@ from typing import Any
 from kvtier.core.backend import Backend
 from kvtier.core.buffers import BufferPool
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.urls import redact
 from kvtier.core.validation import validate_model
 
 
@@ -29,6 +30,6 @@ def build_backend(
     spec = registry.backend_for_url(url)
     if spec.check_url is not None:
         spec.check_url(url)
-    parsed = validate_model(spec.options, options, f"options of tier {url!r}")
+    parsed = validate_model(spec.options, options, f"options of tier {redact(url)!r}")
     backend_cls = spec.load()  # after the checks: they need no optional dependency
     return backend_cls(url, parsed, capacity=capacity, pool=pool, registry=registry)

@@ -32,6 +32,7 @@ from kvtier.core.specs import (
     SubcommandSpec,
     TierEvent,
 )
+from kvtier.core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +179,14 @@ class PluginRegistry:
         scheme = urlsplit(url).scheme.lower()
         if not scheme:
             raise ConfigError(
-                f"tier URL {url!r} has no scheme; write it like 'cpu://', 'file:///var/cache/kv' "
-                f"(known schemes: {', '.join(sorted(self.schemes))})"
+                f"tier URL {redact(url)!r} has no scheme; write it like 'cpu://', "
+                f"'file:///var/cache/kv' (known schemes: {', '.join(sorted(self.schemes))})"
             )
         try:
             return self.schemes[scheme]
         except KeyError:
             raise ConfigError(
-                f"no backend handles URL scheme {scheme!r} in {url!r}"
+                f"no backend handles URL scheme {scheme!r} in {redact(url)!r}"
                 f"{closest(scheme, self.schemes)}; known schemes: "
                 f"{', '.join(sorted(self.schemes))}. A third-party backend must be installed "
                 "(it registers through the 'kvtier' entry-point group)"
