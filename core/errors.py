@@ -7,6 +7,8 @@ know which client a tier uses.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class KVTierError(Exception):
     """Root of every error raised by kvtier."""
@@ -46,3 +48,22 @@ class MissingExtraError(KVTierError, ImportError):
     def __init__(self, feature: str, extra: str) -> None:
         super().__init__(f"{feature} needs optional dependencies: pip install 'kvtier[{extra}]'")
         self.extra = extra
+
+
+_SHORT = reprlib.Repr()
+"""Quotes input in errors in bounded time and length, however large it is."""
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def quote(value: object) -> str:
+    """``repr(value)``, bounded in time and length: for quoting input in errors."""
+    return _SHORT.repr(value)
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text``, cut to ``limit`` characters with a note of what was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

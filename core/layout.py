@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, quote
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,7 +44,7 @@ class KVLayout:
         for field in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"KVLayout.{field} must be a positive int, got {value!r}")
+                raise ConfigError(f"KVLayout.{field} must be a positive int, got {quote(value)}")
         dtype_name(self.dtype)
 
     def chunk_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
