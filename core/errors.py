@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import reprlib
 
-
 _SHARED_OBJECT = re.compile(r"lib(?P<name>[A-Za-z0-9_+-]+)\.so(?:\.(?P<major>\d+))?")
 
 
