@@ -156,6 +156,14 @@ class Backend(ABC):
         use) and set up state, without I/O. Bounded backends have a positive
         ``capacity`` here."""
 
+    @property
+    def location(self) -> object:
+        """What identifies the store this backend uses: two tiers of one chain may not
+        share it. The URL by default (scheme lower case, no trailing slash); a backend
+        whose options also name the store (an S3 endpoint) says so by overriding."""
+        scheme, sep, rest = self.url.partition("://")
+        return f"{scheme.lower()}{sep}{rest.rstrip('/')}"
+
     # -- lifetime ----------------------------------------------------------------------
 
     async def open(self) -> None:

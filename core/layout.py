@@ -27,6 +27,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def dtype_from_name(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`; raises :class:`ConfigError` for unknown names."""
+    try:
+        return DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ConfigError(f"unsupported dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of one model's KV cache as kvtier stores it.
