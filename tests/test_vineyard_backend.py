@@ -193,8 +193,8 @@ def test_listens_on_no_tcp_port(vineyard_server: VineyardServer) -> None:
 
 
 def test_layout_and_zero_copy_views(vineyard_server: VineyardServer) -> None:
-    """Names are ``<prefix>k/<key>``; a hit is a read-only view of vineyardd's shared
-    memory (the plain client maps the same bytes), not a copy."""
+    """Names are ``<prefix>k/<key>``; a hit is a read-only view of the blob where the
+    backend's client maps vineyardd's shared memory, not a copy."""
     from kvtier.backends.vineyard.leases import LeasedView
 
     async def body() -> None:
@@ -208,8 +208,8 @@ def test_layout_and_zero_copy_views(vineyard_server: VineyardServer) -> None:
             [view] = await backend.get_many([key(1)])
             assert isinstance(view, LeasedView) and view.view.readonly
             meta = client.get_meta(client.get_name(f"t1/k/{key(1)}"))
-            blob = client.get_blob(meta["buffer"].id)
-            assert blob.address == torch.frombuffer(view.view, dtype=torch.uint8).data_ptr()
+            mapped = backend.connection.client().get_blob(meta["buffer"].id)  # type: ignore[attr-defined]
+            assert mapped.address == torch.frombuffer(view.view, dtype=torch.uint8).data_ptr()
             pins = client.list_names("t1/pin/*", False, 100)
             assert len(pins) == 1, "one pin while the view lives"
             view.release()  # a worker thread drops the pin: close() waits for it
