@@ -18,7 +18,7 @@ from kvtier.backends.vineyard.url import Target
 from kvtier.core.errors import BackendError, BackendUnavailableError
 
 with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     import vineyard
     from vineyard import ObjectID, ObjectMeta, RemoteBlobBuilder
     from vineyard.core.client import Client
