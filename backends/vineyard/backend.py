@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from kvtier.backends.vineyard import VineyardOptions
@@ -91,6 +92,8 @@ class VineyardBackend(Backend):
         self._others = 0
         """vineyardd memory that is not this tier's chunks, as of the last inventory."""
         self._evictions = 0
+        self._full_evictions: list[tuple[str, int]] = []
+        """Chunks evicted by worker threads because vineyardd was full, not yet reported."""
         self._counts = dict.fromkeys(("hits", "misses", "rejected_full", "stale_views"), 0)
         self.swept: dict[str, int] = {}
         """What the sweep at ``open()`` repaired (see :func:`reclaim.sweep`)."""
@@ -220,21 +223,32 @@ class VineyardBackend(Backend):
     # -- writes -----------------------------------------------------------------------
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
-        assert self.capacity is not None
+        """Room is made for the batch first; then its blobs are written in up to ``threads``
+        groups at once, so that one group's copies overlap another's round trips."""
+        assert self.capacity is not None and self.workers is not None
         fits = [buf.nbytes <= self.capacity for _, buf in items]
         wanted = [item for item, ok in zip(items, fits, strict=True) if ok]
-        stored, evicted = await self._call("put", lambda c: self._write(c, wanted, mode))
+        if not wanted:
+            return fits
+        incoming = sum(buf.nbytes for _, buf in wanted)
+        evicted = await self._call("put", lambda c: self._make_room(c, incoming))
         self._report(evicted)
+        step = -(-len(wanted) // self.options.threads)
+        groups = [wanted[i : i + step] for i in range(0, len(wanted), step)]
+        calls = [
+            partial(self.connection.call, "put", partial(self._write, items=group, mode=mode))
+            for group in groups
+        ]
+        self._check_open()
+        stored = [ok for done in await self.workers.run_all(calls) for ok in done]
+        self._report([])
         results = iter(stored)
         return [next(results) if ok else False for ok in fits]
 
-    def _write(
-        self, client: Client, items: list[tuple[str, Buffer]], mode: PutMode
-    ) -> tuple[list[bool], list[tuple[str, int]]]:
+    def _write(self, client: Client, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         names = [self.names.key(key) for key, _ in items]
         old = obj.lookup(client, names)
-        status = client.status
-        limit = int(status.memory_limit)
+        limit = int(client.status.memory_limit)
         todo = []
         for i, object_id in enumerate(old):
             if items[i][1].nbytes > limit:
@@ -242,21 +256,15 @@ class VineyardBackend(Backend):
             elif mode is PutMode.OVERWRITE or object_id is None:
                 todo.append(i)
         stored = [False] * len(items)
-        incoming = sum(items[i][1].nbytes for i in todo)
-        evicted = self._make_room(client, int(status.memory_usage), incoming)
-        for i, object_id in self._store(client, [items[i] for i in todo], todo, evicted):
+        for i, object_id in self._store(client, [items[i] for i in todo], todo):
             client.put_name(ObjectID(object_id), names[i])
             stored[i] = True
         replaced = [o for i, o in enumerate(old) if o is not None and stored[i]]
         rec.reclaim(client, self.names, replaced)
-        return stored, evicted
+        return stored
 
     def _store(
-        self,
-        client: Client,
-        items: list[tuple[str, Buffer]],
-        where: list[int],
-        evicted: list[tuple[str, int]],
+        self, client: Client, items: list[tuple[str, Buffer]], where: list[int]
     ) -> list[tuple[int, int]]:
         """Write the blobs (unnamed): ``(index, object)`` of each one stored. When
         vineyardd is full, evict the oldest chunks and try each blob once more."""
@@ -272,18 +280,19 @@ class VineyardBackend(Backend):
             try:
                 done.append((i, write(client, self.typename, [item])[0]))
             except FULL:
-                evicted += self._free_memory(client, item[1].nbytes)
+                self._full_evictions += self._free_memory(client, item[1].nbytes)
                 try:
                     done.append((i, write(client, self.typename, [item])[0]))
                 except FULL:
                     self._counts["rejected_full"] += 1
         return done
 
-    def _make_room(self, client: Client, usage: int, incoming: int) -> list[tuple[str, int]]:
+    def _make_room(self, client: Client, incoming: int) -> list[tuple[str, int]]:
         """Evict the oldest chunks if ``incoming`` bytes would take the tier over its
         capacity; returns what was evicted. Takes an inventory only when vineyardd's
-        memory use (``usage``) says the tier may be that full."""
+        memory use says the tier may be that full."""
         assert self.capacity is not None
+        usage = int(client.status.memory_usage)
         if usage - self._others + incoming <= self.capacity:
             return []
         inventory = rec.inventory(client, self.names, self.typename)
@@ -315,6 +324,10 @@ class VineyardBackend(Backend):
         return rec.evict(client, self.names, victims)
 
     def _report(self, evicted: list[tuple[str, int]]) -> None:
+        """Count evictions and tell the listener (on the event loop), with those a full
+        vineyardd forced since the last report."""
+        full, self._full_evictions = self._full_evictions, []
+        evicted = evicted + full
         if evicted:
             self._evictions += len(evicted)
             self._evicted(evicted)
