@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -37,7 +36,6 @@ from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 Read = list[Buffer | None]
 
