@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "s3": "kvtier.backends.s3",
     "mooncake": "kvtier.backends.mooncake",
     "nixl": "kvtier.backends.nixl",
+    "vineyard": "kvtier.backends.vineyard",
 }
 """Built-in plugins by name; a config can disable them like any other plugin."""
 
