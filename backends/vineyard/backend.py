@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -33,17 +33,11 @@ from kvtier.backends.vineyard.leases import LeasedView, Leases
 from kvtier.backends.vineyard.names import Names, new_holder
 from kvtier.backends.vineyard.url import Target, parse_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
-from kvtier.core.buffers import Buffer
+from kvtier.core.buffers import Buffer, release_all
 from kvtier.core.errors import BackendError
 
 T = TypeVar("T")
 Read = list[Buffer | None]
-
-
-def _release_all(buffers: Sequence[Buffer | None]) -> None:
-    for buf in buffers:
-        if buf is not None:
-            buf.release()
 
 
 class VineyardBackend(Backend):
@@ -129,7 +123,7 @@ class VineyardBackend(Backend):
     # -- reads ------------------------------------------------------------------------
 
     async def _get_unique(self, keys: list[str]) -> Read:
-        got = await self._call("get", lambda c: self._read(c, keys), orphan=_release_all)
+        got = await self._call("get", lambda c: self._read(c, keys), orphan=release_all)
         hits = sum(buf is not None for buf in got)
         self._counts["hits"] += hits
         self._counts["misses"] += len(got) - hits
@@ -158,7 +152,7 @@ class VineyardBackend(Backend):
             if remote:
                 self._read_remote(client, remote, out)
         except BaseException:
-            _release_all(out)
+            release_all(out)
             raise
         return out
 
@@ -175,7 +169,7 @@ class VineyardBackend(Backend):
         except BaseException:
             for _, chunk in wanted[len(views) :]:
                 self.leases.release(chunk.object_id)
-            _release_all(views)
+            release_all(views)
             raise
         for (i, _), view in zip(wanted, views, strict=True):
             out[i] = view
