@@ -1,0 +1,235 @@
+"""Entries a backend finds malformed at its own storage level are misses that it removes,
+so that ``lookup`` stops promising them: for the redis, s3, mooncake and nixl tiers,
+each kind of malformed entry is planted with the store's own client, then read through
+a real tier chain (``KVTier``) and through the backend API. Entries a concurrent
+writer is half way through are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import torch
+from servers.valkey import ValkeyCluster, ValkeyServer
+from test_redis_backend import get as read
+from test_redis_backend import put as write
+
+from kvtier.backends.redis.split import DISCARD, write_job
+from kvtier.core import KVLayout, KVTier
+from kvtier.core.backend import Backend, PutMode
+from kvtier.core.factory import build_backend
+
+T = TypeVar("T")
+KiB = 1 << 10
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16)
+CHUNK = 16
+
+
+def run(body: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(body)
+
+
+def prompt(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50_000, (n,), generator=gen)
+    return tokens, torch.randn(LAYOUT.chunk_shape(n), generator=gen).to(LAYOUT.dtype)
+
+
+def open_chain(url: str, options: dict[str, Any], **tier: Any) -> KVTier:
+    config = {
+        "chunk_tokens": CHUNK,
+        "tiers": [{"url": url, "timeout": 10.0, "options": options, **tier}],
+    }
+    return KVTier.open(config, model="malformed-test", layout=LAYOUT)
+
+
+def chain_removes_the_planted_entry(
+    cache: KVTier, plant: Callable[[str], None], present: Callable[[str], bool]
+) -> None:
+    """Store four chunks, replace the third by a malformed entry (``plant``), and check
+    that lookup promises it once, retrieve stops before it and removes it (``present``
+    says whether the store still holds an entry under a key), lookup then no longer
+    counts it, and storing the prompt again writes it anew."""
+    tokens, kv = prompt(4 * CHUNK)
+    cache.store(tokens, kv)
+    cache.flush()
+    victim = cache.hasher.key_strings(tokens)[2]
+    plant(victim)
+    assert present(victim)
+    assert cache.lookup(tokens) == 4 * CHUNK, "the planted entry looks stored"
+    n, got = cache.retrieve(tokens)
+    assert n == 2 * CHUNK and torch.equal(got, kv[:, :, : 2 * CHUNK])
+    assert not present(victim), "the malformed entry was left in the store"
+    assert cache.lookup(tokens) == 2 * CHUNK, "lookup still promises a malformed entry"
+    cache.store(tokens, kv)
+    cache.flush()
+    n, got = cache.retrieve(tokens)
+    assert n == 4 * CHUNK and torch.equal(got, kv)
+
+
+def chunk_key(i: int) -> str:
+    return f"malformed.{i:032x}"
+
+
+# -- redis -------------------------------------------------------------------------------
+
+SPLIT_AT = KiB
+"""``max_value_bytes`` of the redis tiers here: a chunk's blob is a split hash."""
+
+RedisPlant = Callable[[Any, str], None]
+REDIS_PLANTS: dict[str, RedisPlant] = {
+    "list": lambda c, name: c.rpush(name, b"kv"),
+    "set": lambda c, name: c.sadd(name, b"kv"),
+    "sorted set": lambda c, name: c.zadd(name, {b"kv": 1}),
+    "stream": lambda c, name: c.xadd(name, {b"kv": b"1"}),
+    "split, a part missing": lambda c, name: c.hset(
+        name, mapping={"n": 2, "size": 8, "p0": b"abcd"}
+    ),
+    "split, sizes do not add up": lambda c, name: c.hset(
+        name, mapping={"n": 2, "size": 9, "p0": b"abcd", "p1": b"efgh"}
+    ),
+    "split, a part too many": lambda c, name: c.hset(
+        name, mapping={"n": 1, "size": 4, "p0": b"abcd", "p1": b"efgh"}
+    ),
+    "split, a huge part count": lambda c, name: c.hset(
+        name, mapping={"n": 10**12, "size": 4, "p0": b"abcd"}
+    ),
+    "split, a count that is no decimal": lambda c, name: c.hset(
+        name, mapping={"n": "0x1", "size": 4, "p0": b"abcd"}
+    ),
+    "split, no parts": lambda c, name: c.hset(name, mapping={"n": 0, "size": 0}),
+    "hash of other fields": lambda c, name: c.hset(name, mapping={"kv": b"1"}),
+}
+"""Values under a chunk key that no redis tier writes. (The tier chain needs no help
+with "split, no parts": it reads as an empty blob, which the chain deletes as corrupt.)"""
+
+
+def redis_name(key: str, prefix: str = "kvtier:") -> str:
+    return f"{prefix}{{{key}}}"
+
+
+def redis_client(server: ValkeyServer | ValkeyCluster) -> Any:
+    if isinstance(server, ValkeyCluster):
+        return redis.RedisCluster(host="127.0.0.1", port=server.nodes[0].port)
+    return redis.Redis(host="127.0.0.1", port=server.port)
+
+
+def replace_redis_value(client: Any, plant: RedisPlant) -> Callable[[str], None]:
+    def replace(key: str) -> None:
+        name = redis_name(key)
+        client.delete(name)
+        plant(client, name)
+
+    return replace
+
+
+@pytest.mark.parametrize("kind", [k for k in REDIS_PLANTS if k != "split, no parts"])
+def test_redis_chain_removes_a_malformed_value(valkey_server: ValkeyServer, kind: str) -> None:
+    with (
+        redis_client(valkey_server) as client,
+        open_chain(valkey_server.url, {"max_value_bytes": SPLIT_AT}) as cache,
+    ):
+        chain_removes_the_planted_entry(
+            cache,
+            replace_redis_value(client, REDIS_PLANTS[kind]),
+            lambda key: bool(client.exists(redis_name(key))),
+        )
+
+
+@pytest.mark.parametrize("server", ["valkey_server", "valkey_cluster"])
+def test_redis_backend_removes_every_malformed_value(
+    request: pytest.FixtureRequest, server: str
+) -> None:
+    """One batch with every kind of malformed value beside whole ones: the malformed
+    ones are misses, removed (and counted), and no longer contained; whole values stay."""
+    target = request.getfixturevalue(server)
+    whole = {chunk_key(100): b"small", chunk_key(101): bytes(range(256)) * 12}  # 2nd: split
+    planted = {chunk_key(i): plant for i, plant in enumerate(REDIS_PLANTS.values())}
+    keys = [*whole, *planted]
+
+    async def body(backend: Backend, client: Any) -> None:
+        assert await write(backend, whole) == [True, True]
+        assert client.type(redis_name(chunk_key(101))) == b"hash"
+        for key, plant in planted.items():
+            plant(client, redis_name(key))
+        assert await backend.contains_many(keys) == [True] * len(keys)
+        assert await read(backend, keys) == [*whole.values(), *[None] * len(planted)]
+        assert [bool(client.exists(redis_name(k))) for k in keys] == [
+            *[True] * len(whole),
+            *[False] * len(planted),
+        ]
+        assert await backend.contains_many(keys) == [*[True] * len(whole), *[False] * len(planted)]
+        assert (await backend.stats()).details["malformed_removed"] == len(planted)
+        assert await read(backend, keys) == [*whole.values(), *[None] * len(planted)]
+
+    async def main() -> None:
+        backend = build_backend(target.url, options={"max_value_bytes": SPLIT_AT})
+        with redis_client(target) as client:
+            async with backend:
+                await body(backend, client)
+
+    run(main())
+
+
+def test_redis_split_value_half_written_is_left_to_its_writer(
+    valkey_server: ValkeyServer,
+) -> None:
+    """A split value being assembled (its temp hash has part of its parts) stays while a
+    read of the chunk misses and removes a malformed value beside it; the writer then
+    publishes it, whole."""
+    value = bytes(range(256)) * 12
+    writing, broken = chunk_key(1), chunk_key(2)
+
+    async def main() -> None:
+        backend = build_backend(valkey_server.url, options={"max_value_bytes": SPLIT_AT})
+        with redis_client(valkey_server) as client, backend.pool.copy_of(value) as buf:
+            job = write_job(redis_name(writing), buf, SPLIT_AT, PutMode.CREATE, 0)
+            temp = str(job[0][1])
+            first, rest = job[:3], job[3:]  # header, expiry and p0; then p1, p2, publish
+
+            def send(commands: Any) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(
+                        *(bytes(a) if isinstance(a, memoryview) else a for a in command)
+                    )
+                return pipe.execute()
+
+            send(first)
+            client.rpush(redis_name(broken), b"kv")
+            async with backend:
+                assert await read(backend, [writing, broken]) == [None, None]
+                assert client.hlen(temp) == 3, "the half-written value was touched"
+                assert not client.exists(redis_name(broken))
+                assert send(rest)[-1] == 1, "the writer could not publish its value"
+                assert await read(backend, [writing]) == [value]
+
+    run(main())
+
+
+def test_redis_discard_checks_again_and_never_deletes_a_whole_value(
+    valkey_server: ValkeyServer,
+) -> None:
+    """The removal re-checks the value on the server in the step that deletes it: a
+    value a writer put in place after the reader found a malformed one (a string, a
+    whole split hash) is never deleted, nor is a missing key an error."""
+    value = bytes(range(256)) * 12
+
+    async def main() -> None:
+        backend = build_backend(valkey_server.url, options={"max_value_bytes": SPLIT_AT})
+        async with backend:
+            assert await write(backend, {chunk_key(1): b"whole", chunk_key(2): value})
+        with redis_client(valkey_server) as client:
+            for key in (chunk_key(1), chunk_key(2), chunk_key(3)):
+                assert client.eval(DISCARD, 1, redis_name(key)) == 0
+            assert client.get(redis_name(chunk_key(1))) == b"whole"
+            assert client.type(redis_name(chunk_key(2))) == b"hash"
+            for i, plant in enumerate(REDIS_PLANTS.values()):
+                name = redis_name(chunk_key(10 + i))
+                plant(client, name)
+                assert client.eval(DISCARD, 1, name) == 1 and not client.exists(name)
+
+    run(main())
