@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import torch
+from servers.seaweedfs import SeaweedFS
 from servers.valkey import ValkeyCluster, ValkeyServer
 from test_redis_backend import get as read
 from test_redis_backend import put as write
@@ -233,3 +234,129 @@ def test_redis_discard_checks_again_and_never_deletes_a_whole_value(
                 assert client.eval(DISCARD, 1, name) == 1 and not client.exists(name)
 
     run(main())
+
+
+# -- s3 ----------------------------------------------------------------------------------
+
+S3_LIMIT = 100_000
+"""The largest object the s3 tests' tiers take for a blob (``reads.MAX_OBJECT_BYTES``)."""
+
+
+@pytest.fixture
+def s3_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects over :data:`S3_LIMIT` bytes are no blobs (the real bound, 4 GiB and more,
+    is too large to plant)."""
+    pytest.importorskip("boto3", reason="pip install 'kvtier[s3]'")
+    from kvtier.backends.s3 import reads
+
+    monkeypatch.setattr(reads, "MAX_OBJECT_BYTES", S3_LIMIT)
+
+
+class S3Objects:
+    """The objects of an s3 tier's bucket and prefix, through a plain boto3 client."""
+
+    def __init__(self, server: SeaweedFS, url: str) -> None:
+        import boto3
+
+        self.client = boto3.client("s3", **server.client_args())
+        self.bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        self.prefix = prefix + "/"
+
+    def put(self, key: str, data: bytes) -> str:
+        """Store ``data`` as chunk ``key``'s object; its ETag."""
+        return self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)["ETag"]
+
+    def present(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except self.client.exceptions.ClientError:
+            return False
+        return True
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+
+
+@pytest.mark.usefixtures("s3_limit")
+def test_s3_chain_removes_an_object_larger_than_any_blob(seaweedfs: SeaweedFS) -> None:
+    url = seaweedfs.url()
+    objects = S3Objects(seaweedfs, url)
+    with open_chain(url, seaweedfs.options()) as cache:
+        chain_removes_the_planted_entry(
+            cache, lambda key: objects.put(key, bytes(S3_LIMIT + 1)), objects.present
+        )
+
+
+@pytest.mark.usefixtures("s3_limit")
+def test_s3_backend_removes_an_object_larger_than_any_blob(seaweedfs: SeaweedFS) -> None:
+    url = seaweedfs.url()
+    objects = S3Objects(seaweedfs, url)
+    largest, oversized = bytes(S3_LIMIT), bytes(S3_LIMIT + 1)
+    keys = [chunk_key(1), chunk_key(2)]
+
+    async def main() -> None:
+        async with build_backend(url, options=seaweedfs.options()) as backend:
+            assert await write(backend, {keys[0]: largest}) == [True]
+            objects.put(keys[1], oversized)
+            assert await backend.contains_many(keys) == [True, True]
+            assert await read(backend, keys) == [largest, None]
+            assert [objects.present(k) for k in keys] == [True, False]
+            assert await backend.contains_many(keys) == [True, False]
+            assert (await backend.stats()).details["malformed_removed"] == 1
+
+    run(main())
+
+
+@pytest.mark.usefixtures("s3_limit")
+def test_s3_upload_in_progress_is_left_to_its_writer(seaweedfs: SeaweedFS) -> None:
+    """A multipart upload of a blob over an oversized object is under way: a read
+    misses and deletes the oversized object, and the upload then completes, whole."""
+    url = seaweedfs.url()
+    objects = S3Objects(seaweedfs, url)
+    key, value = chunk_key(1), b"v" * 50_000
+    objects.put(key, bytes(S3_LIMIT + 1))
+    name = objects.prefix + key
+    client = objects.client
+    upload = client.create_multipart_upload(Bucket=objects.bucket, Key=name)["UploadId"]
+    part = client.upload_part(
+        Bucket=objects.bucket, Key=name, UploadId=upload, PartNumber=1, Body=value
+    )
+
+    async def main() -> None:
+        async with build_backend(url, options=seaweedfs.options()) as backend:
+            assert await read(backend, [key]) == [None]
+            assert not objects.present(key)
+            client.complete_multipart_upload(
+                Bucket=objects.bucket,
+                Key=name,
+                UploadId=upload,
+                MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+            )
+            assert await read(backend, [key]) == [value]
+
+    run(main())
+
+
+def test_s3_removal_never_deletes_an_object_written_since_the_read(seaweedfs: SeaweedFS) -> None:
+    """The deletion is conditional on the ETag the read saw: an object written over the
+    malformed one in between stays."""
+    pytest.importorskip("boto3", reason="pip install 'kvtier[s3]'")
+    from kvtier.backends.s3 import S3Options
+    from kvtier.backends.s3.bucket import Bucket
+    from kvtier.backends.s3.errors import Place
+
+    url = seaweedfs.url()
+    objects = S3Objects(seaweedfs, url)
+    seen = objects.put(chunk_key(1), bytes(S3_LIMIT + 1))
+    latest = objects.put(chunk_key(1), b"a blob written since")
+    options = S3Options(**seaweedfs.options())
+    bucket = Bucket.connect(options, objects.bucket, objects.prefix, Place(url, "b", "e"))
+    try:
+        name = objects.prefix + chunk_key(1)
+        assert not bucket.delete_if_unchanged(name, seen)
+        assert objects.read(chunk_key(1)) == b"a blob written since"
+        assert bucket.delete_if_unchanged(name, latest)
+        assert not objects.present(chunk_key(1))
+        assert not bucket.delete_if_unchanged(name, latest), "a missing object was deleted"
+    finally:
+        bucket.close()
