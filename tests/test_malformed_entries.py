@@ -7,20 +7,25 @@ writer is half way through are left alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 import torch
+from servers.mooncake import MooncakeStore
 from servers.seaweedfs import SeaweedFS
 from servers.valkey import ValkeyCluster, ValkeyServer
+from test_mooncake_backend import key as mooncake_key
+from test_mooncake_backend import native
+from test_mooncake_backend import put as mooncake_put
 from test_redis_backend import get as read
 from test_redis_backend import put as write
 
 from kvtier.backends.redis.split import DISCARD, write_job
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend, PutMode
+from kvtier.core.buffers import address_of
 from kvtier.core.factory import build_backend
 
 T = TypeVar("T")
@@ -51,9 +56,10 @@ def chain_removes_the_planted_entry(
     cache: KVTier, plant: Callable[[str], None], present: Callable[[str], bool]
 ) -> None:
     """Store four chunks, replace the third by a malformed entry (``plant``), and check
-    that lookup promises it once, retrieve stops before it and removes it (``present``
-    says whether the store still holds an entry under a key), lookup then no longer
-    counts it, and storing the prompt again writes it anew."""
+    that lookup promises it once, retrieve stops before it and the backend removes it
+    (``present`` says whether the store still holds an entry under a key) without
+    handing it to the chain, lookup then no longer counts it, and storing the prompt
+    again writes it anew."""
     tokens, kv = prompt(4 * CHUNK)
     cache.store(tokens, kv)
     cache.flush()
@@ -64,6 +70,7 @@ def chain_removes_the_planted_entry(
     n, got = cache.retrieve(tokens)
     assert n == 2 * CHUNK and torch.equal(got, kv[:, :, : 2 * CHUNK])
     assert not present(victim), "the malformed entry was left in the store"
+    assert cache.stats().tiers[0].corrupt == 0, "the tier handed the chain no blob there"
     assert cache.lookup(tokens) == 2 * CHUNK, "lookup still promises a malformed entry"
     cache.store(tokens, kv)
     cache.flush()
@@ -360,3 +367,118 @@ def test_s3_removal_never_deletes_an_object_written_since_the_read(seaweedfs: Se
         assert not bucket.delete_if_unchanged(name, latest), "a missing object was deleted"
     finally:
         bucket.close()
+
+
+# -- mooncake ----------------------------------------------------------------------------
+
+MOONCAKE_LIMIT = 64 * KiB
+"""The largest object the mooncake tests' tiers take for a blob."""
+
+
+@pytest.fixture(scope="module")
+def mooncake(mooncake_session: MooncakeStore) -> Iterator[Backend]:
+    """A backend on the session's store, whose Mooncake client the tier chains here
+    share (so no test waits for a client to close); tests plant objects with it."""
+    mooncake_session.start()
+    backend = build_backend(mooncake_session.url, options=mooncake_session.options())
+    run(backend.open())
+    yield backend
+    run(backend.close())
+
+
+@pytest.fixture
+def mooncake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects over :data:`MOONCAKE_LIMIT` bytes are no blobs (the real bound, 4 GiB and
+    more, does not fit the test store)."""
+    from kvtier.backends.mooncake import reads
+
+    monkeypatch.setattr(reads, "MAX_OBJECT_BYTES", MOONCAKE_LIMIT)
+
+
+def mooncake_present(backend: Backend, name: str) -> bool:
+    return bool(native(backend).is_exist(name) == 1)
+
+
+MOONCAKE_PLANTS: dict[str, bytes] = {
+    "one byte without a marker": b"\x07",
+    "larger than any blob": bytes(MOONCAKE_LIMIT + 1),
+}
+
+
+@pytest.mark.usefixtures("mooncake_limit")
+@pytest.mark.parametrize("kind", MOONCAKE_PLANTS)
+def test_mooncake_chain_removes_a_malformed_object(
+    mooncake_server: MooncakeStore, mooncake: Backend, kind: str
+) -> None:
+    with open_chain(mooncake_server.url, mooncake_server.options()) as cache:
+        chain_removes_the_planted_entry(
+            cache,
+            lambda key: mooncake_put(mooncake, key, MOONCAKE_PLANTS[kind]),
+            lambda key: mooncake_present(mooncake, key),
+        )
+
+
+@pytest.mark.usefixtures("mooncake_limit")
+def test_mooncake_backend_removes_every_malformed_object(
+    mooncake_server: MooncakeStore, mooncake: Backend
+) -> None:
+    whole = {mooncake_key(): b"blob", mooncake_key(): b"", mooncake_key(): bytes(MOONCAKE_LIMIT)}
+    planted = {mooncake_key(): value for value in MOONCAKE_PLANTS.values()}
+    keys = [*whole, *planted]
+
+    async def main() -> None:
+        backend = build_backend(mooncake_server.url, options=mooncake_server.options())
+        async with backend:
+            assert await write(backend, whole) == [True] * len(whole)
+            for key, value in planted.items():
+                mooncake_put(backend, key, value)
+            assert await backend.contains_many(keys) == [True] * len(keys)
+            assert await read(backend, keys) == [*whole.values(), *[None] * len(planted)]
+            assert [mooncake_present(backend, k) for k in keys] == [
+                *[True] * len(whole),
+                *[False] * len(planted),
+            ]
+            assert await backend.contains_many(keys) == [
+                *[True] * len(whole),
+                *[False] * len(planted),
+            ]
+            assert (await backend.stats()).details["malformed_removed"] == len(planted)
+
+    run(main())
+
+
+def test_mooncake_writes_in_progress_are_left_to_their_writers(
+    mooncake_server: MooncakeStore, mooncake: Backend
+) -> None:
+    """Beside a one-byte object without a marker (removed by the read), two writes are
+    half way: a tiny blob whose marker and object are written but whose old marker is
+    not removed yet (both markers), and a put session that reserved a key and moved its
+    bytes but has not ended. Reads miss both and leave them; the writers then finish."""
+    from mooncake.store import ReplicateConfig
+
+    tiny, reserved, broken = mooncake_key(), mooncake_key(), mooncake_key()
+    value = bytes(range(256)) * 8
+    client = native(mooncake)
+    mooncake_put(mooncake, tiny, b"\0")  # was the empty blob ...
+    mooncake_put(mooncake, tiny + "#empty", b"\0")
+    mooncake_put(mooncake, tiny + "#byte", b"\0")  # ... becoming b"\x07": marker first,
+    mooncake_put(mooncake, tiny, b"\x07")  # then the object; "#empty" not removed yet
+    mooncake_put(mooncake, broken, b"\x07")
+    assert client.batch_put_session_start([reserved], [len(value)], ReplicateConfig()) == [0]
+
+    async def main() -> None:
+        backend = build_backend(mooncake_server.url, options=mooncake_server.options())
+        with backend.pool.copy_of(value) as buf:
+            sent = client.batch_put_from_multi_buffer_ranges(
+                [reserved], [[address_of(buf.block)]], [[len(value)]], [[0]]
+            )
+            assert sent == [len(value)]
+            async with backend:
+                assert await read(backend, [tiny, reserved, broken]) == [None, None, None]
+                assert not mooncake_present(backend, broken)
+                assert mooncake_present(backend, tiny), "the tiny blob being written was removed"
+                assert client.batch_put_session_end([reserved]) == [0]
+                assert client.remove(tiny + "#empty", True) == 0
+                assert await read(backend, [tiny, reserved]) == [b"\x07", value]
+
+    run(main())
