@@ -7,25 +7,29 @@ writer is half way through are left alone."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 import torch
+from servers._process import require
 from servers.mooncake import MooncakeStore
 from servers.seaweedfs import SeaweedFS
 from servers.valkey import ValkeyCluster, ValkeyServer
 from test_mooncake_backend import key as mooncake_key
 from test_mooncake_backend import native
 from test_mooncake_backend import put as mooncake_put
+from test_nixl_backend import chunk_key as nixl_chunk_key
+from test_nixl_backend import make_blob
 from test_redis_backend import get as read
 from test_redis_backend import put as write
 
 from kvtier.backends.redis.split import DISCARD, write_job
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.buffers import address_of
+from kvtier.core.buffers import Buffer, BufferPool, address_of
 from kvtier.core.factory import build_backend
 
 T = TypeVar("T")
@@ -44,29 +48,40 @@ def prompt(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, torch.randn(LAYOUT.chunk_shape(n), generator=gen).to(LAYOUT.dtype)
 
 
-def open_chain(url: str, options: dict[str, Any], **tier: Any) -> KVTier:
+def open_chain(
+    url: str, options: dict[str, Any], pool: BufferPool | None = None, **tier: Any
+) -> KVTier:
     config = {
         "chunk_tokens": CHUNK,
         "tiers": [{"url": url, "timeout": 10.0, "options": options, **tier}],
     }
-    return KVTier.open(config, model="malformed-test", layout=LAYOUT)
+    return KVTier.open(config, model="malformed-test", layout=LAYOUT, pool=pool)
 
 
 def chain_removes_the_planted_entry(
-    cache: KVTier, plant: Callable[[str], None], present: Callable[[str], bool]
+    cache: KVTier,
+    plant: Callable[[str], None],
+    present: Callable[[str], bool],
+    *,
+    promised: bool = True,
+    writer: KVTier | None = None,
 ) -> None:
-    """Store four chunks, replace the third by a malformed entry (``plant``), and check
-    that lookup promises it once, retrieve stops before it and the backend removes it
+    """Store four chunks (through ``writer``, else ``cache``), replace the third by a
+    malformed entry (``plant``), and check that lookup promises it once (if
+    ``promised``: else never), retrieve stops before it and the backend removes it
     (``present`` says whether the store still holds an entry under a key) without
     handing it to the chain, lookup then no longer counts it, and storing the prompt
     again writes it anew."""
     tokens, kv = prompt(4 * CHUNK)
-    cache.store(tokens, kv)
-    cache.flush()
+    (writer or cache).store(tokens, kv)
+    (writer or cache).flush()
     victim = cache.hasher.key_strings(tokens)[2]
     plant(victim)
     assert present(victim)
-    assert cache.lookup(tokens) == 4 * CHUNK, "the planted entry looks stored"
+    if promised:
+        assert cache.lookup(tokens) == 4 * CHUNK, "the planted entry looks stored"
+    else:
+        assert cache.lookup(tokens) == 2 * CHUNK, "lookup promised a malformed entry"
     n, got = cache.retrieve(tokens)
     assert n == 2 * CHUNK and torch.equal(got, kv[:, :, : 2 * CHUNK])
     assert not present(victim), "the malformed entry was left in the store"
@@ -480,5 +495,270 @@ def test_mooncake_writes_in_progress_are_left_to_their_writers(
                 assert client.batch_put_session_end([reserved]) == [0]
                 assert client.remove(tiny + "#empty", True) == 0
                 assert await read(backend, [tiny, reserved]) == [b"\x07", value]
+
+    run(main())
+
+
+# -- nixl --------------------------------------------------------------------------------
+
+
+class NixlIndex:
+    """A group's peer index, read and written with a plain redis-py client."""
+
+    def __init__(self, server: ValkeyServer, group: str) -> None:
+        self.client = redis_client(server)
+        self.prefix = f"kvtier:nixl:{group}:"
+
+    def holder(self, key: str) -> str:
+        """The agent whose entries name ``key``."""
+        for agent in self.client.smembers(self.prefix + "agents"):
+            if self.client.hexists(self.chunks(agent.decode()), key):
+                return str(agent.decode())
+        raise AssertionError(f"no agent publishes {key}")
+
+    def chunks(self, agent: str) -> str:
+        return f"{self.prefix}chunks:{agent}"
+
+    def record(self, agent: str) -> str:
+        return f"{self.prefix}agent:{agent}"
+
+    def entry(self, agent: str, key: str) -> list[bytes]:
+        """``[gen, address, nbytes]`` of ``agent``'s entry for ``key``."""
+        return list(self.client.hget(self.chunks(agent), key).split(b":"))
+
+    def set_entry(self, agent: str, key: str, value: bytes) -> None:
+        self.client.hset(self.chunks(agent), key, value)
+
+    def has_entry(self, key: str) -> bool:
+        agents = self.client.smembers(self.prefix + "agents")
+        return any(self.client.hexists(self.chunks(a.decode()), key) for a in agents)
+
+
+def nixl_plants(index: NixlIndex) -> dict[str, tuple[Callable[[str, str], bytes], bool]]:
+    """Malformed values for a key's entry, from the key and the entry of another chunk
+    of the same owner; and whether lookup still promises the key (it cannot tell)."""
+
+    def record_gen(key: str) -> int:
+        return int(index.client.hget(index.record(index.holder(key)), "gen"))
+
+    return {
+        "not an entry": (lambda key, other: b"no location", False),
+        "a length no blob has": (
+            lambda key, other: b":".join([*index.entry(index.holder(key), key)[:2], b"1"]),
+            False,
+        ),
+        "the memory of another chunk": (
+            lambda key, other: b":".join(index.entry(index.holder(key), other)),
+            True,
+        ),
+        "a generation no metadata covers": (
+            lambda key, other: b":".join(
+                [b"%d" % (record_gen(key) + 1), *index.entry(index.holder(key), key)[1:]]
+            ),
+            True,
+        ),
+    }
+
+
+NIXL_KINDS = ["not an entry", "a length no blob has", "the memory of another chunk"]
+NIXL_KINDS += ["a generation no metadata covers"]
+
+
+@pytest.mark.parametrize("kind", NIXL_KINDS)
+def test_nixl_chain_removes_a_malformed_index_entry(valkey_server: ValkeyServer, kind: str) -> None:
+    """One KVTier stores, another reads its chunks through the index, where the third
+    chunk's entry is malformed."""
+    require("nixl_cu12", "kvtier[nixl]")
+    grp = f"m{uuid.uuid4().hex[:12]}"
+    index = NixlIndex(valkey_server, grp)
+    value, promised = nixl_plants(index)[kind]
+    tier = {"capacity": "32MiB"}
+    options = {"index": valkey_server.url, "ttl": 30}
+
+    def plant(key: str) -> None:
+        tokens = prompt(4 * CHUNK)[0]
+        other = writer.hasher.key_strings(tokens)[3]
+        index.set_entry(index.holder(key), key, value(key, other))
+
+    with (
+        open_chain(f"nixl://{grp}", options, pool=BufferPool(), **tier) as writer,
+        open_chain(f"nixl://{grp}", options, pool=BufferPool(), **tier) as reader,
+    ):
+        chain_removes_the_planted_entry(
+            reader, plant, index.has_entry, promised=promised, writer=writer
+        )
+
+
+def nixl_backend(server: ValkeyServer, grp: str, pool: BufferPool) -> Backend:
+    return build_backend(
+        f"nixl://{grp}", capacity=64 << 20, options={"index": server.url, "ttl": 60}, pool=pool
+    )
+
+
+def with_nixl_peers(
+    server: ValkeyServer,
+    grp: str,
+    owner_pool: BufferPool,
+    blobs: dict[str, Buffer],
+    body: Callable[[Backend, Backend], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``body(owner, reader)`` with two open backends of group ``grp`` (the owner's
+    on ``owner_pool``), then release ``blobs``."""
+
+    async def main() -> None:
+        owner = nixl_backend(server, grp, owner_pool)
+        reader = nixl_backend(server, grp, BufferPool())
+        async with owner, reader:
+            await body(owner, reader)
+
+    try:
+        run(main())
+    finally:
+        for blob in blobs.values():
+            blob.release()
+
+
+def test_nixl_backend_removes_malformed_index_entries(valkey_server: ValkeyServer) -> None:
+    require("nixl_cu12", "kvtier[nixl]")
+    grp = f"m{uuid.uuid4().hex[:12]}"
+    index = NixlIndex(valkey_server, grp)
+    owner_pool = BufferPool()
+    keys = [nixl_chunk_key() for _ in range(4)]
+    blobs = {key: make_blob(key, 16, owner_pool) for key in keys}
+    plants = nixl_plants(index)
+    planted = {  # the third key keeps its entry
+        keys[0]: "not an entry",
+        keys[1]: "the memory of another chunk",
+        keys[3]: "a generation no metadata covers",
+    }
+
+    async def body(owner: Backend, reader: Backend) -> None:
+        assert await owner.put_many(list(blobs.items())) == [True] * 4
+        agent = index.holder(keys[0])
+        for key, kind in planted.items():
+            index.set_entry(agent, key, plants[kind][0](key, keys[2]))
+        assert await reader.contains_many(keys) == [False, True, True, True]
+        got = await reader.get_many(keys)
+        assert [b is not None for b in got] == [False, False, True, False]
+        assert got[2] is not None and bytes(got[2].view) == bytes(blobs[keys[2]].view)
+        got[2].release()
+        assert [index.has_entry(k) for k in keys] == [False, False, True, False]
+        assert await reader.contains_many(keys) == [False, False, True, False]
+        assert (await reader.stats()).details["malformed_removed"] == 3
+
+    with_nixl_peers(valkey_server, grp, owner_pool, blobs, body)
+
+
+NIXL_RECORDS: dict[str, Callable[[Any, str], None]] = {
+    "metadata NIXL refuses": lambda c, record: c.hset(record, "md", b"no metadata"),
+    "no metadata": lambda c, record: c.hdel(record, "md"),
+    "a generation that is no number": lambda c, record: c.hset(record, "gen", b"x1"),
+}
+
+
+@pytest.mark.parametrize("kind", NIXL_RECORDS)
+def test_nixl_malformed_record_is_removed_and_its_owner_publishes_again(
+    valkey_server: ValkeyServer, kind: str
+) -> None:
+    """A malformed owner record makes its chunks misses; the reader removes the record,
+    so lookups stop naming them, and the owner publishes its record and entries again
+    (at its next write or heartbeat), after which they are read."""
+    require("nixl_cu12", "kvtier[nixl]")
+    grp = f"m{uuid.uuid4().hex[:12]}"
+    index = NixlIndex(valkey_server, grp)
+    owner_pool = BufferPool()
+    first, second = nixl_chunk_key(), nixl_chunk_key()
+    blobs = {first: make_blob(first, 16, owner_pool), second: make_blob(second, 16, owner_pool)}
+
+    async def body(owner: Backend, reader: Backend) -> None:
+        assert await owner.put_many([(first, blobs[first])]) == [True]
+        record = index.record(index.holder(first))
+        NIXL_RECORDS[kind](index.client, record)
+        assert await reader.contains_many([first]) == [True]
+        assert await reader.get_many([first]) == [None]
+        assert not index.client.exists(record)
+        assert await reader.contains_many([first]) == [False]
+        assert (await reader.stats()).details["malformed_removed"] == 1
+        assert await owner.put_many([(second, blobs[second])]) == [True]
+        got = await reader.get_many([first, second])
+        assert [bytes(b.view) if b else None for b in got] == [
+            bytes(blobs[first].view),
+            bytes(blobs[second].view),
+        ]
+        for buf in got:
+            assert buf is not None
+            buf.release()
+
+    with_nixl_peers(valkey_server, grp, owner_pool, blobs, body)
+
+
+def test_nixl_memory_registered_since_the_reader_looked_is_no_malformed_entry(
+    valkey_server: ValkeyServer,
+) -> None:
+    """An owner registers a new block for a chunk after a reader loaded its metadata:
+    the entry is newer than what the reader knows, but not than the owner's record, so
+    the reader loads the newer metadata and reads the chunk; an entry newer than the
+    record, beside it, is removed."""
+    require("nixl_cu12", "kvtier[nixl]")
+    grp = f"m{uuid.uuid4().hex[:12]}"
+    index = NixlIndex(valkey_server, grp)
+    owner_pool = BufferPool()
+    small, large, forged = nixl_chunk_key(), nixl_chunk_key(), nixl_chunk_key()
+    blobs = {small: make_blob(small, 16, owner_pool)}  # the large one: made later
+    plants = nixl_plants(index)
+
+    async def body(owner: Backend, reader: Backend) -> None:
+        assert await owner.put_many([(small, blobs[small])]) == [True]
+        [got] = await reader.get_many([small])  # loads the owner's metadata
+        assert got is not None
+        got.release()
+        agent = index.holder(small)
+        before = int(index.client.hget(index.record(agent), "gen"))
+        blobs[large] = make_blob(large, 1024, owner_pool)  # in a block mapped now
+        assert await owner.put_many([(large, blobs[large])]) == [True]
+        assert int(index.entry(agent, large)[0]) > before, "no block was registered"
+        index.set_entry(agent, forged, plants["a generation no metadata covers"][0](large, small))
+        got_large, got_forged = await reader.get_many([large, forged])
+        assert got_forged is None and not index.has_entry(forged)
+        assert got_large is not None and bytes(got_large.view) == bytes(blobs[large].view)
+        got_large.release()
+        assert index.has_entry(large)
+
+    with_nixl_peers(valkey_server, grp, owner_pool, blobs, body)
+
+
+def test_nixl_removal_never_deletes_what_an_owner_wrote_since(
+    valkey_server: ValkeyServer,
+) -> None:
+    """Entries and records are removed only while they are as the reader found them: an
+    entry rewritten since, an entry whose owner's record has since reached its
+    generation, and a record rewritten since all stay."""
+    pytest.importorskip("redis", reason="pip install 'kvtier[nixl]'")
+    from kvtier.backends.nixl.index import Entry, PeerIndex, Record
+
+    grp = f"m{uuid.uuid4().hex[:12]}"
+    raw = NixlIndex(valkey_server, grp)
+    raw.client.hset(raw.record("a"), mapping={"gen": 3, "md": b"meta"})
+    raw.client.hset(raw.chunks("a"), mapping={"k1": b"new", "k2": b"3:1:100", "k3": b"x"})
+
+    async def main() -> None:
+        index = PeerIndex(valkey_server.url, grp, "reader", ttl=60)
+        try:
+            assert await index.drop_entries([Entry("a", "k1", b"old")]) == 0
+            assert await index.drop_entries([Entry("a", "k2", b"3:1:100", below=3)]) == 0
+            assert not await index.drop_record(Record("a", b"2", b"meta"))
+            assert not await index.drop_record(Record("a", b"3", None))
+            assert raw.client.hgetall(raw.chunks("a")) == {
+                b"k1": b"new",
+                b"k2": b"3:1:100",
+                b"k3": b"x",
+            }
+            assert await index.drop_entries([Entry("a", "k3", b"x")]) == 1
+            assert await index.drop_entries([Entry("a", "k2", b"3:1:100", below=4)]) == 1
+            assert await index.drop_record(Record("a", b"3", b"meta"))
+            assert raw.client.hgetall(raw.chunks("a")) == {b"k1": b"new"}
+            assert not raw.client.exists(raw.record("a"))
+        finally:
+            await index.close()
 
     run(main())
