@@ -163,12 +163,19 @@ def test_redis_chain_removes_a_malformed_value(valkey_server: ValkeyServer, kind
 
 
 @pytest.mark.parametrize("server", ["valkey_server", "valkey_cluster"])
+@pytest.mark.parametrize("data_path", ["direct", "redis-py"])
 def test_redis_backend_removes_every_malformed_value(
-    request: pytest.FixtureRequest, server: str
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+    data_path: str,
 ) -> None:
     """One batch with every kind of malformed value beside whole ones: the malformed
-    ones are misses, removed (and counted), and no longer contained; whole values stay."""
+    ones are misses, removed (and counted), and no longer contained; whole values stay.
+    On both data paths: the direct one, and redis-py's pipelines (an unknown release)."""
     target = request.getfixturevalue(server)
+    if data_path == "redis-py":
+        monkeypatch.setattr(redis, "__version__", "99.0.0")
     whole = {chunk_key(100): b"small", chunk_key(101): bytes(range(256)) * 12}  # 2nd: split
     planted = {chunk_key(i): plant for i, plant in enumerate(REDIS_PLANTS.values())}
     keys = [*whole, *planted]
@@ -192,6 +199,7 @@ def test_redis_backend_removes_every_malformed_value(
         backend = build_backend(target.url, options={"max_value_bytes": SPLIT_AT})
         with redis_client(target) as client:
             async with backend:
+                assert (await backend.stats()).details["data_path"] == data_path
                 await body(backend, client)
 
     run(main())
