@@ -33,11 +33,11 @@ from kvtier.backends.nixl import NixlOptions, group_from_url, redact
 from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
 from kvtier.backends.nixl.publish import Publisher
-from kvtier.backends.nixl.reader import PeerReader, release_all
+from kvtier.backends.nixl.reader import PeerReader
 from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import BackendUnavailableError
 
 _COUNTERS = (
