@@ -67,7 +67,7 @@ Modules: :mod:`~kvtier.backends.file.options` (URL and options),
 from __future__ import annotations
 
 from kvtier.backends.file.backend import FileBackend
-from kvtier.backends.file.folder import TEMP_GRACE_S
+from kvtier.backends.file.listing import TEMP_GRACE_S
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
