@@ -437,3 +437,21 @@ def test_a_real_outage_is_still_an_outage(root: Path, url: str) -> None:
                     await call()
 
     run(scenario)
+
+
+def test_a_reader_follows_folders_another_writer_made_again(root: Path, url: str) -> None:
+    """``rm -rf <root>/*`` while a reader that never writes keeps descriptors of the
+    old shard folders: the keys a writer stores afterwards are found at once."""
+
+    async def scenario() -> None:
+        async with make(url) as writer, make(url, read_only=True) as reader:
+            await put(writer, {key(1): b"one"})
+            assert await get(reader, [key(1)]) == [b"one"]  # opens shard 00
+            for path in root.iterdir():
+                shutil.rmtree(path)
+            await put(writer, {key(2): b"two"})
+            assert await reader.contains_many([key(2)]) == [True]
+            assert await get(reader, [key(2), key(1)]) == [b"two", None]
+            assert (await reader.stats()).keys == 1
+
+    run(scenario)

@@ -211,6 +211,13 @@ class FileBackend(Backend):
     # -- blocking work, in the worker threads ------------------------------------------
 
     def _open_sync(self, wake: Wake) -> None:
+        try:
+            self._open_folder(wake)
+        except BaseException:
+            self.folder.close()  # opened again by the next open()
+            raise
+
+    def _open_folder(self, wake: Wake) -> None:
         root = self.folder.root
         try:
             self.folder.open()
@@ -236,19 +243,18 @@ class FileBackend(Backend):
         except OSError as exc:
             raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
 
-    def _follow_root(self, tree: Tree, wake: Wake) -> bool:
-        """Check, after a miss, that the folder ``tree`` reaches is still the tier's:
-        if it was deleted, every key is forgotten (reads are misses until a write makes
-        it again); if another folder took its place, it is opened and rescanned.
-        ``True`` in that last case, when the misses are worth trying again."""
-        state = self.folder.root_state(tree)
+    def _follow(self, tree: Tree, wake: Wake, shards: Iterable[str] = ()) -> RootState:
+        """Check that ``tree`` still reaches the tier's folder (see :meth:`Folder.check`;
+        ``shards``: those of keys just missed). If the folder was deleted, every key is
+        forgotten (reads are misses until a write makes it again); if ``tree`` reaches a
+        deleted folder, or another folder took its place, a new tree is opened and the
+        folder rescanned: misses are then worth trying again."""
+        state = self.folder.check(tree, shards)
         if state is RootState.GONE:
             self.index.clear()
-        elif state is RootState.NEW:
-            if self.folder.renew(tree) and self.index.rescan():
-                wake()
-            return True
-        return False
+        elif state is RootState.NEW and self.folder.renew(tree) and self.index.rescan():
+            wake()
+        return state
 
     def _recover(self, tree: Tree, wake: Wake) -> None:
         """A write found a folder deleted (the root, ``.tmp`` or a shard): open the
@@ -257,8 +263,8 @@ class FileBackend(Backend):
             wake()
 
     def _shards(self, wake: Wake) -> list[str]:
-        with self.folder.use() as tree:
-            self._follow_root(tree, wake)
+        with self.folder.use() as tree:  # shard folders are listed afresh: the root counts
+            self._follow(tree, wake)
         return shards(self.folder)
 
     def _listing(self, call: Callable[[], list[str]]) -> list[str]:
@@ -269,21 +275,31 @@ class FileBackend(Backend):
 
     def _contains_batch(self, keys: Sequence[str], wake: Wake) -> list[bool]:
         try:
-            with self.folder.use() as tree:  # keys known from memory say nothing of the folder
-                self._follow_root(tree, wake)
-            found = self.index.knows(keys)
-            for i, key in enumerate(keys):
-                found[i] = found[i] or self.index.probe(key)
+            with self.folder.use() as tree:
+                found = self._contains(keys)
+                missed = [shard_of(k) for k, hit in zip(keys, found, strict=True) if not hit]
+                state = self._follow(tree, wake, missed)  # hits from memory need it too
+            if state is RootState.GONE:
+                return [False] * len(keys)
+            if state is RootState.NEW:
+                found = self._contains(keys)
         except OSError as exc:
             raise self._error(exc, "stat") from exc
+        return found
+
+    def _contains(self, keys: Sequence[str]) -> list[bool]:
+        found = self.index.knows(keys)
+        for i, key in enumerate(keys):
+            found[i] = found[i] or self.index.probe(key)
         return found
 
     def _delete_batch(self, keys: Sequence[str], wake: Wake) -> list[bool]:
         try:
             with self.folder.use() as tree:
                 deleted = [self.index.delete(key) for key in keys]
-                retry = not all(deleted) and self._follow_root(tree, wake)
-            if retry:
+                missed = [shard_of(k) for k, done in zip(keys, deleted, strict=True) if not done]
+                state = self._follow(tree, wake, missed) if missed else RootState.SAME
+            if state is RootState.NEW:
                 deleted = [
                     done or self.index.delete(k) for k, done in zip(keys, deleted, strict=True)
                 ]
@@ -297,8 +313,9 @@ class FileBackend(Backend):
             with self.folder.use() as tree:
                 for key in keys:
                     out.append(self._read(tree, key))
-                retry = None in out and self._follow_root(tree, wake)
-            if retry:  # the folder was replaced: read the misses from the new one
+                missed = [shard_of(k) for k, buf in zip(keys, out, strict=True) if buf is None]
+                state = self._follow(tree, wake, missed) if missed else RootState.SAME
+            if state is RootState.NEW:  # the folder was replaced: read the misses from the new one
                 with self.folder.use() as tree:
                     for i, key in enumerate(keys):
                         if out[i] is None:

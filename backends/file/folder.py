@@ -31,7 +31,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 
@@ -76,14 +76,15 @@ def remove_odd(dir_fd: int, name: str, seen: os.stat_result | None = None) -> bo
 
 
 class RootState(Enum):
-    """What :meth:`Folder.root_state` found at the root's path."""
+    """What :meth:`Folder.check` found."""
 
     SAME = "same"
-    """The folder the current tree has open."""
+    """The tree reaches the tier's folder."""
     GONE = "gone"
-    """Nothing: the folder was deleted."""
+    """Nothing is at the root's path: the folder was deleted."""
     NEW = "new"
-    """Another folder (recreated or replaced), or the open one was deleted."""
+    """Another folder is at the root's path (made again or replaced), or one of the
+    tree's folders was deleted: a new tree reaches it."""
 
 
 class Tree:
@@ -108,8 +109,7 @@ class Tree:
         is missing (or not a folder) and ``create`` is false. With ``create`` (on a
         writable tree) a missing folder is made, and an entry in its place that is not
         a folder is removed first."""
-        with self._lock:
-            fd = self._dirs.get(name)
+        fd = self.kept(name)
         if fd is not None:
             return fd
         fd = self._open_dir(name, create=create and self.folder.writable)
@@ -139,6 +139,11 @@ class Tree:
         with contextlib.suppress(FileExistsError):  # another thread or process made it
             os.mkdir(name, 0o755, dir_fd=self.root_fd)
         return os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
+
+    def kept(self, name: str) -> int | None:
+        """The kept descriptor of subfolder ``name``, if it was opened."""
+        with self._lock:
+            return self._dirs.get(name)
 
     def make_durable(self, name: str) -> None:
         """fsync the root once per subfolder, so the subfolder's entry survives power
@@ -190,8 +195,10 @@ class Folder:
         return f"{self.root}/{shard_of(key)}/{key}"
 
     def usable(self) -> bool:
-        """The folder is there and this process may list, read and write it."""
-        return os.path.isdir(self.root) and os.access(self.root, os.R_OK | os.W_OK | os.X_OK)
+        """The folder is there and this process may list and read it (and write it,
+        unless read-only)."""
+        mode = os.R_OK | os.X_OK | (os.W_OK if self.writable else 0)
+        return os.path.isdir(self.root) and os.access(self.root, mode)
 
     # -- the current tree --------------------------------------------------------------
 
@@ -235,18 +242,24 @@ class Folder:
             if done:
                 tree.close()
 
-    def root_state(self, tree: Tree) -> RootState:
-        """Whether the root's path still leads to ``tree``'s folder. Raises
-        ``NotADirectoryError`` where something else than a folder is there (an outage:
-        it cannot be recreated)."""
+    def check(self, tree: Tree, shards: Iterable[str] = ()) -> RootState:
+        """Whether ``tree`` still reaches the tier's folder: the root's path leads to
+        its root, and neither it nor the kept descriptors of ``shards`` (the shard
+        folders of keys just missed) are of deleted folders. Raises
+        ``NotADirectoryError`` where something else than a folder is at the root's
+        path (an outage: it cannot be made again)."""
         try:
             st = os.stat(self.root)
         except FileNotFoundError:
             return RootState.GONE
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", self.root)
-        if (st.st_dev, st.st_ino) != tree.ident or not os.fstat(tree.root_fd).st_nlink:
-            return RootState.NEW  # (a deleted folder's inode number may come back)
+        if (st.st_dev, st.st_ino) != tree.ident:
+            return RootState.NEW
+        # A deleted folder's inode number may come back: its link count tells.
+        fds = [tree.root_fd, *(fd for fd in map(tree.kept, set(shards)) if fd is not None)]
+        if any(not os.fstat(fd).st_nlink for fd in fds):
+            return RootState.NEW
         return RootState.SAME
 
     def renew(self, seen: Tree) -> bool:
