@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+from kvtier.backends.file.batches import GROUP_BYTES, FolderSync, flat, release_all, runs
 from kvtier.backends.file.chunkio import (
     NO_SPACE,
     READ_FLAGS,
@@ -35,44 +36,8 @@ from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
 
 T = TypeVar("T")
-GROUP_BYTES = 1 << 20
-"""Bytes a thread moves at least of a batch: for less, handing work to another thread
-costs more than it saves."""
 Wake = Callable[[], None]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
-
-
-def _release_all(buffers: Iterable[Buffer | None]) -> None:
-    for buf in buffers:
-        if buf is not None:
-            buf.release()
-
-
-def _groups(items: Sequence[T], count: int) -> list[Sequence[T]]:
-    """``items`` cut into at most ``count`` runs of nearly equal length, in order."""
-    n = min(count, len(items))
-    return [items[i * len(items) // n : (i + 1) * len(items) // n] for i in range(n)]
-
-
-def _flat(groups: Iterable[Sequence[T]]) -> list[T]:
-    return [item for group in groups for item in group]
-
-
-class _FolderSync:
-    """Collects the folders the groups of one ``fsync`` batch placed files in; the group
-    that ends last syncs them (once each, after every rename of the batch)."""
-
-    def __init__(self, groups: int) -> None:
-        self._lock = threading.Lock()
-        self._left = groups
-        self._folders: set[str] = set()
-
-    def group_done(self, folders: Iterable[str]) -> list[str]:
-        """Record a group's folders; all folders to sync if it was the last group."""
-        with self._lock:
-            self._folders.update(folders)
-            self._left -= 1
-            return sorted(self._folders) if not self._left else []
 
 
 class FileBackend(Backend):
@@ -109,13 +74,13 @@ class FileBackend(Backend):
         groups = self._groups(keys, self.index.sizes(keys))
         wake = self._waker()
         calls = [partial(self._get_group, group, wake) for group in groups]
-        return _flat(await self._pool().run_all(calls, orphan=_release_all))
+        return flat(await self._pool().run_all(calls, orphan=release_all))
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         self._check_writable("put_many")
         pool, wake = self._pool(), self._waker()
         groups = self._groups(items, [buf.nbytes for _, buf in items])
-        sync = _FolderSync(len(groups)) if self.options.fsync else None
+        sync = FolderSync(len(groups)) if self.options.fsync else None
         stop = threading.Event()
         # Retained so that a caller releasing them after a cancel cannot recycle memory
         # a thread still writes from; each group releases its own. Nothing awaits
@@ -128,7 +93,7 @@ class FileBackend(Backend):
         except asyncio.CancelledError:
             stop.set()  # the groups skip the keys they have not started
             raise
-        return _flat(results)
+        return flat(results)
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
         return await self._blocking(partial(self._contains_batch, keys, self._waker()))
@@ -169,7 +134,7 @@ class FileBackend(Backend):
         """A batch of blobs of ``sizes`` (``None``: unknown) cut into one run per thread,
         fewer where a thread would move less than :data:`GROUP_BYTES`."""
         nbytes = sum(GROUP_BYTES if size is None else size for size in sizes)
-        return _groups(items, max(1, min(self.options.threads, nbytes // GROUP_BYTES)))
+        return runs(items, max(1, min(self.options.threads, nbytes // GROUP_BYTES)))
 
     def _pool(self) -> BlockingPool:
         """The workers, for a batch spread over them."""
@@ -321,7 +286,7 @@ class FileBackend(Backend):
                         if out[i] is None:
                             out[i] = self._read(tree, key)
         except BaseException as exc:
-            _release_all(out)
+            release_all(out)
             if isinstance(exc, OSError):
                 raise self._error(exc, "read") from exc
             raise
@@ -352,7 +317,7 @@ class FileBackend(Backend):
         items: Sequence[tuple[str, Buffer]],
         mode: PutMode,
         stop: threading.Event,
-        sync: _FolderSync | None,
+        sync: FolderSync | None,
         wake: Wake,
     ) -> list[bool]:
         stored: list[bool] = []
@@ -361,7 +326,7 @@ class FileBackend(Backend):
                 for key, buf in items:
                     stored.append(not stop.is_set() and self._put(key, buf, mode, wake))
             finally:
-                _release_all(buf for _, buf in items)
+                release_all(buf for _, buf in items)
                 placed = zip(items, stored, strict=False)
                 folders = {shard_of(k) for (k, _), ok in placed if ok}
                 last = sync.group_done(folders) if sync is not None else []
