@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +23,7 @@ from test_file_backend import (
     KiB,
     chunk_path,
     collect,
+    count_calls,
     data,
     get,
     key,
@@ -453,5 +455,36 @@ def test_a_reader_follows_folders_another_writer_made_again(root: Path, url: str
             assert await reader.contains_many([key(2)]) == [True]
             assert await get(reader, [key(2), key(1)]) == [b"two", None]
             assert (await reader.stats()).keys == 1
+
+    run(scenario)
+
+
+def test_a_settled_folder_is_checked_with_one_stat(
+    root: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Misses check that the folder is still the tier's with one ``stat`` of the root
+    while its entries keep the mtime last checked; once it changes (a shard folder
+    deleted and made again by another writer), every kept descriptor is checked."""
+
+    def age(seconds: float) -> None:  # as if the root's entries last changed then
+        os.utime(root, (time.time() - seconds,) * 2)
+
+    async def scenario() -> None:
+        async with make(url) as writer, make(url, read_only=True) as reader:
+            await put(writer, {key(1): b"one"})
+            assert await get(reader, [key(1)]) == [b"one"]  # opens shard 00
+            age(60)
+            assert await reader.contains_many([key(2)]) == [False]  # checks all once
+            with monkeypatch.context() as patch:
+                calls = count_calls(patch)
+                assert await reader.contains_many([key(3), key(4)]) == [False, False]
+                assert await get(reader, [key(3)]) == [None]
+            assert calls == Counter(stat=4, open=1)  # probes, a read, one check each
+            shutil.rmtree(root / "00")
+            await put(writer, {key(2): b"two"})
+            age(30)
+            assert await reader.contains_many([key(0x01 << 120)]) == [False]  # shard 01
+            assert await reader.contains_many([key(2)]) == [True]
+            assert await get(reader, [key(1), key(2)]) == [None, b"two"]
 
     run(scenario)

@@ -208,13 +208,13 @@ class FileBackend(Backend):
         except OSError as exc:
             raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
 
-    def _follow(self, tree: Tree, wake: Wake, shards: Iterable[str] = ()) -> RootState:
+    def _follow(self, tree: Tree, wake: Wake, missed: Iterable[str] = ()) -> RootState:
         """Check that ``tree`` still reaches the tier's folder (see :meth:`Folder.check`;
-        ``shards``: those of keys just missed). If the folder was deleted, every key is
+        ``missed``: keys just missed). If the folder was deleted, every key is
         forgotten (reads are misses until a write makes it again); if ``tree`` reaches a
         deleted folder, or another folder took its place, a new tree is opened and the
         folder rescanned: misses are then worth trying again."""
-        state = self.folder.check(tree, shards)
+        state = self.folder.check(tree, map(shard_of, missed))
         if state is RootState.GONE:
             self.index.clear()
         elif state is RootState.NEW and self.folder.renew(tree) and self.index.rescan():
@@ -242,7 +242,7 @@ class FileBackend(Backend):
         try:
             with self.folder.use() as tree:
                 found = self._contains(keys)
-                missed = [shard_of(k) for k, hit in zip(keys, found, strict=True) if not hit]
+                missed = [k for k, hit in zip(keys, found, strict=True) if not hit]
                 state = self._follow(tree, wake, missed)  # hits from memory need it too
             if state is RootState.GONE:
                 return [False] * len(keys)
@@ -262,7 +262,7 @@ class FileBackend(Backend):
         try:
             with self.folder.use() as tree:
                 deleted = [self.index.delete(key) for key in keys]
-                missed = [shard_of(k) for k, done in zip(keys, deleted, strict=True) if not done]
+                missed = [k for k, done in zip(keys, deleted, strict=True) if not done]
                 state = self._follow(tree, wake, missed) if missed else RootState.SAME
             if state is RootState.NEW:
                 deleted = [
@@ -278,7 +278,7 @@ class FileBackend(Backend):
             with self.folder.use() as tree:
                 for key in keys:
                     out.append(self._read(tree, key))
-                missed = [shard_of(k) for k, buf in zip(keys, out, strict=True) if buf is None]
+                missed = [k for k, buf in zip(keys, out, strict=True) if buf is None]
                 state = self._follow(tree, wake, missed) if missed else RootState.SAME
             if state is RootState.NEW:  # the folder was replaced: read the misses from the new one
                 with self.folder.use() as tree:

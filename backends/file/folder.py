@@ -31,6 +31,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -42,6 +43,10 @@ MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 """How every folder below the root is opened: a link or a non-folder is refused."""
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+
+MTIME_SETTLE_NS = 2_000_000_000
+"""A folder's mtime this recent may be shared by a change still to come (coarse clock
+ticks, clock skew): :meth:`Folder.check` does not rely on it."""
 
 SHARD_RE = re.compile(rf"^[0-9a-f]{{{SHARD_CHARS}}}$")
 
@@ -84,7 +89,7 @@ class RootState(Enum):
     """Nothing is at the root's path: the folder was deleted."""
     NEW = "new"
     """Another folder is at the root's path (made again or replaced), or one of the
-    tree's folders was deleted: a new tree reaches it."""
+    tree's folders was deleted (a shard folder, say): a new tree reaches it."""
 
 
 class Tree:
@@ -103,6 +108,8 @@ class Tree:
         """Guards the maps; never held across a syscall."""
         self._dirs: dict[str, int] = {}
         self._durable: set[str] = set()
+        self.checked_mtime = -1
+        """The root's mtime when :meth:`Folder.check` last found every descriptor live."""
 
     def dir(self, name: str, *, create: bool = False) -> int | None:
         """The descriptor of subfolder ``name`` (a shard or ``.tmp``); ``None`` where it
@@ -140,6 +147,16 @@ class Tree:
             os.mkdir(name, 0o755, dir_fd=self.root_fd)
         return os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
 
+    def descriptors(self) -> list[int]:
+        """The root's descriptor and those kept of its subfolders."""
+        with self._lock:
+            return [self.root_fd, *self._dirs.values()]
+
+    def kept_of(self, names: Iterable[str]) -> list[int]:
+        """The kept descriptors of those of subfolders ``names`` that were opened."""
+        with self._lock:
+            return [fd for fd in map(self._dirs.get, set(names)) if fd is not None]
+
     def kept(self, name: str) -> int | None:
         """The kept descriptor of subfolder ``name``, if it was opened."""
         with self._lock:
@@ -167,8 +184,9 @@ class Tree:
             os.close(fd)
 
     def close(self) -> None:
+        fds = self.descriptors()
         with self._lock:
-            fds, self._dirs = [*self._dirs.values(), self.root_fd], {}
+            self._dirs = {}
         for fd in fds:
             os.close(fd)
 
@@ -244,10 +262,11 @@ class Folder:
 
     def check(self, tree: Tree, shards: Iterable[str] = ()) -> RootState:
         """Whether ``tree`` still reaches the tier's folder: the root's path leads to
-        its root, and neither it nor the kept descriptors of ``shards`` (the shard
-        folders of keys just missed) are of deleted folders. Raises
-        ``NotADirectoryError`` where something else than a folder is at the root's
-        path (an outage: it cannot be made again)."""
+        its root, and none of its descriptors is of a deleted folder. ``shards`` are
+        the shard folders of keys just missed, checked while the root's entries change.
+        Costs one ``stat`` while they do not (its mtime stays the one last checked).
+        Raises ``NotADirectoryError`` where something else than a folder is at the
+        root's path (an outage: it cannot be made again)."""
         try:
             st = os.stat(self.root)
         except FileNotFoundError:
@@ -256,10 +275,16 @@ class Folder:
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", self.root)
         if (st.st_dev, st.st_ino) != tree.ident:
             return RootState.NEW
-        # A deleted folder's inode number may come back: its link count tells.
-        fds = [tree.root_fd, *(fd for fd in map(tree.kept, set(shards)) if fd is not None)]
-        if any(not os.fstat(fd).st_nlink for fd in fds):
-            return RootState.NEW
+        if st.st_mtime_ns == tree.checked_mtime:  # no entry of the root changed since
+            return RootState.SAME
+        # A change this recent may share its mtime with one still to come: then check
+        # the shards of the misses only, and again next time; else every descriptor.
+        settled = st.st_mtime_ns < time.time_ns() - MTIME_SETTLE_NS
+        fds = tree.descriptors() if settled else [tree.root_fd, *tree.kept_of(shards)]
+        if not all(os.fstat(fd).st_nlink for fd in fds):
+            return RootState.NEW  # (a deleted folder's inode number may come back)
+        if settled:
+            tree.checked_mtime = st.st_mtime_ns
         return RootState.SAME
 
     def renew(self, seen: Tree) -> bool:
