@@ -201,9 +201,10 @@ class FileBackend(Backend):
         except (FileNotFoundError, NotADirectoryError) as exc:
             if not self.options.read_only:
                 raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
+            what = "does not exist" if isinstance(exc, FileNotFoundError) else "is not a folder"
             raise ConfigError(
-                f"{self.url}: folder {root} does not exist or is not a folder; a read-only "
-                "tier opens an existing folder only (check the path)"
+                f"{self.url}: folder {root} {what}; a read-only tier opens an existing "
+                "folder only (check the path)"
             ) from None
         except OSError as exc:
             raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
