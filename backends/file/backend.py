@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from kvtier.backends.file.batches import GROUP_BYTES, FolderSync, flat, release_all, runs
+from kvtier.backends.file.batches import GROUP_BYTES, FolderSync, flat, runs
 from kvtier.backends.file.chunkio import (
     NO_SPACE,
     READ_FLAGS,
@@ -32,7 +32,7 @@ from kvtier.backends.file.listing import keys_in, shards
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer
+from kvtier.core.buffers import Buffer, release_all
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
 
 T = TypeVar("T")

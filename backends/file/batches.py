@@ -7,18 +7,10 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from kvtier.core.buffers import Buffer
-
 T = TypeVar("T")
 GROUP_BYTES = 1 << 20
 """Bytes a thread moves at least of a batch: for less, handing work to another thread
 costs more than it saves."""
-
-
-def release_all(buffers: Iterable[Buffer | None]) -> None:
-    for buf in buffers:
-        if buf is not None:
-            buf.release()
 
 
 def runs(items: Sequence[T], count: int) -> list[Sequence[T]]:
