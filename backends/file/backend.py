@@ -33,7 +33,12 @@ from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, release_all
-from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
+from kvtier.core.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    StoreNotFoundError,
+)
 
 T = TypeVar("T")
 Wake = Callable[[], None]
@@ -140,13 +145,13 @@ class FileBackend(Backend):
         """The workers, for a batch spread over them."""
         self._check_open()
         if self.workers is None:
-            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+            raise BackendUnavailableError(f"{self.safe_url}: not open; await backend.open() first")
         return self.workers
 
     def _check_writable(self, what: str) -> None:
         if self.options.read_only:
             raise ConfigError(
-                f"{self.url}: {what} refused: the tier is open read-only (read_only: true), "
+                f"{self.safe_url}: {what} refused: the tier is open read-only (read_only: true), "
                 "so nothing in its folder is written or deleted"
             )
 
@@ -169,9 +174,9 @@ class FileBackend(Backend):
         unavailable."""
         if not self.folder.usable():
             return BackendUnavailableError(
-                f"{self.url}: folder {self.folder.root} is gone or not accessible ({exc})"
+                f"{self.safe_url}: folder {self.folder.root} is gone or not accessible ({exc})"
             )
-        return BackendError(f"{self.url}: {action} failed: {exc}")
+        return BackendError(f"{self.safe_url}: {action} failed: {exc}")
 
     # -- blocking work, in the worker threads ------------------------------------------
 
@@ -192,22 +197,24 @@ class FileBackend(Backend):
                     assert tmp is not None
                     if not o_direct_works(tmp, self.pool):
                         raise ConfigError(
-                            f"{self.url}: the filesystem of {root} refuses O_DIRECT (tmpfs and "
-                            "some network or FUSE filesystems do); set o_direct: false for "
-                            "this tier"
+                            f"{self.safe_url}: the filesystem of {root} refuses O_DIRECT "
+                            "(tmpfs and some network or FUSE filesystems do); set o_direct: "
+                            "false for this tier"
                         )
             if self.index.scan():
                 wake()
         except (FileNotFoundError, NotADirectoryError) as exc:
             if not self.options.read_only:
-                raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
+                raise BackendUnavailableError(
+                    f"{self.safe_url}: cannot open {root}: {exc}"
+                ) from exc
             what = "does not exist" if isinstance(exc, FileNotFoundError) else "is not a folder"
-            raise ConfigError(
-                f"{self.url}: folder {root} {what}; a read-only tier opens an existing "
+            raise StoreNotFoundError(
+                f"{self.safe_url}: folder {root} {what}; a read-only tier opens an existing "
                 "folder only (check the path)"
             ) from None
         except OSError as exc:
-            raise BackendUnavailableError(f"{self.url}: cannot open {root}: {exc}") from exc
+            raise BackendUnavailableError(f"{self.safe_url}: cannot open {root}: {exc}") from exc
 
     def _follow(self, tree: Tree, wake: Wake, missed: Iterable[str] = ()) -> RootState:
         """Check that ``tree`` still reaches the tier's folder (see :meth:`Folder.check`;
