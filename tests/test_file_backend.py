@@ -792,10 +792,18 @@ def test_parallel_writes_wait_for_room_instead_of_failing(
     async def scenario() -> None:
         async with make(url, capacity=capacity, threads=4) as backend:
             backend.eviction_listener = evicted.extend
+            room = backend.index._room
+            waiting = threading.Event()
+
+            def wait_for_room(timeout: float | None = None) -> bool:
+                waiting.set()
+                return threading.Condition.wait(room, timeout)
+
+            monkeypatch.setattr(room, "wait", wait_for_room)
             monkeypatch.setattr(os, "pwrite", slow_pwrite)
             task = asyncio.ensure_future(put(backend, items))
             assert await asyncio.to_thread(writing.wait, 10)
-            await asyncio.sleep(0.2)  # time for the 4th to ask for room (and be refused)
+            assert await asyncio.to_thread(waiting.wait, 10)  # the 4th waits for room
             assert (await backend.stats()).details["reserved_bytes"] == 3 * size
             resume.set()
             assert await task == [True] * 8

@@ -27,7 +27,7 @@ from kvtier.backends.file.chunkio import (
     write_all,
 )
 from kvtier.backends.file.folder import TEMP_DIR, Folder, RootState, Tree, new_temp, shard_of
-from kvtier.backends.file.index import ChunkIndex
+from kvtier.backends.file.index import ChunkIndex, Reservation
 from kvtier.backends.file.listing import keys_in, shards
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
@@ -353,35 +353,35 @@ class FileBackend(Backend):
             wake()
         if mode is PutMode.CREATE and self.index.knows([key])[0] and self.index.probe(key):
             return False
-        fits, evicted = self.index.make_room(buf.nbytes)
+        room, evicted = self.index.make_room(buf.nbytes)
         if evicted:
             wake()
-        if not fits:
+        if room is None:
             return False
         try:
-            return self._write(key, buf, mode is PutMode.CREATE, wake)
+            return self._write(key, buf, room, mode is PutMode.CREATE, wake)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
             self.index.count("rejected_no_space")
             return False
         finally:
-            self.index.unreserve(buf.nbytes)
+            self.index.release(room)
 
-    def _write(self, key: str, buf: Buffer, create: bool, wake: Wake) -> bool:
+    def _write(self, key: str, buf: Buffer, room: Reservation, create: bool, wake: Wake) -> bool:
         """Write ``buf`` to ``key``'s file (see :meth:`_write_in`). If a folder was
         deleted meanwhile (the whole tier folder, ``.tmp`` or the key's shard), the
         folder is opened again, made anew where needed, and the write done once more."""
         with self.folder.use() as tree:
             try:
-                return self._write_in(tree, key, buf, create)
+                return self._write_in(tree, key, buf, room, create)
             except FileNotFoundError:
                 pass
         self._recover(tree, wake)
         with self.folder.use() as tree:
-            return self._write_in(tree, key, buf, create)
+            return self._write_in(tree, key, buf, room, create)
 
-    def _write_in(self, tree: Tree, key: str, buf: Buffer, create: bool) -> bool:
+    def _write_in(self, tree: Tree, key: str, buf: Buffer, room: Reservation, create: bool) -> bool:
         """Write ``buf`` to a temp file and move it to ``key``'s file; ``False`` if
         ``create`` found the key present. The temp file never outlives the call. With
         ``fsync`` the data is synced before the rename; the batch syncs the folders."""
@@ -397,7 +397,7 @@ class FileBackend(Backend):
             if self.options.fsync:
                 os.fsync(fd)
             move = partial(self._mover.place, tree, tmp, temp, key, create=create)
-            placed = self.index.place(key, buf.nbytes, move)
+            placed = self.index.place(key, room, move)
             if not placed:
                 os.unlink(temp, dir_fd=tmp)
         except BaseException:

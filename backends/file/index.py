@@ -40,6 +40,17 @@ COUNTERS = (
 """The counters :meth:`ChunkIndex.snapshot` reports."""
 
 
+class Reservation:
+    """Room held for one write: released by :meth:`ChunkIndex.release`, or turned into
+    the stored chunk's bytes by :meth:`ChunkIndex.place` in the same step, so that the
+    room is never counted twice (as used and as reserved)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
 class KeyLocks:
     """One lock per key in use, made on demand and dropped when nobody holds it."""
 
@@ -125,14 +136,16 @@ class ChunkIndex:
 
     # -- keeping it in step with the folder (worker threads) ---------------------------
 
-    def place(self, key: str, nbytes: int, move: Callable[[], bool]) -> bool:
-        """Run ``move()`` (which puts ``key``'s file in place) under the key's lock and
-        record the key if it returns ``True``."""
+    def place(self, key: str, room: Reservation, move: Callable[[], bool]) -> bool:
+        """Run ``move()`` (which puts ``key``'s file in place) under the key's lock and,
+        if it returns ``True``, record the key with the reserved room's size and end
+        the reservation in the same step."""
         with self.key_lock(key):
             placed = move()
             if placed:
-                with self.lock:
-                    self._remember(key, nbytes)
+                with self._room:
+                    self._remember(key, room.nbytes)
+                    self._end(room)
         return placed
 
     def probe(self, key: str) -> bool:
@@ -171,17 +184,17 @@ class ChunkIndex:
                 self._forget(key)
             return self.folder.unlink(key)
 
-    def make_room(self, nbytes: int) -> tuple[bool, int]:
-        """Evict until ``nbytes`` more fit, then reserve them (:meth:`unreserve` when the
-        write ends); return whether they fit and how many chunks were evicted (see
-        :meth:`take_evicted`). Waits while the writes of other threads hold the room
-        it needs."""
+    def make_room(self, nbytes: int) -> tuple[Reservation | None, int]:
+        """Evict until ``nbytes`` more fit, then reserve them; return the reservation
+        (``None`` if they can never fit; :meth:`release` it unless :meth:`place` used
+        it) and how many chunks were evicted (see :meth:`take_evicted`). Waits while
+        the writes of other threads hold the room it needs."""
         evicted = 0
         while True:
             with self._room:
                 victim = self._reserve_or_pick(nbytes)
             if isinstance(victim, bool):
-                return victim, evicted
+                return (Reservation(nbytes) if victim else None), evicted
             with self.key_lock(victim):
                 with self.lock:
                     if victim not in self._sizes:  # deleted or evicted meanwhile
@@ -207,9 +220,16 @@ class ChunkIndex:
                 return False
             self._room.wait()  # writes in flight hold the room; one of them ends soon
 
-    def unreserve(self, nbytes: int) -> None:
+    def release(self, room: Reservation) -> None:
+        """End the reservation if :meth:`place` did not (a no-op if it did)."""
         with self._room:
-            self._reserved -= nbytes
+            self._end(room)
+
+    def _end(self, room: Reservation) -> None:
+        """Under the lock: give the room back and wake the writes waiting for room."""
+        if room.nbytes:
+            self._reserved -= room.nbytes
+            room.nbytes = 0
             self._room.notify_all()
 
     # -- scans -------------------------------------------------------------------------
