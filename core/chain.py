@@ -71,6 +71,7 @@ class TierChain:
         self.emit = emit
         self.codec = codec
         self._background: set[asyncio.Task[None]] = set()
+        self._late: set[asyncio.Future[Any]] = set()  # lookups past their limit
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class TierChain:
 
     async def close(self) -> None:
         await self.drain()
+        await asyncio.gather(*self._late, return_exceptions=True)
         for tier in self.tiers:
             try:
                 await tier.backend.close()
@@ -133,16 +135,34 @@ class TierChain:
 
     # -- lookup -------------------------------------------------------------------------
 
-    async def lookup(self, keys: Sequence[str]) -> int:
+    async def lookup(
+        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+    ) -> int:
         """Number of leading keys available in some tier (side-effect free: no counters
         move, nothing is read or promoted). Each tier is asked only about the keys the
-        tiers above it lack."""
+        tiers above it lack.
+
+        ``limits`` (seconds, one per tier; ``None``: the tier's own timeout) bounds how
+        long each tier is waited for: a tier that has not answered by then counts as
+        holding none of the keys. Its call goes on in the background, so that its own
+        timeout still opens its circuit breaker and later lookups skip it at once."""
         missing = list(range(len(keys)))
-        for tier in self.tiers:
+        for t, tier in enumerate(self.tiers):
             if not missing:
                 break
             asked = [keys[i] for i in missing]
-            present = await tier.guarded("contains", tier.backend.contains_many, asked)
+            call = tier.guarded("contains", tier.backend.contains_many, asked)
+            limit = limits[t] if limits is not None else None
+            if limit is None:
+                present = await call
+            else:
+                task = asyncio.ensure_future(call)
+                try:
+                    present = await asyncio.wait_for(asyncio.shield(task), limit)
+                except asyncio.TimeoutError:
+                    self._late.add(task)
+                    task.add_done_callback(self._late.discard)
+                    continue
             if present is not None:
                 missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
         return missing[0] if missing else len(keys)

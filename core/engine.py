@@ -314,14 +314,41 @@ class KVTier:
 
     # -- lookup and retrieve ----------------------------------------------------------
 
-    def lookup(self, tokens: Tokens, *, extra_keys: Sequence[ExtraKeys] = ()) -> int:
+    def lookup(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        limits: Sequence[float | None] | None = None,
+    ) -> int:
         """Leading tokens of ``tokens`` whose KV is available in some tier (side-effect
-        free: no counters move, nothing is promoted)."""
+        free: no counters move, nothing is promoted). ``limits``: seconds to wait for
+        each tier (see :meth:`TierChain.lookup`)."""
         self._check_open()
+        return self._io.run(self._lookup(tokens, extra_keys, limits))
+
+    def lookup_future(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        limits: Sequence[float | None] | None = None,
+    ) -> concurrent.futures.Future[int]:
+        """:meth:`lookup` without waiting: the answer arrives in the returned future
+        (for callers that must never block on storage, such as an engine's scheduler)."""
+        self._check_open()
+        return self._io.submit(self._lookup(tokens, extra_keys, limits))
+
+    async def _lookup(
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        limits: Sequence[float | None] | None,
+    ) -> int:
         keys, bounds = self._chunks(tokens, extra_keys)
         if not keys:
             return 0
-        n = self._io.run(self.chain.lookup(keys))
+        n = await self.chain.lookup(keys, limits)
         return bounds[n - 1][1] if n else 0
 
     def retrieve(

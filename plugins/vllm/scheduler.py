@@ -16,13 +16,17 @@ accumulates across requests or steps.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
+from kvtier.plugins.vllm.lookup import Lookups, Pending
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
+
+log = logging.getLogger(__name__)
 
 
 def check_chunk_size(chunk_tokens: int, block_size: int) -> None:
@@ -32,12 +36,6 @@ def check_chunk_size(chunk_tokens: int, block_size: int) -> None:
             f"chunk_tokens ({chunk_tokens}) must be a multiple of vLLM's block size "
             f"({block_size}), e.g. {block_size * max(1, round(chunk_tokens / block_size))}"
         )
-
-
-class Lookup(Protocol):
-    """The part of :class:`kvtier.core.KVTier` the scheduler side uses."""
-
-    def lookup(self, tokens: Sequence[int], *, extra_keys: Sequence[ExtraKeys] = ()) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,14 +63,37 @@ class _Request:
     matched: int = 0
     load: tuple[int, int] | None = None
     loading: Transfer | None = None
+    asking: _Asking | None = None
+    answer: tuple[int, int] | None = None  # (tokens asked about, hit) of the last lookup
+
+
+@dataclass
+class _Asking:
+    """A lookup in flight: about the first ``tokens`` tokens, submitted at ``since``."""
+
+    tokens: int
+    pending: Pending
+    since: float
 
 
 class SchedulerSide:
     """Per-request bookkeeping and the plan of each step."""
 
-    def __init__(self, kv: Lookup, *, chunk_tokens: int, block_size: int) -> None:
+    def __init__(
+        self,
+        lookups: Lookups,
+        *,
+        chunk_tokens: int,
+        block_size: int,
+        wait: float = 0.002,
+        give_up: float = 2.0,
+    ) -> None:
         check_chunk_size(chunk_tokens, block_size)
-        self.kv = kv
+        self.lookups = lookups
+        self.wait = wait
+        """Seconds one :meth:`match` waits for a lookup's answer."""
+        self.give_up = give_up
+        """Seconds after which a lookup still unanswered counts as a miss."""
         self.chunk_tokens = chunk_tokens
         self.block_size = block_size
         self._requests: dict[str, _Request] = {}
@@ -88,20 +109,52 @@ class SchedulerSide:
         tokens: Sequence[int],
         extra_keys: tuple[ExtraKeys, ...],
         num_computed_tokens: int,
-    ) -> int:
+    ) -> int | None:
         """Tokens beyond ``num_computed_tokens`` (vLLM's block-aligned local hit) that
         kvtier can load: the leading whole chunks kvtier holds, never the last token
-        of ``tokens``.
+        of ``tokens``; ``None`` when the lookup has not answered yet (vLLM asks again
+        at a later step).
 
-        Touches no store; calling it again for the same request replaces the answer.
+        Never waits more than :attr:`wait`: the first call submits the lookup, and
+        calls until its answer arrives return ``None``. A later call for the same
+        request answers at once with the last answer unless a fresh lookup (submitted
+        then) answers within :attr:`wait`. Touches no store; calling it again for
+        the same request replaces the answer.
         """
         limit = len(tokens) - 1
+        state = self._state(req_id, tokens, extra_keys)
         hit = 0
         if limit >= self.chunk_tokens:
-            hit = self.kv.lookup(tokens[:limit], extra_keys=extra_keys)
-        state = self._state(req_id, tokens, extra_keys)
+            answer = self._answer(req_id, state, tokens[:limit])
+            if answer is None:
+                return None
+            hit = answer
         state.local, state.matched = num_computed_tokens, hit
         return max(0, hit - num_computed_tokens)
+
+    def _answer(self, req_id: str, state: _Request, tokens: Sequence[int]) -> int | None:
+        asking = state.asking
+        if asking is None or asking.tokens != len(tokens):
+            if asking is not None:
+                asking.pending.cancel()
+            pending = self.lookups.submit(tokens, state.extra_keys)
+            asking = state.asking = _Asking(len(tokens), pending, time.monotonic())
+        hit = asking.pending.result(self.wait)
+        if hit is None:
+            if state.answer is not None and state.answer[0] == len(tokens):
+                return state.answer[1]  # the fresh lookup answers a later call
+            if time.monotonic() - asking.since < self.give_up:
+                return None
+            log.warning(
+                "kvtier: no answer to the lookup of request %s after %.1fs; computing it",
+                req_id,
+                self.give_up,
+            )
+            asking.pending.cancel()
+            hit = 0
+        state.asking = None
+        state.answer = (len(tokens), hit)
+        return hit
 
     def allocated(
         self,
@@ -174,7 +227,9 @@ class SchedulerSide:
 
     def finished(self, req_id: str) -> None:
         """Drop the request's state."""
-        self._requests.pop(req_id, None)
+        state = self._requests.pop(req_id, None)
+        if state is not None and state.asking is not None:
+            state.asking.pending.cancel()
 
     def _state(
         self, req_id: str, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]
