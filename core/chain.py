@@ -139,33 +139,45 @@ class TierChain:
         self, keys: Sequence[str], limits: Sequence[float | None] | None = None
     ) -> int:
         """Number of leading keys available in some tier (side-effect free: no counters
-        move, nothing is read or promoted). Each tier is asked only about the keys the
-        tiers above it lack.
+        move, nothing is read or promoted); see :meth:`lookup_by_tier`."""
+        counts = await self.lookup_by_tier(keys, limits)
+        return counts[-1] if counts else 0
+
+    async def lookup_by_tier(
+        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+    ) -> list[int]:
+        """For each tier ``t``, the number of leading keys available in tiers ``0..t``
+        (side-effect free). Each tier is asked only about the keys the tiers above it
+        lack.
 
         ``limits`` (seconds, one per tier; ``None``: the tier's own timeout) bounds how
         long each tier is waited for: a tier that has not answered by then counts as
         holding none of the keys. Its call goes on in the background, so that its own
         timeout still opens its circuit breaker and later lookups skip it at once."""
         missing = list(range(len(keys)))
+        counts = []
         for t, tier in enumerate(self.tiers):
-            if not missing:
-                break
-            asked = [keys[i] for i in missing]
-            call = tier.guarded("contains", tier.backend.contains_many, asked)
-            limit = limits[t] if limits is not None else None
-            if limit is None:
-                present = await call
-            else:
-                task = asyncio.ensure_future(call)
-                try:
-                    present = await asyncio.wait_for(asyncio.shield(task), limit)
-                except asyncio.TimeoutError:
-                    self._late.add(task)
-                    task.add_done_callback(self._late.discard)
-                    continue
-            if present is not None:
-                missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
-        return missing[0] if missing else len(keys)
+            if missing:
+                asked = [keys[i] for i in missing]
+                present = await self._contains(tier, asked, limits[t] if limits else None)
+                if present is not None:
+                    missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
+            counts.append(missing[0] if missing else len(keys))
+        return counts
+
+    async def _contains(
+        self, tier: Tier, keys: list[str], limit: float | None
+    ) -> list[bool] | None:
+        call = tier.guarded("contains", tier.backend.contains_many, keys)
+        if limit is None:
+            return await call
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), limit)
+        except asyncio.TimeoutError:
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return None
 
     # -- fetch ------------------------------------------------------------------------------
 

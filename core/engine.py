@@ -323,19 +323,22 @@ class KVTier:
     ) -> int:
         """Leading tokens of ``tokens`` whose KV is available in some tier (side-effect
         free: no counters move, nothing is promoted). ``limits``: seconds to wait for
-        each tier (see :meth:`TierChain.lookup`)."""
+        each tier (see :meth:`TierChain.lookup_by_tier`)."""
         self._check_open()
-        return self._io.run(self._lookup(tokens, extra_keys, limits))
+        counts = self._io.run(self._lookup(tokens, extra_keys, limits))
+        return counts[-1] if counts else 0
 
-    def lookup_future(
+    def lookup_by_tier(
         self,
         tokens: Tokens,
         *,
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
-    ) -> concurrent.futures.Future[int]:
-        """:meth:`lookup` without waiting: the answer arrives in the returned future
-        (for callers that must never block on storage, such as an engine's scheduler)."""
+    ) -> concurrent.futures.Future[list[int]]:
+        """:meth:`lookup` without waiting, tier by tier: a future of, for each tier
+        ``i``, the leading tokens available in tiers ``0..i`` (the last one is
+        :meth:`lookup`'s answer). For callers that must never block on storage,
+        such as an engine's scheduler."""
         self._check_open()
         return self._io.submit(self._lookup(tokens, extra_keys, limits))
 
@@ -344,12 +347,12 @@ class KVTier:
         tokens: Tokens,
         extra_keys: Sequence[ExtraKeys],
         limits: Sequence[float | None] | None,
-    ) -> int:
+    ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
         if not keys:
-            return 0
-        n = await self.chain.lookup(keys, limits)
-        return bounds[n - 1][1] if n else 0
+            return [0] * len(self.chain.tiers)
+        counts = await self.chain.lookup_by_tier(keys, limits)
+        return [bounds[n - 1][1] if n else 0 for n in counts]
 
     def retrieve(
         self,

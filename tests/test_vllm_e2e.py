@@ -158,3 +158,27 @@ def test_cache_salts_never_share_chunks(runs):
 def test_no_request_state_outlives_its_request(runs):
     steps = [s for s in runs["b"] if "outputs" in s]  # B's scheduler runs in the app
     assert [s["scheduler_requests"] for s in steps] == [0] * len(steps)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_tensor_parallel_ranks_each_serve_their_shard(tmp_path_factory):
+    """TP=2 on vLLM's CPU backend (two worker processes, each bound to one core): the
+    scheduler's lookups ask both ranks' cpu tiers, and the second run of a prompt loads
+    its 3 whole chunks on both ranks, with the output of a TP=2 engine without kvtier."""
+    root = tmp_path_factory.mktemp("vllm_tp")
+    model = root / "model"
+    subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
+    kvtier = {"chunk_tokens": CHUNK, "tiers": [{"url": "cpu://", "capacity": "64MiB"}]}
+    gen = {"generate": [PLAIN], "max_tokens": 8}
+    spec = {
+        "engines": [
+            {"kvtier": None, "tp": 2, "steps": [gen]},
+            {"kvtier": kvtier, "tp": 2, "steps": [gen, gen]},
+        ]
+    }
+    baseline, (cold, hit) = _run(model, spec, root / "tp.json", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    want = baseline[0]["outputs"]
+    assert cold["cached"] == [0] and cold["outputs"] == want
+    assert hit["cached"] == [3 * CHUNK] and hit["outputs"] == want
+    assert [r["totals"]["load_tokens"] for r in hit["ranks"]] == [3 * CHUNK, 3 * CHUNK]
+    assert [r["stats"]["tiers"][0]["hits"] for r in hit["ranks"]] == [3, 3]

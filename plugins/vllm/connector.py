@@ -32,6 +32,7 @@ from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
 from kvtier.core.layout import KVLayout
 from kvtier.plugins.vllm import shared
+from kvtier.plugins.vllm.logs import route_to_vllm
 from kvtier.plugins.vllm.lookup import LocalLookups, Lookups, Pending, tier_limits
 from kvtier.plugins.vllm.metadata import StepPlan
 from kvtier.plugins.vllm.rpc import LookupServer, RemoteLookups, lookup_address
@@ -86,6 +87,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        route_to_vllm()
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         parallel = vllm_config.parallel_config
         _check_parallelism(parallel)
@@ -124,6 +126,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 block_size=block_size,
                 wait=budget.wait,
                 give_up=budget.give_up,
+                load_async=settings.load_async,
             )
         else:
             self.kvtier = shared.acquire(
@@ -180,7 +183,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         n = self.scheduler.match(
             request.request_id, request.all_token_ids, _extra_keys(request), num_computed_tokens
         )
-        return n, False
+        return n, bool(n) and self.scheduler.is_async(request.request_id)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -218,7 +221,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if connector_output.invalid_block_ids:
             self.scheduler.load_failed(set(connector_output.invalid_block_ids))
-        self.scheduler.step_done()
+        self.scheduler.step_done(connector_output.finished_recving or ())
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -258,6 +261,9 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def wait_for_save(self) -> None:
         self.worker.finish_step(self._plan())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self.worker.take_received() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()

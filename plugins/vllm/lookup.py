@@ -24,7 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kvtier.core.engine import KVTier
 from kvtier.core.keys import ExtraKeys
@@ -32,12 +32,42 @@ from kvtier.core.keys import ExtraKeys
 log = logging.getLogger(__name__)
 
 
+class Answer(NamedTuple):
+    """A lookup's answer, in leading tokens of the prompt."""
+
+    hit: int
+    """Held by some tier."""
+    fast: int
+    """Held by the tiers inside the worker process (``cpu``): a load of these is a
+    memory copy; the rest of the hit comes from slower tiers."""
+
+
+NO_HIT = Answer(0, 0)
+
+
+def answer(counts: Sequence[int], local_tiers: int) -> Answer:
+    """The :class:`Answer` of :meth:`KVTier.lookup_by_tier`'s ``counts`` for a chain
+    whose first ``local_tiers`` tiers are inside the process."""
+    hit = counts[-1] if counts else 0
+    return Answer(hit, counts[local_tiers - 1] if local_tiers else 0)
+
+
+def local_tiers(kv: KVTier) -> int:
+    """How many of ``kv``'s tiers, from the fastest, are inside the process."""
+    n = 0
+    for tier in kv.chain.tiers:
+        if not tier.backend.capabilities.process_local:
+            break
+        n += 1
+    return n
+
+
 class Pending(Protocol):
     """One submitted lookup."""
 
-    def result(self, timeout: float) -> int | None:
-        """The hit in tokens, waiting at most ``timeout`` seconds; ``None`` if it has
-        not arrived yet (ask again later)."""
+    def result(self, timeout: float) -> Answer | None:
+        """The answer, waiting at most ``timeout`` seconds; ``None`` if it has not
+        arrived yet (ask again later)."""
         ...
 
     def cancel(self) -> None:
@@ -63,17 +93,18 @@ def tier_limits(kv: KVTier, local: float, remote: float) -> list[float | None]:
 
 
 class _FuturePending:
-    def __init__(self, future: concurrent.futures.Future[int]) -> None:
+    def __init__(self, future: concurrent.futures.Future[list[int]], local: int) -> None:
         self.future = future
+        self.local = local
 
-    def result(self, timeout: float) -> int | None:
+    def result(self, timeout: float) -> Answer | None:
         try:
-            return self.future.result(timeout)
+            return answer(self.future.result(timeout), self.local)
         except concurrent.futures.TimeoutError:
             return None
         except Exception:
             log.exception("kvtier: a lookup failed; counted as a miss")
-            return 0
+            return NO_HIT
 
     def cancel(self) -> None:
         self.future.cancel()
@@ -85,11 +116,11 @@ class LocalLookups:
     def __init__(self, kv: KVTier, limits: Sequence[float | None] | None = None) -> None:
         self.kv = kv
         self.limits = None if limits is None else list(limits)
+        self.local = local_tiers(kv)
 
     def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
-        return _FuturePending(
-            self.kv.lookup_future(tokens, extra_keys=extra_keys, limits=self.limits)
-        )
+        future = self.kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=self.limits)
+        return _FuturePending(future, self.local)
 
     def close(self) -> None:
         pass

@@ -2,7 +2,8 @@
 side's :class:`RemoteLookups` (see :mod:`kvtier.plugins.vllm.lookup`).
 
 ZMQ over a local IPC socket, msgspec's msgpack for the messages: a request is
-``(seq, tokens as int64 bytes, extra_keys)``, an answer ``(seq, hit)``. Both come with
+``(seq, tokens as int64 bytes, extra_keys)``, an answer ``(seq, hit, fast)`` (see
+:class:`~kvtier.plugins.vllm.lookup.Answer`; ``hit`` is -1 when the lookup failed). Both come with
 vLLM.
 """
 
@@ -33,11 +34,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from kvtier.core.engine import KVTier
 from kvtier.core.keys import ExtraKeys
-from kvtier.plugins.vllm.lookup import Pending
+from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Pending, answer, local_tiers
 
 log = logging.getLogger(__name__)
 
-_ERROR = -1
+_FAILED = Answer(-1, -1)
 """A server's answer when the lookup itself failed (a bug: logged there)."""
 
 
@@ -50,7 +51,7 @@ def lookup_address(engine_id: str, tp_rank: int) -> str:
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(tuple[int, bytes, Any]).decode
-_decode_answer = msgspec.msgpack.Decoder(tuple[int, int]).decode
+_decode_answer = msgspec.msgpack.Decoder(tuple[int, int, int]).decode
 
 
 class LookupServer:
@@ -70,7 +71,8 @@ class LookupServer:
         self._socket.bind(address)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._done: deque[tuple[bytes, int, int]] = deque()
+        self._done: deque[tuple[bytes, int, Answer]] = deque()
+        self._local = local_tiers(kv)
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="kvtier-lookup", daemon=True)
         self._thread.start()
@@ -92,8 +94,8 @@ class LookupServer:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             while self._done:
-                peer, seq, hit = self._done.popleft()
-                self._socket.send_multipart([peer, _encode((seq, hit))])
+                peer, seq, got = self._done.popleft()
+                self._socket.send_multipart([peer, _encode((seq, *got))])
         self._socket.close()
 
     def _start(self, peer: bytes, payload: bytes) -> None:
@@ -101,24 +103,24 @@ class LookupServer:
         tokens = np.frombuffer(raw, dtype=np.int64)
         extra_keys = _tuples(extra)
         try:
-            future = self.kv.lookup_future(tokens, extra_keys=extra_keys, limits=self.limits)
+            future = self.kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=self.limits)
         except Exception:
             log.exception("kvtier: lookup %d failed", seq)
-            self._answer(peer, seq, _ERROR)
+            self._answer(peer, seq, _FAILED)
             return
 
-        def done(f: concurrent.futures.Future[int]) -> None:
+        def done(f: concurrent.futures.Future[list[int]]) -> None:
             try:
-                hit = f.result()
+                got = answer(f.result(), self._local)
             except Exception:
                 log.exception("kvtier: lookup %d failed", seq)
-                hit = _ERROR
-            self._answer(peer, seq, hit)
+                got = _FAILED
+            self._answer(peer, seq, got)
 
         future.add_done_callback(done)
 
-    def _answer(self, peer: bytes, seq: int, hit: int) -> None:
-        self._done.append((peer, seq, hit))
+    def _answer(self, peer: bytes, seq: int, got: Answer) -> None:
+        self._done.append((peer, seq, got))
         with contextlib.suppress(OSError):  # a full pipe: the thread is awake already
             os.write(self._wake_w, b"x")
 
@@ -145,7 +147,7 @@ class _RemotePending:
         self.owner = owner
         self.seq = seq
 
-    def result(self, timeout: float) -> int | None:
+    def result(self, timeout: float) -> Answer | None:
         return self.owner.wait(self.seq, timeout)
 
     def cancel(self) -> None:
@@ -170,7 +172,7 @@ class RemoteLookups:
         for sock in self._sockets:
             self._poller.register(sock, zmq.POLLIN)
         self._seq = 0
-        self.answers: dict[int, dict[int, int]] = {}
+        self.answers: dict[int, dict[int, Answer]] = {}
         """Answers so far of each lookup still wanted, by rank."""
 
     def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
@@ -184,10 +186,10 @@ class RemoteLookups:
                 sock.send(payload, zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("kvtier: the lookup server of rank %d is not reachable", rank)
-                self.answers[seq][rank] = 0
+                self.answers[seq][rank] = NO_HIT
         return _RemotePending(self, seq)
 
-    def wait(self, seq: int, timeout: float) -> int | None:
+    def wait(self, seq: int, timeout: float) -> Answer | None:
         """The answer to lookup ``seq`` (the smallest rank's hit), polling the sockets
         for at most ``timeout`` seconds (once, without waiting, if it is 0);
         ``None`` if some rank has not answered yet."""
@@ -196,11 +198,13 @@ class RemoteLookups:
         while True:
             got = self.answers.get(seq)
             if got is None:
-                return 0  # cancelled
+                return NO_HIT  # cancelled
             if len(got) == len(self._sockets):
                 del self.answers[seq]
-                hits = list(got.values())
-                return 0 if _ERROR in hits else min(hits)
+                answers = list(got.values())
+                if _FAILED in answers:
+                    return NO_HIT
+                return Answer(min(a.hit for a in answers), min(a.fast for a in answers))
             left = deadline - time.monotonic()
             if polled and left <= 0:
                 return None
@@ -218,9 +222,9 @@ class RemoteLookups:
                     payload = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                answered, hit = _decode_answer(payload)
+                answered, hit, fast = _decode_answer(payload)
                 if answered in self.answers:
-                    self.answers[answered][rank] = hit
+                    self.answers[answered][rank] = Answer(hit, fast)
 
     def close(self) -> None:
         for sock in self._sockets:

@@ -23,10 +23,16 @@ from dataclasses import dataclass
 
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
-from kvtier.plugins.vllm.lookup import Lookups, Pending
+from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Lookups, Pending
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
+
+
+LOAD_ASYNC = ("auto", "always", "never")
+"""When a load runs between engine steps (vLLM's ``load_kv_async``; the request waits
+while other requests run) instead of inside the step that needs it: ``auto`` when part
+of it comes from a tier outside the worker process, ``always``, ``never``."""
 
 
 def check_chunk_size(chunk_tokens: int, block_size: int) -> None:
@@ -64,7 +70,9 @@ class _Request:
     load: tuple[int, int] | None = None
     loading: Transfer | None = None
     asking: _Asking | None = None
-    answer: tuple[int, int] | None = None  # (tokens asked about, hit) of the last lookup
+    answer: tuple[int, Answer] | None = None  # (tokens asked about, answer), the last
+    load_async: bool = False  # the planned load runs between steps
+    fresh: bool = False  # matched since the last allocation
 
 
 @dataclass
@@ -87,8 +95,13 @@ class SchedulerSide:
         block_size: int,
         wait: float = 0.002,
         give_up: float = 2.0,
+        load_async: str = "auto",
     ) -> None:
         check_chunk_size(chunk_tokens, block_size)
+        if load_async not in LOAD_ASYNC:
+            raise ConfigError(f"load_async must be one of {', '.join(LOAD_ASYNC)}")
+        self.load_async = load_async
+        """When loads run between engine steps (see :data:`LOAD_ASYNC`)."""
         self.lookups = lookups
         self.wait = wait
         """Seconds one :meth:`match` waits for a lookup's answer."""
@@ -97,6 +110,7 @@ class SchedulerSide:
         self.chunk_tokens = chunk_tokens
         self.block_size = block_size
         self._requests: dict[str, _Request] = {}
+        self._async_loads: list[Transfer] = []
 
     @property
     def num_requests(self) -> int:
@@ -123,16 +137,28 @@ class SchedulerSide:
         """
         limit = len(tokens) - 1
         state = self._state(req_id, tokens, extra_keys)
-        hit = 0
+        got = NO_HIT
         if limit >= self.chunk_tokens:
             answer = self._answer(req_id, state, tokens[:limit])
             if answer is None:
                 return None
-            hit = answer
-        state.local, state.matched = num_computed_tokens, hit
-        return max(0, hit - num_computed_tokens)
+            got = answer
+        state.local, state.matched, state.fresh = num_computed_tokens, got.hit, True
+        n = max(0, got.hit - num_computed_tokens)
+        slow = got.hit > max(got.fast, num_computed_tokens)
+        state.load_async = n > 0 and (
+            self.load_async == "always" or (self.load_async == "auto" and slow)
+        )
+        return n
 
-    def _answer(self, req_id: str, state: _Request, tokens: Sequence[int]) -> int | None:
+    def is_async(self, req_id: str) -> bool:
+        """Whether the load :meth:`match` last found for ``req_id`` runs between steps
+        (vLLM's ``load_kv_async``): by default when part of it comes from a tier
+        outside the worker process."""
+        state = self._requests.get(req_id)
+        return state is not None and state.load_async
+
+    def _answer(self, req_id: str, state: _Request, tokens: Sequence[int]) -> Answer | None:
         asking = state.asking
         if asking is None or asking.tokens != len(tokens):
             if asking is not None:
@@ -151,7 +177,7 @@ class SchedulerSide:
                 self.give_up,
             )
             asking.pending.cancel()
-            hit = 0
+            hit = NO_HIT
         state.asking = None
         state.answer = (len(tokens), hit)
         return hit
@@ -168,7 +194,9 @@ class SchedulerSide:
         ``num_external_tokens`` tokens from kvtier, after its local hit."""
         state = self._state(req_id, tokens, extra_keys)
         state.block_ids = list(block_ids)
-        state.stored = max(state.stored, state.matched)
+        if state.fresh:  # kvtier holds these chunks (a failed load lowers it again)
+            state.stored = max(state.stored, state.matched)
+            state.fresh = False
         if num_external_tokens:
             start = state.local
             end = start + num_external_tokens
@@ -177,11 +205,16 @@ class SchedulerSide:
                     f"vLLM asked request {req_id} for {num_external_tokens} tokens from "
                     f"token {start}, but kvtier matched only up to token {state.matched}"
                 )
-            state.load = (start, end)
+            if state.load_async:  # vLLM schedules the request once the load is done
+                state.loading = self._transfer(req_id, state, start, end)
+                self._async_loads.append(state.loading)
+            else:
+                state.load = (start, end)
 
     def build(self, scheduled: Iterable[Scheduled]) -> StepPlan:
         """The step's loads and saves; marks them as planned."""
-        plan = StepPlan(self.block_size)
+        plan = StepPlan(self.block_size, async_loads=self._async_loads)
+        self._async_loads = []
         for item in scheduled:
             state = self._requests.get(item.req_id)
             if state is None:
@@ -220,10 +253,14 @@ class SchedulerSide:
             if first is not None:
                 state.stored = min(state.stored, first - first % self.chunk_tokens)
 
-    def step_done(self) -> None:
-        """The workers reported on the step's loads; forget them."""
-        for state in self._requests.values():
-            state.loading = None
+    def step_done(self, received: Iterable[str] = ()) -> None:
+        """The workers reported on the step's loads, and finished the async loads of
+        the requests ``received``; forget those loads."""
+        done = set(received)
+        for req_id, state in self._requests.items():
+            if not state.load_async or req_id in done:
+                state.loading = None
+                state.load_async = state.load_async and req_id not in done
 
     def finished(self, req_id: str) -> None:
         """Drop the request's state."""

@@ -11,6 +11,7 @@ from kvtier.core.config import KVTierConfig, apply_env, load_config
 from kvtier.core.errors import ConfigError
 from kvtier.core.plugins import closest
 from kvtier.core.validation import validate_model
+from kvtier.plugins.vllm.scheduler import LOAD_ASYNC
 
 CONNECTOR_KEYS = {
     "config": "path of the kvtier YAML config (default: $KVTIER_CONFIG, else the "
@@ -23,6 +24,8 @@ CONNECTOR_KEYS = {
     "lookup_remote_ms": "how long a lookup waits for any other tier before counting it as a "
     "miss (default 50)",
     "lookup_give_up_ms": "a lookup still unanswered after this long is a miss (default 2000)",
+    "load_async": "when loads run between engine steps while other requests run: 'auto' "
+    "(when part of the hit is outside the worker's cpu tier), 'always', 'never'",
 }
 """Keys of ``kv_connector_extra_config`` that configure the connector itself; every
 other key must be a top-level key of the kvtier config and overrides it."""
@@ -53,6 +56,7 @@ class ConnectorSettings:
     config: KVTierConfig
     model: str | None
     lookup: LookupBudget = LookupBudget()
+    load_async: str = "auto"
 
 
 def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
@@ -67,6 +71,9 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
     overrides = dict(extra)
     path = overrides.pop("config", None)
     model = overrides.pop("model", None)
+    load_async = overrides.pop("load_async", "auto")
+    if load_async not in LOAD_ASYNC:
+        raise ConfigError(f"{where}: 'load_async' must be one of {', '.join(LOAD_ASYNC)}")
     budget = {}
     for key, default in LOOKUP_DEFAULTS_MS.items():
         value = overrides.pop(key, default)
@@ -92,4 +99,4 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
         raise ConfigError(
             f"{where}: store_partial_chunks must be false for vLLM (vLLM caches whole blocks only)"
         )
-    return ConnectorSettings(config, model, LookupBudget(**budget))
+    return ConnectorSettings(config, model, LookupBudget(**budget), load_async)

@@ -2,8 +2,9 @@
 
     python kvtier_app.py MODEL_DIR SPEC.json RESULT.json
 
-The spec lists engines; each has ``kvtier`` (``kv_connector_extra_config`` for
-kvtier's connector, or ``null`` for an engine without it) and ``steps``:
+The spec lists engines; each has ``tp`` (tensor parallel size, default 1),
+``kvtier`` (``kv_connector_extra_config`` for kvtier's connector, or ``null`` for an
+engine without it) and ``steps``:
 
 * ``{"generate": [{"tokens": [...], "cache_salt": "..."}], "max_tokens": 8}``: greedy
   generation; records each prompt's output tokens and ``num_cached_tokens``, then
@@ -34,10 +35,10 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 from common import engine_kwargs
 
 
-def make_llm(model: str, kvtier: dict[str, Any] | None, max_model_len: int) -> Any:
+def make_llm(model: str, kvtier: dict[str, Any] | None, max_model_len: int, tp: int = 1) -> Any:
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model, kvtier, max_model_len))
+    return LLM(**engine_kwargs(model, kvtier, max_model_len), tensor_parallel_size=tp)
 
 
 def connector() -> Any:
@@ -48,9 +49,14 @@ def connector() -> Any:
 
 
 def on_worker(llm: Any, func: Any, *args: Any) -> Any:
-    """``func(worker, *args)`` run in the (first) worker, wherever vLLM runs it (the
-    function travels by value, its arguments with pickle)."""
-    return llm.collective_rpc(func, args=args)[0]
+    """``func(worker, *args)`` run in the first worker (rank 0), wherever vLLM runs it
+    (the function travels by value, its arguments with pickle)."""
+    return on_workers(llm, func, *args)[0]
+
+
+def on_workers(llm: Any, func: Any, *args: Any) -> list[Any]:
+    """``func(worker, *args)`` run in every worker, by rank."""
+    return llm.collective_rpc(func, args=args)  # type: ignore[no-any-return]
 
 
 def _worker_report(worker: Any) -> dict[str, Any] | None:
@@ -83,9 +89,10 @@ def generate(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
         "outputs": [list(o.outputs[0].token_ids) for o in outputs],
         "cached": [o.num_cached_tokens for o in outputs],
     }
-    report = on_worker(llm, _worker_report)
-    if report is not None:
-        result.update(report)
+    reports = on_workers(llm, _worker_report)
+    if reports[0] is not None:
+        result.update(reports[0])
+        result["ranks"] = reports
         result["scheduler_requests"] = scheduler_requests(llm)
     return result
 
@@ -132,7 +139,9 @@ def main() -> None:
     spec = json.loads(Path(spec_path).read_text())
     results = []
     for engine in spec["engines"]:
-        llm = make_llm(model, engine.get("kvtier"), spec.get("max_model_len", 1024))
+        llm = make_llm(
+            model, engine.get("kvtier"), spec.get("max_model_len", 1024), engine.get("tp", 1)
+        )
         steps = []
         for step in engine["steps"]:
             kind = next(k for k in STEPS if k in step)
