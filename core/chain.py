@@ -71,7 +71,7 @@ class TierChain:
         self.emit = emit
         self.codec = codec
         self._background: set[asyncio.Task[None]] = set()
-        self._late: set[asyncio.Future[Any]] = set()  # lookups past their limit
+        self._late: set[asyncio.Future[Any]] = set()  # lookups that may outlive their limit
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -172,11 +172,11 @@ class TierChain:
         if limit is None:
             return await call
         task = asyncio.ensure_future(call)
+        self._late.add(task)  # close() waits for it, even if this lookup is cancelled
+        task.add_done_callback(self._late.discard)
         try:
             return await asyncio.wait_for(asyncio.shield(task), limit)
         except asyncio.TimeoutError:
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
             return None
 
     # -- fetch ------------------------------------------------------------------------------

@@ -166,15 +166,7 @@ class WorkerSide:
             good = min(load.loaded, t.end)
             if len(load.layers_done) < len(self.caches):
                 good = t.start
-            if good < t.end:
-                failed = t.blocks_from(good, load.block_size)
-                with self._received_lock:
-                    self._errors |= failed
-                self._count(load_error_blocks=len(failed))
-            if good > t.start:
-                tokens = good - t.start
-                nbytes = tokens * self.kv.layout.bytes_per_token()
-                self._count(loads=1, load_tokens=tokens, load_bytes=nbytes)
+            self._settle(t, good, load.block_size)
         self._loads = []
         self._fetching = None
 
@@ -202,6 +194,13 @@ class WorkerSide:
                 good = t.start + n
         except Exception:
             log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+        with self._received_lock:  # the errors are reported no later than the request
+            self._settle(t, good, block_size)
+            self._received.add(t.req_id)
+
+    def _settle(self, t: Transfer, good: int, block_size: int) -> None:
+        """Count a load that delivered tokens ``[t.start, good)``; the blocks of the
+        rest are load errors."""
         with self._received_lock:
             if good < t.end:
                 failed = t.blocks_from(good, block_size)
@@ -211,7 +210,6 @@ class WorkerSide:
                 tokens = good - t.start
                 nbytes = tokens * self.kv.layout.bytes_per_token()
                 self._count(loads=1, load_tokens=tokens, load_bytes=nbytes)
-            self._received.add(t.req_id)
 
     def take_received(self) -> set[str]:
         """Requests whose async load finished (loaded, or failed and reported by
