@@ -31,6 +31,7 @@ from kvtier.core.errors import (
     ChunkCorruptedError,
     CodecUnavailableError,
 )
+from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
@@ -64,12 +65,18 @@ class TierChain:
         pool: BufferPool,
         emit: Callable[[TierEvent], None],
         codec: BlockingPool,
+        integrity: MacKeys | None = None,
     ) -> None:
         self.tiers = tiers
         self.registry = registry
         self.pool = pool
         self.emit = emit
         self.codec = codec
+        self.integrity = integrity
+        """MAC keys: blobs leaving the process are signed, and blobs read from outside
+        it must be signed with one of them (see :mod:`kvtier.core.integrity`)."""
+        self._encoding = (registry, pool, integrity)
+        """What :func:`~kvtier.core.codecs.decode.recode` needs besides blob and pipeline."""
         self._background: set[asyncio.Task[None]] = set()
 
     # -- lifetime -----------------------------------------------------------------------
@@ -228,7 +235,8 @@ class TierChain:
             caps = self.tiers[r.tier].backend.capabilities
             try:
                 check = fmt.parse if caps.verified_reads else fmt.verify
-                header = check(r.buf.view, expected_key=keys[r.index])
+                mac_keys = None if caps.process_local else self.integrity
+                header = check(r.buf.view, expected_key=keys[r.index], keys=mac_keys)
                 with torch.inference_mode(target.is_inference()), torch.no_grad():
                     decoding.decode_into(r.buf, header, self.registry, target)
             except (ChunkCorruptedError, CodecUnavailableError) as exc:
@@ -297,7 +305,7 @@ class TierChain:
         }
         unsealed = [b for b in blobs if not b.sealed and b.header.pipeline in outside]
         if unsealed:
-            await self.codec.run_all([b.ensure_sealed for b in unsealed])
+            await self.codec.run_all([partial(b.ensure_sealed, self.integrity) for b in unsealed])
         await asyncio.gather(*(self._write_tier(self.tiers[t], blobs) for t in targets))
 
     async def _write_tier(self, tier: Tier, blobs: Sequence[Blob]) -> None:
@@ -318,10 +326,7 @@ class TierChain:
         if other:
             try:
                 encoded += await self.codec.run_all(
-                    [
-                        partial(decoding.recode, b, tier.pipeline, self.registry, self.pool)
-                        for b in other
-                    ],
+                    [partial(decoding.recode, b, tier.pipeline, *self._encoding) for b in other],
                     orphan=Blob.release,
                 )
             except Exception as exc:

@@ -9,6 +9,7 @@ code 2; an unreachable store exits with 1. No tracebacks for either.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from kvtier.core.errors import (
     StoreNotFoundError,
 )
 from kvtier.core.factory import build_tiers
+from kvtier.core.integrity import load_keys
 from kvtier.core.layout import KVLayout, dtype_from_name
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.urls import redact
@@ -157,7 +159,10 @@ def config_validate(
             raise ConfigError("give --layers, --kv-heads and --head-dim together (a KV layout)")
         layout = KVLayout(layers, kv_heads, head_dim, dtype_from_name(dtype))  # type: ignore[arg-type]
     tiers = build_tiers(cfg, registry, BufferPool(max_idle_bytes=0), layout=layout)
+    if cfg.integrity is not None:
+        load_keys(cfg.integrity, cfg.tenant, os.environ)
     checked = "" if layout is None else f", codecs for {layers}x{kv_heads}x{head_dim} {dtype}"
+    checked += "" if cfg.integrity is None else ", integrity keys"
     table = Table(title=f"{file}: valid (URLs, options, capacities{checked}; not connected)")
     for column in ("tier", "url", "backend", "capacity", "codec", "write", "promote"):
         table.add_column(column)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
 from kvtier.core.errors import ConfigError
 from kvtier.core.factory import build_tiers
+from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
@@ -91,7 +93,10 @@ class KVTier:
         self._raw = CodecPipeline.from_config("raw", registry)
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
         self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
-        self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec)
+        signing = config.integrity
+        self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
+        """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
+        self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._budget = threading.Lock()
         """Guards the store queue's byte budget, which ``store`` checks synchronously."""
@@ -244,7 +249,7 @@ class KVTier:
         """Unsealed raw blobs of ``parts``, copied by the codec threads in parallel
         (the caller waits) when there is enough to share, else by the caller."""
         if len(parts) < 2 or sum(p.nbytes for _, p in parts) < PARALLEL_COPY_BYTES:
-            return [self._raw.encode(key, part, self.pool, sealed=False) for key, part in parts]
+            return [self._copy(key, part) for key, part in parts]
         futures = [self._codec.submit(partial(self._copy, key, part)) for key, part in parts]
         concurrent.futures.wait(futures)
         blobs = [f.result() for f in futures if f.exception() is None]
@@ -257,7 +262,7 @@ class KVTier:
 
     def _copy(self, key: str, part: torch.Tensor) -> Blob:
         with torch.no_grad():  # autograd is per thread: never record history on blobs
-            return self._raw.encode(key, part, self.pool, sealed=False)
+            return self._raw.encode(key, part, self.pool, sealed=False, keys=self.integrity)
 
     def _drop(self, keys: list[str]) -> None:
         event = TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys))
