@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -207,11 +208,13 @@ class TierChain:
         ``served``."""
         tier = self.tiers[t]
         asked = [keys[i] for i in wanted]
+        began = time.perf_counter()
         got = await tier.guarded("get", tier.backend.get_many, asked, count=len(asked))
         if got is None:
             return
+        seconds = time.perf_counter() - began
         reads = [_Read(i, t, buf) for i, buf in zip(wanted, got, strict=True) if buf is not None]
-        self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads))
+        self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads), seconds)
         try:
             failed = await self._decode(reads, keys, targets)
         except BaseException:
@@ -252,15 +255,17 @@ class TierChain:
                 log.warning("tier %s: %s", self.tiers[r.tier].name, problem)
         return {r.index for r, problem in zip(reads, problems, strict=True) if problem}
 
-    def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int) -> None:
+    def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int, seconds: float) -> None:
+        """Count one ``get_many``; its wall time rides on its first event only (the hit
+        event, else the miss event), so an observer sees each batch's latency once."""
         if hits:
             nbytes = sum(b.nbytes for b in hits)
             tier.stats.hits += len(hits)
             tier.stats.bytes_out += nbytes
-            self.emit(TierEvent(EventKind.HIT, tier.name, len(hits), nbytes=nbytes))
+            self.emit(TierEvent(EventKind.HIT, tier.name, len(hits), nbytes, seconds))
         if misses:
             tier.stats.misses += misses
-            self.emit(TierEvent(EventKind.MISS, tier.name, misses))
+            self.emit(TierEvent(EventKind.MISS, tier.name, misses, 0, 0.0 if hits else seconds))
 
     async def _discard_corrupt(self, t: int, key: str, reason: str) -> None:
         """Count a blob that failed validation and delete it from tier ``t``."""
@@ -336,9 +341,11 @@ class TierChain:
         try:
             mode = PutMode.CREATE if tier.backend.capabilities.create_mode else PutMode.OVERWRITE
             items = [(b.key, b.buf) for b in encoded]
+            began = time.perf_counter()
             stored = await tier.guarded("put", tier.backend.put_many, items, mode, count=len(items))
             if stored is None:
                 return
+            seconds = time.perf_counter() - began
             done = [b for b, ok in zip(encoded, stored, strict=True) if ok]
             nbytes = sum(b.nbytes for b in done)
             tier.stats.stored += len(done)
@@ -347,7 +354,7 @@ class TierChain:
             if done:
                 written = tuple(b.key for b in done)
                 event = TierEvent(
-                    EventKind.STORED, tier.name, len(done), nbytes=nbytes, keys=written
+                    EventKind.STORED, tier.name, len(done), nbytes, seconds, keys=written
                 )
                 self.emit(event)
         finally:

@@ -429,6 +429,73 @@ def migrate(
               "retries the failed ones", code=1)  # fmt: skip
 
 
+@app.command()
+def purge(
+    url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
+    model: Annotated[
+        list[str] | None, typer.Option(metavar="ID", help="Chunks of this model id (repeatable).")
+    ] = None,
+    namespace: Annotated[
+        list[str] | None, typer.Option(metavar="NS", help="Chunks in this namespace (repeatable).")
+    ] = None,
+    tenant: Annotated[
+        list[str] | None, typer.Option(metavar="NAME", help="Chunks of this tenant (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")
+    ] = False,
+    option: OptionOption = None,
+) -> None:
+    """Delete exactly the chunks of a model, namespace or tenant from a store.
+
+    Selectors combine like 'kvtier migrate's: a chunk goes when it matches every kind
+    given. A purge without a selector is refused.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from kvtier.core.factory import build_backend
+    from kvtier.core.migrate import ChunkFilter
+    from kvtier.core.purge import check_selection
+    from kvtier.core.purge import purge as run_purge
+
+    select = ChunkFilter(tuple(model or ()), tuple(namespace or ()), tuple(tenant or ()))
+    check_selection(select)
+    options = parse_options(option)
+    if dry_run:
+        options = _read_only(url, options)
+    backend = build_backend(url, capacity=_inspect_capacity(url), options=options)
+    verb = "would delete" if dry_run else "deleting"
+    bar = Progress(
+        TextColumn(f"{verb} chunks"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    )
+
+    async def run() -> Any:
+        await backend.open()
+        try:
+            with bar:
+                task = bar.add_task("purge", total=None)
+                return await run_purge(
+                    backend,
+                    select,
+                    dry_run=dry_run,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+        finally:
+            await backend.close()
+
+    report = asyncio.run(run())
+    done = f"{report.matched} chunks match" if dry_run else f"deleted {report.deleted} chunks"
+    console.print(
+        f"{redact(url)}: {done} (dry run)" if dry_run else f"{redact(url)}: {done}",
+        markup=False,
+        highlight=False,
+    )
+
+
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Typer's usage errors: its own since it vendors click, click's before that."""
     errors: list[type[Exception]] = [TyperException]

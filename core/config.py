@@ -36,6 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, m
 from kvtier.core.errors import ConfigError, quote
 from kvtier.core.integrity import IntegrityConfig
 from kvtier.core.keys import HashAlgorithm
+from kvtier.core.opsconfig import OpsConfig
 from kvtier.core.plugins import closest
 from kvtier.core.validation import validate_model
 
@@ -139,6 +140,8 @@ class KVTierConfig(_Strict):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     integrity: IntegrityConfig | None = None
     """Sign blobs with keyed MACs and refuse forged ones (see docs/security.md)."""
+    ops: OpsConfig = Field(default_factory=OpsConfig)
+    """Metrics and the control service (:mod:`kvtier.core.opsconfig`)."""
 
     @model_validator(mode="after")
     def _name_tiers(self) -> KVTierConfig:

@@ -27,8 +27,9 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +45,7 @@ from kvtier.core.chain import TierChain
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.factory import build_tiers
 from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
@@ -59,6 +60,37 @@ log = logging.getLogger(__name__)
 PARALLEL_COPY_BYTES = 4 << 20
 """A ``store`` of at least this many bytes (in two chunks or more) is copied by the
 codec threads in parallel."""
+
+
+_OPEN: weakref.WeakSet[KVTier] = weakref.WeakSet()
+
+
+def open_instances() -> list[KVTier]:
+    """Every :class:`KVTier` of this process that is open now (for exporters such as
+    the metrics plugin, which read their :meth:`KVTier.stats`)."""
+    return [kv for kv in list(_OPEN) if not kv._closed]
+
+
+@dataclass
+class EngineStats(KVTierStats):
+    """:class:`KVTierStats` plus the engine's own counters: lookups and retrieves with
+    the tokens they asked for and found, and the tier usage (bytes, capacity) of the
+    bounded tiers (``None`` where a tier cannot tell cheaply)."""
+
+    lookups: int = 0
+    lookup_requested_tokens: int = 0
+    lookup_hit_tokens: int = 0
+    retrieves: int = 0
+    retrieve_requested_tokens: int = 0
+    retrieve_hit_tokens: int = 0
+    usage: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    """Tier name -> ``(bytes_used, capacity_bytes)``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        counters = ("lookups", "lookup_requested_tokens", "lookup_hit_tokens", "retrieves",
+                    "retrieve_requested_tokens", "retrieve_hit_tokens")  # fmt: skip
+        return {**super().as_dict(), **{n: getattr(self, n) for n in counters},
+                "usage": {k: list(v) for k, v in self.usage.items()}}  # fmt: skip
 
 
 @dataclass
@@ -81,6 +113,7 @@ class KVTier:
         pool: BufferPool,
     ) -> None:
         self.config = config
+        self.model = fingerprint.model
         self.layout = fingerprint.layout
         self.registry = registry
         self.pool = pool
@@ -106,6 +139,7 @@ class KVTier:
         self._queued = 0
         self._dropped = 0
         self._tokens_stored = 0
+        self._reads = [0] * 6  # lookups, their tokens, hit; retrieves, their tokens, hit
         self._failure: BaseException | None = None
         """A bug the writer met under ``tier.STRICT``; ``flush`` raises it."""
         self._io = LoopThread()
@@ -116,6 +150,7 @@ class KVTier:
         except BaseException:
             self._io.stop()
             raise
+        _OPEN.add(self)
 
     @classmethod
     def open(
@@ -320,14 +355,29 @@ class KVTier:
     # -- lookup and retrieve ----------------------------------------------------------
 
     def lookup(self, tokens: Tokens, *, extra_keys: Sequence[ExtraKeys] = ()) -> int:
-        """Leading tokens of ``tokens`` whose KV is available in some tier (side-effect
-        free: no counters move, nothing is promoted)."""
+        """Leading tokens of ``tokens`` whose KV is available in some tier (no tier
+        counter moves, nothing is promoted; the engine counts the lookup)."""
         self._check_open()
         keys, bounds = self._chunks(tokens, extra_keys)
-        if not keys:
-            return 0
-        n = self._io.run(self.chain.lookup(keys))
-        return bounds[n - 1][1] if n else 0
+        return self._io.run(self._counted(0, len(tokens), partial(self.chain.lookup, keys), bounds))
+
+    async def _counted(
+        self,
+        which: int,
+        asked: int,
+        chain_call: Callable[[], Awaitable[int]],
+        bounds: list[tuple[int, int]],
+        start: int = 0,
+    ) -> int:
+        """Await ``chain_call()`` (chunks found; not called without chunks), count the
+        call, the tokens asked for and those found in ``self._reads[which:which + 3]``;
+        return the end of the tokens found."""
+        n = await chain_call() if bounds else 0
+        end = bounds[n - 1][1] if n else start
+        self._reads[which] += 1
+        self._reads[which + 1] += asked
+        self._reads[which + 2] += end - start
+        return end
 
     def retrieve(
         self,
@@ -354,27 +404,41 @@ class KVTier:
             out = torch.empty(self.layout.chunk_shape(needed), dtype=self.layout.dtype)
         else:
             out = self._check_out(out, needed)
-        if not keys:
-            return start, out[:, :, :0]
         targets = [out[:, :, s - start : e - start] for s, e in bounds]
-        n = self._io.run(self.chain.fetch(keys, targets))
-        end = bounds[n - 1][1] if n else start
+        fetched = partial(self.chain.fetch, keys, targets)
+        end = self._io.run(self._counted(3, needed, fetched, bounds, start))
         return end, out[:, :, : end - start]
 
     # -- stats and lifetime -----------------------------------------------------------
 
-    def stats(self) -> KVTierStats:
-        """A snapshot of per-tier counters and the store queue."""
+    def stats(self, timeout: float | None = None) -> EngineStats:
+        """A snapshot of per-tier counters and the store queue (``TimeoutError`` after
+        ``timeout`` seconds: for exporters, which must not hang on a closing cache)."""
         self._check_open()
-        return self._io.run(self._snapshot())
+        return self._io.run(self._snapshot(), timeout)
 
-    async def _snapshot(self) -> KVTierStats:
-        return KVTierStats(
+    async def _snapshot(self) -> EngineStats:
+        usage: dict[str, tuple[int | None, int | None]] = {}
+        for tier in self.chain.tiers:
+            if tier.backend.capabilities.bounded:  # cheap to ask: in memory
+                try:
+                    held = await tier.backend.stats()
+                except KVTierError:
+                    continue
+                usage[tier.name] = (held.bytes_used, held.capacity_bytes)
+        return EngineStats(
             tiers=[TierStats(**vars(t.stats)) for t in self.chain.tiers],
             stores_queued=self._queued,
             stores_dropped=self._dropped,
             tokens_stored=self._tokens_stored,
             queue_bytes=self._queue_bytes,
+            lookups=self._reads[0],
+            lookup_requested_tokens=self._reads[1],
+            lookup_hit_tokens=self._reads[2],
+            retrieves=self._reads[3],
+            retrieve_requested_tokens=self._reads[4],
+            retrieve_hit_tokens=self._reads[5],
+            usage=usage,
         )
 
     def _check_open(self) -> None:
@@ -390,6 +454,7 @@ class KVTier:
                 self.flush()
         finally:
             self._closed = True
+            _OPEN.discard(self)
             assert self._jobs is not None
             self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
             self._io.run(self._shutdown())
