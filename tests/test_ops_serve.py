@@ -119,6 +119,16 @@ def test_serve_over_http(served):
 
         schema = client.get("/openapi.json", headers=auth).json()
         assert {"/health", "/lookup", "/admin/purge"} <= set(schema["paths"])
+    env = {**os.environ, "KVTIER_TOKEN": TOKEN, "COLUMNS": "200"}
+    top = subprocess.run([str(KVTIER), "top", url, "--once"], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert top.returncode == 0, top.stderr
+    rows = {line.split("│")[1].strip() for line in top.stdout.splitlines() if "│" in line}
+    assert {"cpu", "file"} <= rows
+    no_token = {**env, "KVTIER_TOKEN": ""}
+    denied = subprocess.run([str(KVTIER), "top", url, "--once"], capture_output=True,
+                            text=True, env=no_token, timeout=60)  # fmt: skip
+    assert denied.returncode == 1 and "answered 401" in denied.stderr
     proc.terminate()
     output = proc.communicate(timeout=30)[0]
     assert TOKEN not in output
