@@ -34,6 +34,7 @@ from kvtier.core.errors import (
 )
 from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
+from kvtier.core.quotas import TenantLedger
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
 
@@ -79,6 +80,8 @@ class TierChain:
         self._encoding = (registry, pool, integrity)
         """What :func:`~kvtier.core.codecs.decode.recode` needs besides blob and pipeline."""
         self._background: set[asyncio.Task[None]] = set()
+        self.quotas: dict[str, TenantLedger] = {}
+        """Per-tenant quotas by tier name (:mod:`kvtier.core.quotas`)."""
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class TierChain:
     def _eviction_listener(self, tier: Tier) -> Callable[[Sequence[tuple[str, int]]], None]:
         def evicted(items: Sequence[tuple[str, int]]) -> None:
             tier.stats.evictions += len(items)
+            if tier.name in self.quotas:
+                self.quotas[tier.name].forget([k for k, _ in items])
             self.emit(
                 TierEvent(
                     EventKind.EVICTED,
@@ -215,6 +220,10 @@ class TierChain:
         seconds = time.perf_counter() - began
         reads = [_Read(i, t, buf) for i, buf in zip(wanted, got, strict=True) if buf is not None]
         self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads), seconds)
+        if tier.name in self.quotas:
+            self.quotas[tier.name].touch(
+                [keys[r.index] for r in reads], [r.buf.nbytes for r in reads]
+            )
         try:
             failed = await self._decode(reads, keys, targets)
         except BaseException:
@@ -274,6 +283,8 @@ class TierChain:
         log.warning("tier %s: deleting corrupt chunk %s: %s", tier.name, key, reason)
         self.emit(TierEvent(EventKind.CORRUPT, tier.name, 1, keys=(key,), detail=reason))
         await tier.guarded("delete", tier.backend.delete_many, [key], count=1)
+        if tier.name in self.quotas:
+            self.quotas[tier.name].forget([key])
 
     def _promote(self, served: Sequence[_Read]) -> None:
         """Queue chunks served by slower tiers for the faster tiers that promote."""
@@ -336,6 +347,8 @@ class TierChain:
                 )
             except Exception as exc:
                 tier.encode_failed(exc, len(other))
+        if encoded and tier.name in self.quotas:
+            encoded = await self._within_quota(tier, self.quotas[tier.name], encoded)
         if not encoded:
             return
         try:
@@ -343,6 +356,9 @@ class TierChain:
             items = [(b.key, b.buf) for b in encoded]
             began = time.perf_counter()
             stored = await tier.guarded("put", tier.backend.put_many, items, mode, count=len(items))
+            if tier.name in self.quotas:
+                outcome = stored or [False] * len(encoded)  # None: skipped, nothing stored
+                self.quotas[tier.name].settle([b.key for b in encoded], outcome)
             if stored is None:
                 return
             seconds = time.perf_counter() - began
@@ -360,3 +376,21 @@ class TierChain:
         finally:
             for blob in encoded:
                 blob.release()
+
+    async def _within_quota(
+        self, tier: Tier, ledger: TenantLedger, blobs: list[Blob]
+    ) -> list[Blob]:
+        """The blobs their tenants' quotas admit (the others released and counted as
+        rejected), after deleting the tenants' own least recently used chunks that
+        must make room, counted as evictions."""
+        admitted, victims = ledger.admit([(b.key, b.nbytes) for b in blobs])
+        if victims:
+            await tier.guarded("delete", tier.backend.delete_many, victims, count=len(victims))
+            tier.stats.evictions += len(victims)
+            self.emit(TierEvent(EventKind.EVICTED, tier.name, len(victims), keys=tuple(victims),
+                                detail="tenant quota"))  # fmt: skip
+        kept = [b for b, ok in zip(blobs, admitted, strict=True) if ok]
+        for blob in (b for b, ok in zip(blobs, admitted, strict=True) if not ok):
+            blob.release()
+        tier.stats.rejected += len(blobs) - len(kept)
+        return kept

@@ -51,6 +51,7 @@ from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.quotas import ledgers
 from kvtier.core.runtime import LoopThread
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import KVTierStats, TierStats
@@ -125,11 +126,13 @@ class KVTier:
         )
         self._raw = CodecPipeline.from_config("raw", registry)
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
+        quotas = ledgers(config)
         self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
         signing = config.integrity
         self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
         """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
+        self.chain.quotas = quotas
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._budget = threading.Lock()
         """Guards the store queue's byte budget, which ``store`` checks synchronously."""

@@ -67,6 +67,15 @@ class ServeConfig(_Strict):
     """Models ``POST /lookup`` can be asked about, by id."""
 
 
+class TierLimits(_Strict):
+    """Operations settings of one tier, by tier name."""
+
+    quotas: dict[str, Size] = Field(default_factory=dict)
+    """Tenant -> bytes it may hold in the tier (its own LRU evicts beyond that)."""
+
+
 class OpsConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tiers: dict[str, TierLimits] = Field(default_factory=dict)
+    """Per-tier quotas, by tier name (:mod:`kvtier.core.quotas`)."""
