@@ -6,15 +6,19 @@ and ``get_many`` hands it back retained, so a hit costs a dictionary lookup. Ove
 delete, eviction and ``close()`` drop only this tier's reference: a reader still
 holding a returned buffer keeps valid bytes. When a blob does not fit, the eviction
 policy picks victims until it does; a blob larger than the whole capacity is rejected
-(``False``). Capacity counts ``Buffer.nbytes``.
+(``False``). Capacity counts ``Buffer.nbytes``. With ``options: {ttl: SECONDS}`` a
+blob older than that is a miss, removed when met and by a sweep every ``ttl / 4``
+seconds (at most a few hundred per sweep).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
@@ -31,6 +35,8 @@ class MemoryOptions(BaseModel):
 
     eviction: str = "lru"
     """Eviction policy: ``lru``, ``lfu`` or one a plugin registers."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a blob lives after it was written; ``None``: until evicted."""
 
 
 class MemoryBackend(Backend):
@@ -48,8 +54,19 @@ class MemoryBackend(Backend):
         name_from_url(self.url, "cpu", what="name")
         assert self.capacity is not None  # bounded: checked by Backend
         policy = self.registry.eviction_policy(self.options.eviction).load()()
-        self.store = RamStore(self.capacity, policy, self._evicted)
+        self.store = RamStore(self.capacity, policy, self._evicted, ttl=self.options.ttl)
         """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _open(self) -> None:
+        if self.options.ttl is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        assert self.options.ttl is not None
+        while True:
+            await asyncio.sleep(min(max(self.options.ttl / 4, 0.05), 60.0))
+            self.store.sweep()
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         return self.store.get_many(keys)
@@ -71,7 +88,11 @@ class MemoryBackend(Backend):
         return self.store.stats(eviction=self.options.eviction)
 
     async def _close(self) -> None:
-        """Release every stored buffer."""
+        """Stop the sweeps; release every stored buffer."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         self.store.clear()
 
 

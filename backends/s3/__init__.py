@@ -75,6 +75,9 @@ class S3Options(BaseModel):
     connect_timeout: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     read_timeout: float = Field(default=15.0, gt=0, allow_inf_nan=False)
     """Seconds a request may wait for the next bytes from the store."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a chunk lives after it was written; older ones are misses and are
+    deleted when met and by a sweep (:mod:`kvtier.backends.s3.expiry`)."""
     conditional_put: Literal["auto", "native", "emulated"] = "auto"
     """How ``PutMode.CREATE`` works: ``native`` sends ``If-None-Match: *`` (atomic;
     AWS since 2024, MinIO, Ceph, SeaweedFS); ``emulated`` checks with HEAD first (not
