@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.buffers import Buffer
+from kvtier.core.config import ByteSize
+from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
 from kvtier.core.urls import name_from_url
@@ -37,6 +39,9 @@ class MemoryOptions(BaseModel):
     """Eviction policy: ``lru``, ``lfu`` or one a plugin registers."""
     ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a blob lives after it was written; ``None``: until evicted."""
+    pinned_bytes: ByteSize = 0
+    """Bytes that :meth:`MemoryBackend.pin_many` may pin (never evicted); at most the
+    capacity."""
 
 
 class MemoryBackend(Backend):
@@ -54,7 +59,13 @@ class MemoryBackend(Backend):
         name_from_url(self.url, "cpu", what="name")
         assert self.capacity is not None  # bounded: checked by Backend
         policy = self.registry.eviction_policy(self.options.eviction).load()()
-        self.store = RamStore(self.capacity, policy, self._evicted, ttl=self.options.ttl)
+        if self.options.pinned_bytes > self.capacity:
+            raise ConfigError(
+                f"tier {self.safe_url!r}: pinned_bytes ({self.options.pinned_bytes}) exceeds "
+                f"the capacity ({self.capacity})"
+            )
+        self.store = RamStore(self.capacity, policy, self._evicted, ttl=self.options.ttl,
+                              pinned_bytes=self.options.pinned_bytes)  # fmt: skip
         """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -79,6 +90,16 @@ class MemoryBackend(Backend):
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         return self.store.delete_many(keys)
+
+    async def pin_many(self, keys: list[str]) -> list[bool]:
+        """Pin stored chunks (never evicted nor expired) within ``pinned_bytes``."""
+        self._check_open()
+        return self.store.pin_many(keys)
+
+    async def unpin_many(self, keys: list[str]) -> list[bool]:
+        """Unpin chunks; ``True`` where one was pinned."""
+        self._check_open()
+        return self.store.unpin_many(keys)
 
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """A snapshot of the stored keys taken at the call."""

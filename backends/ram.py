@@ -9,6 +9,9 @@ victims until it does; a blob larger than the whole capacity is rejected. Capaci
 counts ``Buffer.nbytes``. With a ``ttl``, a blob older than ``ttl`` seconds (since it
 was written) is a miss and is removed when met, and :meth:`RamStore.sweep` (run at
 each ``put_many`` and by its backend's timer) removes a bounded number of them.
+:meth:`RamStore.pin_many` pins stored blobs, up to ``pinned_bytes`` in all: a pinned
+blob is never evicted nor expired (its ``ttl`` restarts when it is unpinned); a blob
+that only fits by evicting pinned ones is rejected.
 
 The store neither validates keys nor knows about open or closed: its backend does.
 """
@@ -63,9 +66,13 @@ class RamStore:
         *,
         changed: Changed | None = None,
         ttl: float | None = None,
+        pinned_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
+        self.pinned_budget = pinned_bytes
+        self._pinned: set[str] = set()
+        self._pinned_bytes = 0
         self.ttl = ttl
         self._clock = clock
         self._written: OrderedDict[str, float] = OrderedDict()
@@ -88,6 +95,9 @@ class RamStore:
         let go of the lock (a release may unmap memory). Call under the lock."""
         buf = self.blobs.pop(key)
         self._written.pop(key, None)
+        if key in self._pinned:
+            self._pinned.discard(key)
+            self._pinned_bytes -= buf.nbytes
         self._policy.remove(key)
         self._bytes -= buf.nbytes
         if self._changed is not None:
@@ -97,7 +107,7 @@ class RamStore:
     def _expire(self, key: str, now: float, dropped: list[Buffer]) -> bool:
         """Whether stored ``key`` is past its ``ttl``; if so it is dropped into
         ``dropped`` (to release after the lock). Call under the lock."""
-        if self.ttl is None or now - self._written[key] < self.ttl:
+        if self.ttl is None or key in self._pinned or now - self._written[key] < self.ttl:
             return False
         dropped.append(self._drop(key))
         self._expired += 1
@@ -153,7 +163,10 @@ class RamStore:
                 if exists and mode is PutMode.CREATE:
                     results.append(False)
                     continue
-                if buf.nbytes > self.capacity:
+                room = self.capacity - self._pinned_bytes
+                if exists and key in self._pinned:
+                    room += self.blobs[key].nbytes
+                if buf.nbytes > room:  # larger than the capacity, or only pinned to evict
                     self._rejected += 1
                     results.append(False)
                     continue
@@ -197,6 +210,41 @@ class RamStore:
                 buf.release()
         return [buf is not None for buf in dropped]
 
+    def pin_many(self, keys: Sequence[str]) -> list[bool]:
+        """Pin each stored key while the pinned bytes stay within ``pinned_bytes``;
+        ``True`` where it is pinned now (also if it was already)."""
+        out: list[bool] = []
+        with self.lock:
+            for key in keys:
+                buf = self.blobs.get(key)
+                if key in self._pinned:
+                    out.append(True)
+                elif buf is None or self._pinned_bytes + buf.nbytes > self.pinned_budget:
+                    out.append(False)
+                else:
+                    self._pinned.add(key)
+                    self._pinned_bytes += buf.nbytes
+                    self._policy.remove(key)  # never a victim
+                    self._written.pop(key, None)  # never expires
+                    out.append(True)
+        return out
+
+    def unpin_many(self, keys: Sequence[str]) -> list[bool]:
+        """Unpin each key; ``True`` where it was pinned. It is then most recently used,
+        and its ``ttl`` starts again."""
+        out: list[bool] = []
+        with self.lock:
+            now = self._clock()
+            for key in keys:
+                out.append(key in self._pinned)
+                if key in self._pinned:
+                    self._pinned.discard(key)
+                    self._pinned_bytes -= self.blobs[key].nbytes
+                    self._policy.insert(key)
+                    if self.ttl is not None:
+                        self._written[key] = now
+        return out
+
     def keys(self, prefix: str = "") -> list[str]:
         """A snapshot of the stored keys starting with ``prefix``."""
         with self.lock:
@@ -205,7 +253,7 @@ class RamStore:
                 key
                 for key in self.blobs
                 if key.startswith(prefix)
-                and (self.ttl is None or now - self._written[key] < self.ttl)
+                and (self.ttl is None or key in self._pinned or now - self._written[key] < self.ttl)
             ]
 
     def stats(self, **details: Any) -> BackendStats:
@@ -224,6 +272,7 @@ class RamStore:
                     "misses": self._misses,
                     "rejected": self._rejected,
                     **({} if self.ttl is None else {"expired": self._expired}),
+                    **({} if not self.pinned_budget else {"pinned_bytes": self._pinned_bytes}),
                 },
             )
 
@@ -232,6 +281,8 @@ class RamStore:
         with self.lock:
             blobs, self.blobs = self.blobs, {}
             self._written.clear()
+            self._pinned.clear()
+            self._pinned_bytes = 0
             for key in blobs:
                 self._policy.remove(key)
                 if self._changed is not None:

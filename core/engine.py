@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from kvtier.core import pins
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
@@ -411,6 +412,23 @@ class KVTier:
         fetched = partial(self.chain.fetch, keys, targets)
         end = self._io.run(self._counted(3, needed, fetched, bounds, start))
         return end, out[:, :, : end - start]
+
+    # -- pins -------------------------------------------------------------------------
+
+    def pin(
+        self,
+        tokens: Tokens | None = None,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        unpin: bool = False,
+    ) -> dict[str, int]:
+        """Pin the stored chunks of ``tokens`` (``None``: every chunk of this cache's
+        model and tenant) in the tiers that support pins, within their pinned-bytes
+        budget: they are then never evicted. ``unpin=True`` releases them. Returns the
+        chunks pinned (unpinned) per tier name."""
+        self._check_open()
+        keys = None if tokens is None else self._chunks(tokens, extra_keys)[0]
+        return self._io.run(pins.pin(self.chain, keys, self.hasher.namespace, unpin=unpin))
 
     # -- stats and lifetime -----------------------------------------------------------
 
