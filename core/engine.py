@@ -166,19 +166,21 @@ class KVTier:
         tenant: str | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        revision: str | None = None,
         pool: BufferPool | None = None,
         registry: PluginRegistry | None = None,
     ) -> KVTier:
         """Open the tier chain of ``config`` (a YAML path, a mapping, or ``None`` for the
         embedded default) for one model. ``tenant`` overrides the config's tenant;
         ``registry`` replaces the process-wide plugin registry (and the config's
-        ``plugins.disable``)."""
+        ``plugins.disable``); ``revision`` (the weights revision) is part of the
+        namespace, so a redeployed model never reuses the old weights' KV."""
         cfg = load_config(config)
         if tenant is not None:
             cfg = cfg.model_copy(update={"tenant": tenant})
         registry = registry or get_registry(frozenset(cfg.plugins.disable))
         registry.pm.hook.kvtier_configure(config=cfg)
-        fingerprint = ModelFingerprint(model, layout, tp_rank=tp_rank, tp_size=tp_size)
+        fingerprint = ModelFingerprint(model, layout, tp_rank, tp_size, revision)
         return cls(cfg, fingerprint, registry=registry, pool=pool or default_pool())
 
     async def _start(self) -> None:

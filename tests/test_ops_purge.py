@@ -12,7 +12,8 @@ from test_cli import run
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.factory import build_backend
-from kvtier.core.keys import tenant_tag
+from kvtier.core.keys import namespace_for, tenant_tag
+from kvtier.core.layout import ModelFingerprint
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16)
 CHUNK = 16
@@ -85,3 +86,23 @@ def test_purge_without_a_selector_is_refused(monkeypatch, capsys, tmp_path):
     assert code == 2
     assert "purge needs a selection" in err
     assert len(keys(url, {})) == 12
+
+
+def test_a_new_weights_revision_never_reuses_the_old_kv(tmp_path):
+    cfg = {"chunk_tokens": CHUNK, "tiers": [{"url": f"file://{tmp_path}/kv", "capacity": "64MiB"}]}
+    tokens = list(range(3 * CHUNK))
+
+    def opened(revision: str | None) -> KVTier:
+        return KVTier.open(cfg, model="m1", layout=LAYOUT, revision=revision)
+
+    with opened("v1") as kv:
+        kv.store(tokens, torch.ones(LAYOUT.chunk_shape(len(tokens)), dtype=LAYOUT.dtype))
+    with opened("v2") as kv:
+        assert kv.lookup(tokens) == 0
+    with opened(None) as kv:
+        assert kv.lookup(tokens) == 0
+    with opened("v1") as kv:
+        assert kv.lookup(tokens) == len(tokens)
+        v1 = kv.hasher.namespace
+    with opened(None) as kv:  # without a revision the namespace is what it always was
+        assert kv.hasher.namespace == namespace_for(ModelFingerprint("m1", LAYOUT)) != v1

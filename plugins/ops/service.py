@@ -227,7 +227,9 @@ class Service:
             layout = KVLayout(
                 entry.num_layers, entry.num_kv_heads, entry.head_dim, dtype_from_name(entry.dtype)
             )
-            fingerprint = ModelFingerprint(request.model, layout, entry.tp_rank, entry.tp_size)
+            fingerprint = ModelFingerprint(
+                request.model, layout, entry.tp_rank, entry.tp_size, entry.revision
+            )
             hasher = ChunkHasher(
                 namespace_for(fingerprint, request.tenant),
                 chunk_tokens=self.config.chunk_tokens,
