@@ -441,12 +441,17 @@ def purge(
     tenant: Annotated[
         list[str] | None, typer.Option(metavar="NAME", help="Chunks of this tenant (repeatable).")
     ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(metavar="AGE", help="Only chunks written at least AGE ago (90s, 12h, 30d)."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")
     ] = False,
     option: OptionOption = None,
 ) -> None:
-    """Delete exactly the chunks of a model, namespace or tenant from a store.
+    """Delete exactly the chunks of a model, namespace or tenant (or older than an age)
+    from a store.
 
     Selectors combine like 'kvtier migrate's: a chunk goes when it matches every kind
     given. A purge without a selector is refused.
@@ -455,11 +460,12 @@ def purge(
 
     from kvtier.core.factory import build_backend
     from kvtier.core.migrate import ChunkFilter
-    from kvtier.core.purge import check_selection
+    from kvtier.core.purge import check_selection, parse_duration
     from kvtier.core.purge import purge as run_purge
 
     select = ChunkFilter(tuple(model or ()), tuple(namespace or ()), tuple(tenant or ()))
-    check_selection(select)
+    age = None if older_than is None else parse_duration(older_than)
+    check_selection(select, age)
     options = parse_options(option)
     if dry_run:
         options = _read_only(url, options)
@@ -481,6 +487,7 @@ def purge(
                 return await run_purge(
                     backend,
                     select,
+                    older_than=age,
                     dry_run=dry_run,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )

@@ -4,6 +4,7 @@ and S3 (SeaweedFS) stores; a dry run changes nothing; no selector is refused."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -106,3 +107,27 @@ def test_a_new_weights_revision_never_reuses_the_old_kv(tmp_path):
         v1 = kv.hasher.namespace
     with opened(None) as kv:  # without a revision the namespace is what it always was
         assert kv.hasher.namespace == namespace_for(ModelFingerprint("m1", LAYOUT)) != v1
+
+
+def test_purge_older_than(monkeypatch, capsys, store):
+    url, options = store
+    flags = [f"-o{k}={v}" for k, v in options.items()]
+    if url.startswith("redis"):  # Redis keeps no write times
+        code, _, err = run(monkeypatch, capsys, "purge", url, "--older-than", "1s", *flags)
+        assert code == 2 and "records when chunks were written" in err
+        return
+    fill(url, options)
+    old = keys(url, options)
+    time.sleep(2.5)
+    cfg_tokens = list(range(90_000, 90_000 + 2 * CHUNK))
+    tier = {"url": url, "options": options, **({"capacity": "64MiB"} if "file:" in url else {})}
+    with KVTier.open({"chunk_tokens": CHUNK, "tiers": [tier]}, model="m3", layout=LAYOUT) as kv:
+        kv.store(cfg_tokens, torch.ones(LAYOUT.chunk_shape(len(cfg_tokens)), dtype=LAYOUT.dtype))
+    assert len(keys(url, options)) == len(old) + 2
+    code, out, err = run(monkeypatch, capsys, "purge", url, "--older-than", "2s", *flags)
+    assert code == 0, err
+    assert f"deleted {len(old)} chunks" in out
+    assert [k for k in keys(url, options) if k in old] == []
+    assert len(keys(url, options)) == 2
+    code, _, err = run(monkeypatch, capsys, "purge", url, "--older-than", "soon", *flags)
+    assert code == 2 and "positive duration" in err

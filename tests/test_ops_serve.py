@@ -112,6 +112,9 @@ def test_serve_over_http(served):
         assert refused.status_code == 422 and "selection" in refused.json()["error"]
         dry = client.post("/admin/purge", json={**purge, "dry_run": True}, headers=auth).json()
         assert dry["tiers"]["file"] == {"matched": 4, "deleted": 0}
+        aged = {"older_than_seconds": 3600, "dry_run": True}
+        old = client.post("/admin/purge", json=aged, headers=auth).json()["tiers"]
+        assert old["file"] == {"matched": 0, "deleted": 0} and "error" in old["cpu"]
         done = client.post("/admin/purge", json=purge, headers=auth).json()
         assert done["tiers"]["file"] == {"matched": 4, "deleted": 4}
         assert lookup(client, "alice", 1, headers=auth).json()["chain_matched_tokens"] == 0

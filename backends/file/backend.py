@@ -27,7 +27,7 @@ from kvtier.backends.file.chunkio import (
     read_all,
     write_all,
 )
-from kvtier.backends.file.expiry import Expiry
+from kvtier.backends.file.expiry import Expiry, ages
 from kvtier.backends.file.folder import TEMP_DIR, Folder, RootState, Tree, new_temp, shard_of
 from kvtier.backends.file.index import ChunkIndex, Reservation
 from kvtier.backends.file.listing import keys_in, shards
@@ -127,6 +127,15 @@ class FileBackend(Backend):
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         self._check_writable("delete_many")
         return await self._blocking(partial(self._delete_batch, keys, self._waker()))
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since each chunk was written, ``None`` where absent (for ``kvtier
+        purge --older-than``)."""
+        self._check_open()
+        try:
+            return await self._blocking(partial(ages, self.folder, keys))
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
 
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         folders = partial(self._listing, partial(self._shards, self._waker()))

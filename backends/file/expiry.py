@@ -22,6 +22,26 @@ from kvtier.backends.file.listing import keys_in, shards
 log = logging.getLogger(__name__)
 
 
+def stat_chunk(tree: Tree, key: str) -> os.stat_result | None:
+    """The ``stat`` of ``key``'s file (not following a link); ``None`` if it is absent."""
+    shard = tree.dir(shard_of(key))
+    if shard is None:
+        return None
+    try:
+        return os.stat(key, dir_fd=shard, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def ages(folder: Folder, keys: list[str]) -> list[float | None]:
+    """Seconds since each chunk was written (its file's modification time); ``None``
+    where it is absent."""
+    now = time.time_ns()
+    with folder.use() as tree:
+        stats = [stat_chunk(tree, key) for key in keys]
+    return [None if st is None else (now - st.st_mtime_ns) / 1e9 for st in stats]
+
+
 class Expiry:
     """Which chunks are expired, and their removal (blocking: worker threads only)."""
 
@@ -50,12 +70,8 @@ class Expiry:
 
     def fresh(self, tree: Tree, key: str) -> bool:
         """Whether ``key``'s file is there and not expired (an expired one is dropped)."""
-        shard = tree.dir(shard_of(key))
-        if shard is None:
-            return False
-        try:
-            st = os.stat(key, dir_fd=shard, follow_symlinks=False)
-        except FileNotFoundError:
+        st = stat_chunk(tree, key)
+        if st is None:
             return False
         if self.is_expired(st):
             self.drop(key)

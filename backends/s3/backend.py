@@ -35,7 +35,7 @@ from kvtier.backends.s3 import S3Options, parse_s3_url
 from kvtier.backends.s3.bucket import Bucket
 from kvtier.backends.s3.calls import each
 from kvtier.backends.s3.errors import Place
-from kvtier.backends.s3.expiry import Expiry
+from kvtier.backends.s3.expiry import Expiry, age
 from kvtier.backends.s3.reads import Reader
 from kvtier.backends.s3.writes import Writer, native_create
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
@@ -173,6 +173,12 @@ class S3Backend(Backend):
             self._counts["expired"] += sum(removed for _, removed in checked)
             return [ok for ok, _ in checked]
         return await io.workers.run_all([partial(io.bucket.exists, self.prefix + k) for k in keys])
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since each chunk was written (``LastModified``, one HEAD each),
+        ``None`` where absent (for ``kvtier purge --older-than``)."""
+        io = self._io()
+        return await io.workers.run_all([partial(age, io.bucket, self.prefix + k) for k in keys])
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         io = self._io()

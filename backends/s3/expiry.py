@@ -21,6 +21,22 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import ListObjectsV2RequestTypeDef
 
 
+def head(bucket: Bucket, name: str) -> tuple[datetime, str] | None:
+    """``LastModified`` and ``ETag`` of object ``name`` (one HEAD); ``None`` if absent."""
+    try:
+        with translated(bucket.place, f"HEAD {name}"):
+            found = bucket.client.head_object(Bucket=bucket.name, Key=name)
+    except NotFound:
+        return None
+    return found["LastModified"], found["ETag"]
+
+
+def age(bucket: Bucket, name: str) -> float | None:
+    """Seconds since object ``name`` was written; ``None`` if it is absent."""
+    found = head(bucket, name)
+    return None if found is None else (datetime.now(timezone.utc) - found[0]).total_seconds()
+
+
 class Expiry:
     """Which objects are expired, and their removal (blocking: worker threads only)."""
 
@@ -40,14 +56,12 @@ class Expiry:
     def fresh(self, name: str) -> tuple[bool, bool]:
         """``(present and not expired, an expired object was deleted)`` for object
         ``name`` (one HEAD, and a conditional DELETE when it is expired)."""
-        try:
-            with translated(self.bucket.place, f"HEAD {name}"):
-                head = self.bucket.client.head_object(Bucket=self.bucket.name, Key=name)
-        except NotFound:
+        found = head(self.bucket, name)
+        if found is None:
             return False, False
-        if not self.is_expired(head["LastModified"]):
+        if not self.is_expired(found[0]):
             return True, False
-        return False, self.bucket.delete_if_unchanged(name, head["ETag"])
+        return False, self.bucket.delete_if_unchanged(name, found[1])
 
     def sweep(self) -> int:
         """Delete the expired objects of the next listing page; how many went."""

@@ -32,7 +32,7 @@ from kvtier.core.keys import ChunkHasher, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint, dtype_from_name
 from kvtier.core.migrate import ChunkFilter
 from kvtier.core.plugins import get_registry
-from kvtier.core.purge import purge
+from kvtier.core.purge import check_selection, purge
 from kvtier.plugins.ops.auth import token_matches
 
 MAX_LOOKUP_TOKENS = 1 << 20
@@ -57,6 +57,7 @@ class PurgeRequest(_Body):
     models: list[str] = Field(default_factory=list, max_length=64)
     namespaces: list[str] = Field(default_factory=list, max_length=64)
     tenants: list[str] = Field(default_factory=list, max_length=64)
+    older_than_seconds: float | None = Field(default=None, gt=0)
     tiers: list[str] | None = None
     dry_run: bool = False
 
@@ -266,6 +267,7 @@ class Service:
             select = ChunkFilter(
                 tuple(request.models), tuple(request.namespaces), tuple(request.tenants)
             )
+            check_selection(select, request.older_than_seconds)
         except ConfigError as exc:
             return _error(422, str(exc))
         names = [t.name for t in self.chain.tiers]
@@ -277,10 +279,13 @@ class Service:
             if request.tiers is not None and tier.name not in request.tiers:
                 continue
             try:
-                report = await purge(tier.backend, select, dry_run=request.dry_run)
-            except ConfigError as exc:
-                return _error(422, str(exc))
-            except KVTierError as exc:
+                report = await purge(
+                    tier.backend,
+                    select,
+                    older_than=request.older_than_seconds,
+                    dry_run=request.dry_run,
+                )
+            except KVTierError as exc:  # e.g. older_than on a tier without write times
                 results[tier.name] = {"error": str(exc)}
                 continue
             results[tier.name] = {"matched": report.matched, "deleted": report.deleted}
