@@ -27,9 +27,8 @@ import concurrent.futures
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +45,7 @@ from kvtier.core.chain import TierChain
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
+from kvtier.core.engine_stats import EngineStats, opened
 from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.factory import build_tiers
 from kvtier.core.integrity import load_keys
@@ -55,44 +55,13 @@ from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.quotas import ledgers
 from kvtier.core.runtime import LoopThread
 from kvtier.core.specs import EventKind, TierEvent
-from kvtier.core.tier import KVTierStats, TierStats
+from kvtier.core.tier import TierStats
 
 log = logging.getLogger(__name__)
 
 PARALLEL_COPY_BYTES = 4 << 20
 """A ``store`` of at least this many bytes (in two chunks or more) is copied by the
 codec threads in parallel."""
-
-
-_OPEN: weakref.WeakSet[KVTier] = weakref.WeakSet()
-
-
-def open_instances() -> list[KVTier]:
-    """Every :class:`KVTier` of this process that is open now (for exporters such as
-    the metrics plugin, which read their :meth:`KVTier.stats`)."""
-    return [kv for kv in list(_OPEN) if not kv._closed]
-
-
-@dataclass
-class EngineStats(KVTierStats):
-    """:class:`KVTierStats` plus the engine's own counters: lookups and retrieves with
-    the tokens they asked for and found, and the tier usage (bytes, capacity) of the
-    bounded tiers (``None`` where a tier cannot tell cheaply)."""
-
-    lookups: int = 0
-    lookup_requested_tokens: int = 0
-    lookup_hit_tokens: int = 0
-    retrieves: int = 0
-    retrieve_requested_tokens: int = 0
-    retrieve_hit_tokens: int = 0
-    usage: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
-    """Tier name -> ``(bytes_used, capacity_bytes)``."""
-
-    def as_dict(self) -> dict[str, Any]:
-        counters = ("lookups", "lookup_requested_tokens", "lookup_hit_tokens", "retrieves",
-                    "retrieve_requested_tokens", "retrieve_hit_tokens")  # fmt: skip
-        return {**super().as_dict(), **{n: getattr(self, n) for n in counters},
-                "usage": {k: list(v) for k, v in self.usage.items()}}  # fmt: skip
 
 
 @dataclass
@@ -154,7 +123,7 @@ class KVTier:
         except BaseException:
             self._io.stop()
             raise
-        _OPEN.add(self)
+        opened.add(self)
 
     @classmethod
     def open(
@@ -477,7 +446,7 @@ class KVTier:
                 self.flush()
         finally:
             self._closed = True
-            _OPEN.discard(self)
+            opened.discard(self)
             assert self._jobs is not None
             self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
             self._io.run(self._shutdown())

@@ -27,11 +27,12 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from kvtier.core.engine import open_instances
+from kvtier.core.engine_stats import open_instances
 from kvtier.core.specs import EventKind, TierEvent
 
 if TYPE_CHECKING:
-    from kvtier.core.engine import EngineStats, KVTier
+    from kvtier.core.engine import KVTier
+    from kvtier.core.engine_stats import EngineStats
 
 log = logging.getLogger(__name__)
 

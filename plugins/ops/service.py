@@ -25,7 +25,7 @@ from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import BufferPool
 from kvtier.core.chain import TierChain
 from kvtier.core.config import KVTierConfig
-from kvtier.core.engine import open_instances
+from kvtier.core.engine_stats import open_instances
 from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.factory import build_tiers
 from kvtier.core.keys import ChunkHasher, namespace_for
