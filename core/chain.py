@@ -34,7 +34,7 @@ from kvtier.core.errors import (
 )
 from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
-from kvtier.core.quotas import TenantLedger
+from kvtier.core.quotas import TenantLedger, evict
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
 
@@ -384,11 +384,7 @@ class TierChain:
         rejected), after deleting the tenants' own least recently used chunks that
         must make room, counted as evictions."""
         admitted, victims = ledger.admit([(b.key, b.nbytes) for b in blobs])
-        if victims:
-            await tier.guarded("delete", tier.backend.delete_many, victims, count=len(victims))
-            tier.stats.evictions += len(victims)
-            self.emit(TierEvent(EventKind.EVICTED, tier.name, len(victims), keys=tuple(victims),
-                                detail="tenant quota"))  # fmt: skip
+        await evict(tier, victims, self.emit)
         kept = [b for b, ok in zip(blobs, admitted, strict=True) if ok]
         for blob in (b for b, ok in zip(blobs, admitted, strict=True) if not ok):
             blob.release()

@@ -52,7 +52,7 @@ from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
-from kvtier.core.quotas import ledgers
+from kvtier.core.quotas import ledgers, quota_for
 from kvtier.core.runtime import LoopThread
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import TierStats
@@ -400,6 +400,13 @@ class KVTier:
         self._check_open()
         keys = None if tokens is None else self._chunks(tokens, extra_keys)[0]
         return self._io.run(pins.pin(self.chain, keys, self.hasher.namespace, unpin=unpin))
+
+    def set_quota(self, tier: str, tenant: str, nbytes: int | None) -> int:
+        """Give ``tenant`` a byte quota in tier ``tier`` from now on (``None``: remove
+        it); its least recently used chunks beyond it are deleted (returns how many).
+        :class:`ConfigError` for a tier this cache lacks."""
+        self._check_open()
+        return self._io.run(quota_for(self.chain, tier, tenant, nbytes))
 
     # -- stats and lifetime -----------------------------------------------------------
 

@@ -8,20 +8,26 @@ while the quotas add up to no more than the tier's capacity, one tenant's stores
 make the tier evict another tenant's chunks. Tenants without a quota share the tier's
 own eviction policy as before.
 
-The ledger counts the chunks this process wrote or read since the cache opened
-(chunks already in a shared tier at open, or written by other processes, are not
-counted against the quota until this process reads them).
+The ledger counts the chunks this process wrote or read while the quota was in force
+(since the cache opened, for a quota in the config; chunks already in a shared tier,
+or written by other processes, are not counted until this process reads them).
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from kvtier.core.config import KVTierConfig
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import tenant_tag
+from kvtier.core.specs import EventKind, TierEvent
+
+if TYPE_CHECKING:
+    from kvtier.core.chain import TierChain
+    from kvtier.core.tier import Tier
 
 _TENANT_RE = re.compile(r"-[0-9a-f]{16}-(t[0-9a-f]{12})\.[0-9a-f]+\Z")
 
@@ -47,6 +53,25 @@ class TenantLedger:
 
     def used(self, tag: str) -> int:
         return self._used.get(tag, 0)
+
+    def set_quota(self, tag: str, nbytes: int | None) -> list[str]:
+        """Give tenant ``tag`` a quota of ``nbytes`` (``None``: none any more); returns
+        the tenant's least recently used chunks to delete so that it fits."""
+        if nbytes is None:
+            self.quotas.pop(tag, None)
+            self._chunks.pop(tag, None)
+            self._used.pop(tag, None)
+            return []
+        self.quotas[tag] = nbytes
+        chunks = self._chunks.setdefault(tag, OrderedDict())
+        self._used.setdefault(tag, 0)
+        victims = []
+        while self._used[tag] > nbytes:
+            victim, size = chunks.popitem(last=False)
+            self._used[tag] -= size
+            victims.append(victim)
+        self.quota_evictions += len(victims)
+        return victims
 
     def admit(self, items: Sequence[tuple[str, int]]) -> tuple[list[bool], list[str]]:
         """Which of ``(key, nbytes)`` may be written, and the chunks to delete first (the
@@ -128,3 +153,27 @@ def ledgers(config: KVTierConfig) -> dict[str, TenantLedger]:
             )
         out[name] = TenantLedger({tenant_tag(t): size for t, size in limits.quotas.items()})
     return out
+
+
+async def quota_for(chain: TierChain, tier_name: str, tenant: str, nbytes: int | None) -> int:
+    """Set (``None``: remove) ``tenant``'s quota in ``chain``'s tier ``tier_name`` and
+    delete its chunks beyond it; how many were deleted. On the chain's I/O loop."""
+    tier = next((t for t in chain.tiers if t.name == tier_name), None)
+    if tier is None:
+        raise ConfigError(
+            f"no tier {tier_name!r} in this cache; its tiers are {[t.name for t in chain.tiers]}"
+        )
+    ledger = chain.quotas.setdefault(tier_name, TenantLedger({}))
+    victims = ledger.set_quota(tenant_tag(tenant), nbytes)
+    await evict(tier, victims, chain.emit)
+    return len(victims)
+
+
+async def evict(tier: Tier, victims: list[str], emit: Callable[[TierEvent], None]) -> None:
+    """Delete ``victims`` from ``tier`` to keep their tenants within their quotas,
+    counted and reported as evictions."""
+    if victims:
+        await tier.guarded("delete", tier.backend.delete_many, victims, count=len(victims))
+        tier.stats.evictions += len(victims)
+        emit(TierEvent(EventKind.EVICTED, tier.name, len(victims), keys=tuple(victims),
+                       detail="tenant quota"))  # fmt: skip

@@ -200,3 +200,50 @@ def test_stats_never_return_chunk_bytes(client):
     body = client.get("/stats").json()
     assert [t["name"] for t in body["tiers"]] == ["cpu", "file"]
     assert body["tiers"][1]["keys"] == 8
+
+
+def test_admin_quotas_and_pins_act_on_the_process_caches(tmp_path):
+    cfg = config(tmp_path)
+    cfg["tiers"][0]["options"] = {"pinned_bytes": "64KiB"}
+    service = Service(load_config(cfg), TOKEN)
+    tokens = tokens_of(7)
+    with (
+        TestClient(service.app) as client,
+        KVTier.open(cfg, model="m", layout=LAYOUT, tenant="alice") as kv,
+    ):
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        quota = {"tier": "file", "tenant": "alice", "quota": "9KiB"}
+        assert client.put("/admin/quotas", json=quota).status_code == 401
+        assert client.get("/admin/quotas", headers=auth).json() == {"tiers": {}}
+        done = client.put("/admin/quotas", json=quota, headers=auth)
+        assert done.status_code == 200 and done.json()["deleted_chunks"] == 0
+
+        kv.store(tokens, torch.ones(LAYOUT.chunk_shape(len(tokens)), dtype=LAYOUT.dtype))
+        kv.flush()  # four chunks of 4 KiB (and a header): two fit in 9 KiB
+        assert kv.stats().tier("file").evictions == 2
+        held = client.get("/admin/quotas", headers=auth).json()["tiers"]["file"]["alice"]
+        assert held["quota_bytes"] == 9 << 10 and 8 << 10 < held["used_bytes"] <= 9 << 10
+        lower = client.put("/admin/quotas", json={**quota, "quota": "5KiB"}, headers=auth)
+        assert lower.json()["deleted_chunks"] == 1
+
+        prefix = {"model": "m", "tenant": "alice", "tokens": tokens[:CHUNK]}
+        pinned = client.post("/admin/pin", json=prefix, headers=auth)
+        assert pinned.json() == {"pinned": {"cpu": 1}}
+        nobody = client.post("/admin/pin", json={"model": "x"}, headers=auth)
+        assert nobody.status_code == 404 and "no open cache" in nobody.json()["error"]
+
+        bad = client.put("/admin/quotas", json={**quota, "tier": "disk"}, headers=auth)
+        assert bad.status_code == 404 and "unknown tier 'disk'" in bad.json()["error"]
+        big = client.put("/admin/quotas", json={**quota, "quota": "1GiB"}, headers=auth)
+        assert big.status_code == 422 and "capacity" in big.json()["error"]
+        gone = client.request("DELETE", "/admin/quotas", headers=auth,
+                              json={"tier": "file", "tenant": "bob"})  # fmt: skip
+        assert gone.status_code == 404
+        assert (
+            gone.json()["error"]
+            == "tenant 'bob' has no quota in tier 'file'; tenants with one there: ['alice']"
+        )
+        removed = client.request("DELETE", "/admin/quotas", headers=auth,
+                                 json={"tier": "file", "tenant": "alice"})  # fmt: skip
+        assert removed.status_code == 200
+        assert client.get("/admin/quotas", headers=auth).json() == {"tiers": {"file": {}}}

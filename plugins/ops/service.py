@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import Field, StrictInt, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,17 +34,15 @@ from kvtier.core.layout import KVLayout, ModelFingerprint, dtype_from_name
 from kvtier.core.migrate import ChunkFilter
 from kvtier.core.plugins import get_registry
 from kvtier.core.purge import check_selection, purge
+from kvtier.plugins.ops import admin
 from kvtier.plugins.ops.auth import token_matches
+from kvtier.plugins.ops.bodies import Body, error
 
 MAX_LOOKUP_TOKENS = 1 << 20
 PROBE_KEY = "kvtier-health." + "0" * 32
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LookupRequest(_Body):
+class LookupRequest(Body):
     """Which leading tokens of a prompt each tier holds, for one model and tenant."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -51,7 +50,7 @@ class LookupRequest(_Body):
     tokens: list[StrictInt] = Field(max_length=MAX_LOOKUP_TOKENS)
 
 
-class PurgeRequest(_Body):
+class PurgeRequest(Body):
     """Chunks to delete from every tier (or those named); one selector at least."""
 
     models: list[str] = Field(default_factory=list, max_length=64)
@@ -60,11 +59,6 @@ class PurgeRequest(_Body):
     older_than_seconds: float | None = Field(default=None, gt=0)
     tiers: list[str] | None = None
     dry_run: bool = False
-
-
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def _leading(present: list[bool]) -> int:
@@ -119,7 +113,7 @@ class Service:
             method: str,
             *,
             admin: bool = False,
-            body: type[_Body] | None = None,
+            body: type[Body] | None = None,
         ) -> Route:
             async def endpoint(request: Request) -> Response:
                 denied = self._denied(request, admin=admin, path=path)
@@ -138,32 +132,48 @@ class Service:
             route("/stats", self.stats, "GET"),
             route("/lookup", self.lookup, "POST", body=LookupRequest),
             route("/admin/purge", self.purge, "POST", admin=True, body=PurgeRequest),
+            route("/admin/quotas", partial(admin.quotas, self.config), "GET", admin=True),
+            route(
+                "/admin/quotas",
+                partial(admin.set_quota, self.config),
+                "PUT",
+                admin=True,
+                body=admin.QuotaRequest,
+            ),
+            route(
+                "/admin/quotas",
+                partial(admin.remove_quota, self.config),
+                "DELETE",
+                admin=True,
+                body=admin.QuotaRemoval,
+            ),
+            route("/admin/pin", admin.pin, "POST", admin=True, body=admin.PinRequest),
             route("/openapi.json", self.openapi, "GET"),
         ]
 
     def _denied(self, request: Request, *, admin: bool, path: str) -> Response | None:
         if self.token is None:
             if admin:
-                return _error(403, "admin endpoints are off: start kvtier serve with a token")
+                return error(403, "admin endpoints are off: start kvtier serve with a token")
             return None
         if path == "/health" and not admin:
             return None
         header = request.headers.get("authorization")
         if header is None:
-            return _error(401, "missing 'Authorization: Bearer <token>'")
+            return error(401, "missing 'Authorization: Bearer <token>'")
         if not token_matches(header, self.token):
-            return _error(403, "wrong token")
+            return error(403, "wrong token")
         return None
 
-    async def _parse(self, request: Request, model: type[_Body]) -> _Body | Response:
+    async def _parse(self, request: Request, model: type[Body]) -> Body | Response:
         try:
             raw = await _read_body(request, self.config.ops.serve.max_body_bytes)
         except BodyTooLarge:
-            return _error(413, f"body larger than {self.config.ops.serve.max_body_bytes} bytes")
+            return error(413, f"body larger than {self.config.ops.serve.max_body_bytes} bytes")
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            return _error(422, f"body is not JSON: {exc}")
+            return error(422, f"body is not JSON: {exc}")
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -172,7 +182,7 @@ class Service:
                 for e in exc.errors(include_input=False, include_url=False)[:20]
             ]
             first = problems[0]
-            return _error(422, f"field {first['field']!r}: {first['message']}", fields=problems)
+            return error(422, f"field {first['field']!r}: {first['message']}", fields=problems)
 
     # -- endpoints ------------------------------------------------------------------
 
@@ -194,7 +204,7 @@ class Service:
 
             from kvtier.plugins.ops.metrics import scrape
         except ImportError:
-            return _error(404, "metrics need prometheus-client: pip install 'kvtier[metrics]'")
+            return error(404, "metrics need prometheus-client: pip install 'kvtier[metrics]'")
         return Response(scrape(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats(self) -> Response:
@@ -221,7 +231,7 @@ class Service:
         entry = self.config.ops.serve.models.get(request.model)
         if entry is None:
             known = ", ".join(sorted(self.config.ops.serve.models)) or "none"
-            return _error(
+            return error(
                 404, f"unknown model {request.model!r}; the config's ops.serve.models has: {known}"
             )
         try:
@@ -239,7 +249,7 @@ class Service:
             )
             keys = hasher.key_strings(request.tokens)
         except ConfigError as exc:
-            return _error(422, str(exc))
+            return error(422, str(exc))
         step = self.config.chunk_tokens
         matched: dict[str, int | None] = {}
         anywhere = [False] * len(keys)
@@ -269,11 +279,11 @@ class Service:
             )
             check_selection(select, request.older_than_seconds)
         except ConfigError as exc:
-            return _error(422, str(exc))
+            return error(422, str(exc))
         names = [t.name for t in self.chain.tiers]
         unknown = sorted(set(request.tiers or ()) - set(names))
         if unknown:
-            return _error(404, f"unknown tiers {unknown}; this config has {names}")
+            return error(404, f"unknown tiers {unknown}; this config has {names}")
         results: dict[str, Any] = {}
         for tier in self.chain.tiers:
             if request.tiers is not None and tier.name not in request.tiers:
@@ -298,7 +308,7 @@ class Service:
 def openapi_schema() -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service."""
 
-    def op(summary: str, body: type[_Body] | None = None, admin: bool = False) -> dict[str, Any]:
+    def op(summary: str, body: type[Body] | None = None, admin: bool = False) -> dict[str, Any]:
         spec: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK"}}}
         if body is not None:
             spec["requestBody"] = {
@@ -330,6 +340,18 @@ def openapi_schema() -> dict[str, Any]:
             "/metrics": {"get": op("Prometheus text exposition.")},
             "/stats": {"get": op("Per-tier store stats and the open caches' counters.")},
             "/lookup": {"post": op("Leading tokens each tier holds.", LookupRequest)},
+            "/admin/quotas": {
+                "get": op(
+                    "Per-tenant quotas and the bytes used by this process's caches.", admin=True
+                ),
+                "put": op("Set a tenant's quota in a tier.", admin.QuotaRequest, admin=True),
+                "delete": op("Remove a tenant's quota.", admin.QuotaRemoval, admin=True),
+            },
+            "/admin/pin": {
+                "post": op(
+                    "Pin or unpin chunks of this process's caches.", admin.PinRequest, admin=True
+                )
+            },
             "/admin/purge": {
                 "post": op(
                     "Delete a model's, namespace's or tenant's chunks.", PurgeRequest, admin=True
