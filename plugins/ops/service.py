@@ -126,27 +126,17 @@ class Service:
 
             return Route(path, endpoint, methods=[method])
 
+        cfg = self.config
+        quotas = partial(route, "/admin/quotas", admin=True)
         return [
             route("/health", self.health, "GET"),
             route("/metrics", self.metrics, "GET"),
             route("/stats", self.stats, "GET"),
             route("/lookup", self.lookup, "POST", body=LookupRequest),
             route("/admin/purge", self.purge, "POST", admin=True, body=PurgeRequest),
-            route("/admin/quotas", partial(admin.quotas, self.config), "GET", admin=True),
-            route(
-                "/admin/quotas",
-                partial(admin.set_quota, self.config),
-                "PUT",
-                admin=True,
-                body=admin.QuotaRequest,
-            ),
-            route(
-                "/admin/quotas",
-                partial(admin.remove_quota, self.config),
-                "DELETE",
-                admin=True,
-                body=admin.QuotaRemoval,
-            ),
+            quotas(partial(admin.quotas, cfg), "GET"),
+            quotas(partial(admin.set_quota, cfg), "PUT", body=admin.QuotaRequest),
+            quotas(partial(admin.remove_quota, cfg), "DELETE", body=admin.QuotaRemoval),
             route("/admin/pin", admin.pin, "POST", admin=True, body=admin.PinRequest),
             route("/openapi.json", self.openapi, "GET"),
         ]
