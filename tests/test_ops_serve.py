@@ -54,20 +54,24 @@ def fill(cfg: dict) -> None:
             kv.store(tokens, torch.ones(LAYOUT.chunk_shape(len(tokens)), dtype=LAYOUT.dtype))
 
 
-@pytest.fixture
-def served(tmp_path):
-    """``kvtier serve`` with a token, on a free port; yields (base URL, the process)."""
+@pytest.fixture(params=["--token-file", "KVTIER_TOKEN"])
+def served(request, tmp_path):
+    """``kvtier serve`` with a token from a file or the environment (which is then no
+    config override), on a free port; yields (base URL, the process)."""
     cfg = config(tmp_path)
     fill(cfg)
     (tmp_path / "kvtier.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "token").write_text(TOKEN + "\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "KVTIER_TOKEN"}
+    argv = [str(KVTIER), "serve", "--config", str(tmp_path / "kvtier.yaml"), "--port", str(port)]
+    if request.param == "KVTIER_TOKEN":
+        env["KVTIER_TOKEN"] = TOKEN
+    else:
+        argv += ["--token-file", str(tmp_path / "token")]
     proc = subprocess.Popen(
-        [str(KVTIER), "serve", "--config", str(tmp_path / "kvtier.yaml"), "--port", str(port),
-         "--token-file", str(tmp_path / "token")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, "kvtier serve", 60)
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
