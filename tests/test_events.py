@@ -99,6 +99,7 @@ class Fleet:
         events = self.kv.events
         assert events is not None and events.publisher is not None
         self.publisher = events.publisher
+        self.sub_topic = events.topic
         self.sub = Subscriber(
             events.publisher.endpoint,
             events.publisher.replay_endpoint,
@@ -319,3 +320,37 @@ def test_other_namespaces_are_not_reported(tmp_path: Path) -> None:
         kv2.flush()
         assert kv.events is not None
         assert kv.events.drain() == []
+
+
+def test_replay_sends_buffered_batches_from_a_sequence(tmp_path: Path, fleets: list[Fleet]) -> None:
+    import zmq
+
+    fleet = Fleet(config(tmp_path))
+    fleets.append(fleet)
+    for i, tokens in enumerate(prompts()[:2]):
+        fleet.kv.store(tokens, kv_of(len(tokens), i))
+        fleet.sync()
+    last = fleet.publisher.last_seq
+    assert last >= 3
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        assert fleet.publisher.replay_endpoint is not None
+        dealer.connect(fleet.publisher.replay_endpoint)
+        dealer.send_multipart([b"", b"short"])  # malformed: ignored
+        dealer.send_multipart([b"", (1).to_bytes(8, "big")])
+        seqs, topics = [], set()
+        while dealer.poll(5000):
+            _, topic, seq, payload = dealer.recv_multipart()
+            number = int.from_bytes(seq, "big", signed=True)
+            if number == -1:
+                assert (topic, payload) == (b"", b"")
+                break
+            topics.add(topic)
+            assert vllm_decoder()(payload).events
+            seqs.append(number)
+        assert seqs == list(range(1, last + 1))
+        assert topics == {fleet.sub_topic.encode()}
+    finally:
+        dealer.close(linger=0)
+        ctx.term()

@@ -58,10 +58,11 @@ class EventsConfig(BaseModel):
     ownership: dict[str, str] = Field(default_factory=dict)
     """``ownership`` (a shared pool's name) per tier name, overriding ``media``; an
     empty string means none."""
-    journal_chunks: int = Field(default=65_536, gt=0)
+    journal_chunks: int = Field(default=16_384, gt=0)
     """Chunks whose token ids are remembered between a ``store`` or ``retrieve`` and the
-    tier event that reports them; a chunk stored after its entry is forgotten is
-    counted as unreported."""
+    tier event that reports them (at most ``4 * chunk_tokens`` bytes each: 16 MiB for
+    256-token chunks); a chunk a tier stores after its entry was forgotten (a late
+    write-back, say) is counted as unreported."""
 
     @model_validator(mode="after")
     def _check(self) -> EventsConfig:

@@ -89,6 +89,8 @@ class ZmqPublisher:
 
     def sync(self, timeout: float) -> None:
         """Wait until everything ``source()`` had when this was called is sent."""
+        if not self._thread.is_alive():
+            return
         done = threading.Event()
         self._syncs.append(done)
         self._wake.set()

@@ -72,9 +72,7 @@ class _Noted:
 
     parent: bytes | None
     index: int
-    tokens: np.ndarray[Any, np.dtype[np.int64]]
-    start: int
-    end: int
+    tokens: np.ndarray[Any, Any]
     extra: ExtraKeys
 
 
@@ -172,12 +170,16 @@ class KVEvents:
         spans ``bounds[i]``), for the tier events that will report them."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
-        arr = np.array(tokens, dtype=np.int64)
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.size and arr.min() >= 0 and arr.max() < 1 << 31:
+            arr = arr.astype(np.int32)  # half the memory for every real vocabulary
         parent: bytes | None = None
         with self._lock:
             for i, (key, (start, end)) in enumerate(zip(keys, bounds, strict=True)):
                 extra = extra_keys[i] if i < len(extra_keys) else None
-                self._journal[key] = _Noted(parent, i, arr, start, end, extra)
+                # A copy per chunk: the journal holds chunk_tokens ids per entry, never
+                # a whole prompt for the sake of one of its chunks.
+                self._journal[key] = _Noted(parent, i, arr[start:end].copy(), extra)
                 self._journal.move_to_end(key)
                 parent = bytes.fromhex(key[len(self._prefix) :])
             while len(self._journal) > self.config.journal_chunks:
@@ -247,7 +249,7 @@ class KVEvents:
             noted = self._journal.get(key)
             if noted is None:
                 self.unreported += 1
-            elif noted.end - noted.start == self.chunk_tokens:
+            elif len(noted.tokens) == self.chunk_tokens:
                 found.append((noted.index, key, noted))
         found.sort(key=lambda item: item[0])  # parents before children
         runs: list[tuple[bytes | None, list[tuple[str, _Noted]]]] = []
@@ -269,7 +271,7 @@ class KVEvents:
                 BlockStored(
                     block_hashes=[h for key, _ in chunks for h in self._hashes(self._digest(key))],
                     parent_block_hash=None if parent is None else self._hashes(parent)[-1],
-                    token_ids=[t for _, n in chunks for t in n.tokens[n.start : n.end].tolist()],
+                    token_ids=[t for _, n in chunks for t in n.tokens.tolist()],
                     block_size=self.block_size,
                     lora_id=None,
                     medium=media.medium,
