@@ -93,12 +93,13 @@ class KVTier:
         )
         self._raw = CodecPipeline.from_config("raw", registry)
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
-        self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
-        """The tiers' chunks as vLLM KV events (``None`` without ``events:``)."""
         self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
         signing = config.integrity
         self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
         """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
+        self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
+        """The tiers' chunks as vLLM KV events (``None`` without ``events:``); opened last
+        of what can fail, as it binds sockets and starts a thread."""
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._budget = threading.Lock()
