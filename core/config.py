@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from kvtier.core.errors import ConfigError, quote
+from kvtier.core.events.config import EventsConfig
 from kvtier.core.integrity import IntegrityConfig
 from kvtier.core.keys import HashAlgorithm
 from kvtier.core.opsconfig import OpsConfig
@@ -142,6 +143,8 @@ class KVTierConfig(_Strict):
     """Sign blobs with keyed MACs and refuse forged ones (see docs/security.md)."""
     ops: OpsConfig = Field(default_factory=OpsConfig)
     """Metrics and the control service (:mod:`kvtier.core.opsconfig`)."""
+    events: EventsConfig | None = None
+    """Report chunks entering and leaving tiers as vLLM KV events (docs/events.md)."""
 
     @model_validator(mode="after")
     def _name_tiers(self) -> KVTierConfig:

@@ -47,6 +47,7 @@ from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
 from kvtier.core.engine_stats import EngineStats, opened
 from kvtier.core.errors import ConfigError, KVTierError
+from kvtier.core.events import open_events
 from kvtier.core.factory import build_tiers
 from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
@@ -101,6 +102,9 @@ class KVTier:
         signing = config.integrity
         self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
         """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
+        self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
+        """The tiers' chunks as vLLM KV events (``None`` without ``events:``); opened last
+        of what can fail, as it binds sockets and starts a thread."""
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
         self.chain.quotas = quotas
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
@@ -122,6 +126,8 @@ class KVTier:
             self._io.run(self._start())
         except BaseException:
             self._io.stop()
+            if self.events is not None:
+                self.events.close()
             raise
         opened.add(self)
 
@@ -164,10 +170,16 @@ class KVTier:
     # -- arguments (checked before any work) ----------------------------------------------
 
     def _chunks(
-        self, tokens: Tokens, extra_keys: Sequence[ExtraKeys], start: int = 0
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        start: int = 0,
+        *,
+        note: bool = False,
     ) -> tuple[list[str], list[tuple[int, int]]]:
         """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on.
-        Raises :class:`ConfigError` for bad tokens, extra keys or ``start``."""
+        Raises :class:`ConfigError` for bad tokens, extra keys or ``start``. ``note``:
+        tell the KV events each chunk's tokens (for chunks about to enter a tier)."""
         keys = self.hasher.key_strings(
             tokens, extra_keys=extra_keys, partial=self.config.store_partial_chunks
         )
@@ -179,6 +191,8 @@ class KVTier:
                 f"start must be a multiple of chunk_tokens ({self.config.chunk_tokens}) "
                 f"between 0 and len(tokens) ({len(tokens)}), got {start}"
             )
+        if note and self.events is not None:
+            self.events.note(tokens, keys, bounds, extra_keys)
         first = start // self.config.chunk_tokens
         return keys[first:], bounds[first:]
 
@@ -230,7 +244,7 @@ class KVTier:
         queued; nothing here waits for storage.
         """
         self._check_open()
-        keys, bounds = self._chunks(tokens, extra_keys, start)
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
         if not isinstance(kv, torch.Tensor):
             raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
@@ -373,7 +387,7 @@ class KVTier:
         leaves every stored chunk as it was.
         """
         self._check_open()
-        keys, bounds = self._chunks(tokens, extra_keys, start)
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
         needed = len(tokens) - start
         if out is None:
             out = torch.empty(self.layout.chunk_shape(needed), dtype=self.layout.dtype)
@@ -458,6 +472,8 @@ class KVTier:
             self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
             self._io.run(self._shutdown())
             self._io.stop()
+            if self.events is not None:
+                self.events.close()
 
     async def _shutdown(self) -> None:
         await self._writer
