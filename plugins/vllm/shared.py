@@ -1,10 +1,10 @@
-"""One :class:`KVTier` per config and model shard per process.
+"""One :class:`KVTier` per config and model shard per process, and the workers'
+``KVTier`` of each engine running in this process.
 
-vLLM runs the scheduler-side and the worker-side connector in one process when the
-engine has one worker (tensor parallel size 1): they share one ``KVTier``, so the
-chunks a ``cpu://`` tier holds for the worker are the ones the scheduler looks up.
-Across processes, tiers that are shared by nature (``file``, Redis, S3, ...) connect
-them.
+Only workers open a ``KVTier``. When vLLM runs the worker in the scheduler's process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, tensor parallel size 1), the scheduler side
+finds it here (:func:`workers`) and looks up in it directly; otherwise it asks the
+workers' lookup servers (:mod:`kvtier.plugins.vllm.lookup`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,29 @@ def acquire(
             entry = _open[key] = _Entry(kv)
         entry.users += 1
         return entry.kv
+
+
+_workers: dict[str, dict[int, KVTier]] = {}
+
+
+def add_worker(engine: str, tp_rank: int, kv: KVTier) -> None:
+    """Rank ``tp_rank`` of engine ``engine`` runs in this process and uses ``kv``."""
+    with _lock:
+        _workers.setdefault(engine, {})[tp_rank] = kv
+
+
+def remove_worker(engine: str, tp_rank: int) -> None:
+    with _lock:
+        ranks = _workers.get(engine, {})
+        ranks.pop(tp_rank, None)
+        if not ranks:
+            _workers.pop(engine, None)
+
+
+def workers(engine: str) -> dict[int, KVTier]:
+    """The ``KVTier`` of each rank of engine ``engine`` that runs in this process."""
+    with _lock:
+        return dict(_workers.get(engine, {}))
 
 
 def release(kv: KVTier) -> None:

@@ -18,6 +18,7 @@ All copies go through :mod:`kvtier.kernels`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class WorkerSide:
         self._saved_layers: set[int] = set()
         self._buffers: dict[str, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
+        self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-vllm-async-load")
+        self._received: set[str] = set()
+        self._received_lock = threading.RLock()  # counters, errors, received
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> None:
         """Record the paged cache of every layer, laid out as attention backend
@@ -105,7 +109,11 @@ class WorkerSide:
     # -- loads ------------------------------------------------------------------------
 
     def start_load(self, plan: StepPlan) -> None:
-        """Start fetching the plan's loads; layers are scattered by :meth:`wait_layer`."""
+        """Start fetching the plan's loads; layers are scattered by :meth:`wait_layer`.
+        The plan's async loads run in the background, fetched and scattered whole;
+        :meth:`take_received` reports them when done."""
+        for transfer in plan.async_loads:
+            self._async_pool.submit(self._load_async, transfer, plan.block_size)
         if not plan.loads:
             return
         chunk = self.kv.config.chunk_tokens
@@ -158,20 +166,62 @@ class WorkerSide:
             good = min(load.loaded, t.end)
             if len(load.layers_done) < len(self.caches):
                 good = t.start
+            self._settle(t, good, load.block_size)
+        self._loads = []
+        self._fetching = None
+
+    def _load_async(self, t: Transfer, block_size: int) -> None:
+        """Fetch ``t`` and scatter every layer (its blocks belong to a request vLLM
+        does not run until :meth:`take_received` names it), then report it."""
+        chunk = self.kv.config.chunk_tokens
+        fetch_start = t.start - t.start % chunk
+        good = t.start
+        try:
+            with torch.inference_mode(False):
+                staging = torch.empty(
+                    self.kv.layout.chunk_shape(t.end - fetch_start), dtype=self.kv.layout.dtype
+                )
+            loaded, _ = self.kv.retrieve(
+                t.token_ids, extra_keys=t.extra_keys, out=staging, start=fetch_start
+            )
+            n = min(loaded, t.end) - t.start
+            if n > 0:
+                slots = t.slot_mapping(block_size)[:n]
+                skip = t.start - fetch_start
+                for layer, cache in enumerate(self.caches):
+                    part = staging[layer, :, skip : skip + n]
+                    scatter_paged_layer(part, cache, slots, self.layout)
+                good = t.start + n
+        except Exception:
+            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+        with self._received_lock:  # the errors are reported no later than the request
+            self._settle(t, good, block_size)
+            self._received.add(t.req_id)
+
+    def _settle(self, t: Transfer, good: int, block_size: int) -> None:
+        """Count a load that delivered tokens ``[t.start, good)``; the blocks of the
+        rest are load errors."""
+        with self._received_lock:
             if good < t.end:
-                failed = t.blocks_from(good, load.block_size)
+                failed = t.blocks_from(good, block_size)
                 self._errors |= failed
                 self._count(load_error_blocks=len(failed))
             if good > t.start:
                 tokens = good - t.start
                 nbytes = tokens * self.kv.layout.bytes_per_token()
                 self._count(loads=1, load_tokens=tokens, load_bytes=nbytes)
-        self._loads = []
-        self._fetching = None
+
+    def take_received(self) -> set[str]:
+        """Requests whose async load finished (loaded, or failed and reported by
+        :meth:`take_load_errors` no later than in the same step) since the last call."""
+        with self._received_lock:
+            done, self._received = self._received, set()
+        return done
 
     def take_load_errors(self) -> set[int]:
         """Block ids whose KV could not be loaded since the last call."""
-        errors, self._errors = self._errors, set()
+        with self._received_lock:
+            errors, self._errors = self._errors, set()
         return errors
 
     # -- saves ------------------------------------------------------------------------
@@ -218,13 +268,15 @@ class WorkerSide:
 
     def take_stats(self) -> dict[str, int] | None:
         """Counters since the last call, or ``None`` if all are zero."""
-        stats, self._stats = self._stats, dict.fromkeys(COUNTERS, 0)
+        with self._received_lock:
+            stats, self._stats = self._stats, dict.fromkeys(COUNTERS, 0)
         return stats if any(stats.values()) else None
 
     def _count(self, **deltas: int) -> None:
-        for name, delta in deltas.items():
-            self._stats[name] += delta
-            self.totals[name] += delta
+        with self._received_lock:
+            for name, delta in deltas.items():
+                self._stats[name] += delta
+                self.totals[name] += delta
 
     def _buffer(self, name: str, tokens: int) -> torch.Tensor:
         """A reusable host staging tensor with room for ``tokens`` tokens (grown as
@@ -242,4 +294,5 @@ class WorkerSide:
     def close(self) -> None:
         """Stop the load thread and drop the staging buffers."""
         self._pool.shutdown(wait=True)
+        self._async_pool.shutdown(wait=True)
         self._buffers.clear()

@@ -2,8 +2,9 @@
 
     python kvtier_app.py MODEL_DIR SPEC.json RESULT.json
 
-The spec lists engines; each has ``kvtier`` (``kv_connector_extra_config`` for
-kvtier's connector, or ``null`` for an engine without it) and ``steps``:
+The spec lists engines; each has ``tp`` (tensor parallel size, default 1),
+``kvtier`` (``kv_connector_extra_config`` for kvtier's connector, or ``null`` for an
+engine without it) and ``steps``:
 
 * ``{"generate": [{"tokens": [...], "cache_salt": "..."}], "max_tokens": 8}``: greedy
   generation; records each prompt's output tokens and ``num_cached_tokens``, then
@@ -26,38 +27,44 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM's default multi-process engine: the worker (and its cpu:// tier) runs in another
+# process than the scheduler. The app reads the worker's connector through
+# collective_rpc, which ships the functions below with cloudpickle.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+from common import engine_kwargs
 
 
-def make_llm(model: str, kvtier: dict[str, Any] | None, max_model_len: int) -> Any:
+def make_llm(model: str, kvtier: dict[str, Any] | None, max_model_len: int, tp: int = 1) -> Any:
     from vllm import LLM
-    from vllm.config import KVTransferConfig
 
-    transfer = None
-    if kvtier is not None:
-        transfer = KVTransferConfig(
-            kv_connector="KVTierConnector",
-            kv_connector_module_path="kvtier.plugins.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=kvtier,
-        )
-    return LLM(
-        model=model,
-        dtype="float32",
-        max_model_len=max_model_len,
-        enforce_eager=True,
-        enable_prefix_caching=False,  # every hit below is kvtier's, not vLLM's own cache
-        seed=0,
-        kv_transfer_config=transfer,
-    )
+    return LLM(**engine_kwargs(model, kvtier, max_model_len), tensor_parallel_size=tp)
 
 
 def connector() -> Any:
-    """The worker-side connector of the in-process engine."""
+    """The worker-side connector (call this in the worker: see :func:`on_worker`)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
+def on_worker(llm: Any, func: Any, *args: Any) -> Any:
+    """``func(worker, *args)`` run in the first worker (rank 0), wherever vLLM runs it
+    (the function travels by value, its arguments with pickle)."""
+    return on_workers(llm, func, *args)[0]
+
+
+def on_workers(llm: Any, func: Any, *args: Any) -> list[Any]:
+    """``func(worker, *args)`` run in every worker, by rank."""
+    return llm.collective_rpc(func, args=args)  # type: ignore[no-any-return]
+
+
+def _worker_report(worker: Any) -> dict[str, Any] | None:
+    conn = connector()
+    if conn is None:
+        return None
+    conn.kvtier.flush()
+    return {"stats": conn.kvtier.stats().as_dict(), "totals": conn.totals}
 
 
 def scheduler_requests(llm: Any) -> int | None:
@@ -82,16 +89,19 @@ def generate(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
         "outputs": [list(o.outputs[0].token_ids) for o in outputs],
         "cached": [o.num_cached_tokens for o in outputs],
     }
-    conn = connector()
-    if conn is not None:
-        conn.kvtier.flush()
-        result["stats"] = conn.kvtier.stats().as_dict()
-        result["totals"] = conn.totals
+    reports = on_workers(llm, _worker_report)
+    if reports[0] is not None:
+        result.update(reports[0])
+        result["ranks"] = reports
         result["scheduler_requests"] = scheduler_requests(llm)
     return result
 
 
 def corrupt(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
+    return on_worker(llm, _corrupt, step)  # type: ignore[no-any-return]
+
+
+def _corrupt(worker: Any, step: dict[str, Any]) -> dict[str, Any]:
     """Flip bytes in the middle of the chunk's file (its payload, not its header)."""
     spec = step["corrupt"]
     kv = connector().kvtier
@@ -108,6 +118,10 @@ def corrupt(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
 
 
 def keys(llm: Any, step: dict[str, Any]) -> dict[str, Any]:
+    return on_worker(llm, _keys, step)  # type: ignore[no-any-return]
+
+
+def _keys(worker: Any, step: dict[str, Any]) -> dict[str, Any]:
     """The chunk keys of each prompt, as the connector computes them."""
     kv = connector().kvtier
     out = []
@@ -125,7 +139,9 @@ def main() -> None:
     spec = json.loads(Path(spec_path).read_text())
     results = []
     for engine in spec["engines"]:
-        llm = make_llm(model, engine.get("kvtier"), spec.get("max_model_len", 1024))
+        llm = make_llm(
+            model, engine.get("kvtier"), spec.get("max_model_len", 1024), engine.get("tp", 1)
+        )
         steps = []
         for step in engine["steps"]:
             kind = next(k for k in STEPS if k in step)
