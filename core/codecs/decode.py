@@ -157,4 +157,5 @@ def recode(blob: Blob, pipeline: CodecPipeline, registry: PluginRegistry, pool: 
     already is (its checksum is passed along, not recomputed), else encoded anew."""
     if blob.header.pipeline == pipeline.name:
         return blob.retain()
-    return pipeline.encode(blob.key, chunk_of(blob, registry), pool)
+    chunk = chunk_of(blob, registry)
+    return pipeline.encode(blob.key, chunk, pool, segment_start=blob.header.segment_start)
