@@ -229,12 +229,6 @@ def test_bad_blend_config_and_arguments(llama):
             kv.forward(segments=texts(70, 8), output_attentions=True)
 
 
-def test_sliding_window_models_are_refused():
-    model = build("mistral", sliding_window=32)
-    with pytest.raises(ConfigError, match="DynamicSlidingWindowLayer"):
-        PrefixCache.open(model, chain(), model_id="m")
-
-
 @pytest.mark.filterwarnings("error")
 def test_segment_calls_warn_nothing(llama):
     docs = texts(70, 80, 10)
