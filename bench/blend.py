@@ -43,6 +43,7 @@ import torch
 from kvtier.core.config import BlendConfig
 from kvtier.plugins.transformers import PrefixCache, random_llama, random_llama_id
 from kvtier.plugins.transformers.compat import output_cache
+from kvtier.plugins.transformers.decoding import greedy
 from kvtier.plugins.transformers.facts import FactCorpus, Prompt
 from kvtier.plugins.transformers.models import SMOLLM2_ID, smollm2
 
@@ -63,21 +64,6 @@ class Row:
     same: int = 0
     correct: int = 0
     recomputed: int = 0
-
-
-def greedy(model: Any, cache: Any, logits: torch.Tensor, steps: int, eos: int | None) -> list[int]:
-    """``steps`` greedy tokens continuing ``cache`` from the next-token ``logits``."""
-    out: list[int] = []
-    token = int(logits.argmax())
-    position = cache.get_seq_length()
-    for _ in range(steps):
-        out.append(token)
-        if token == eos or len(out) == steps:
-            break
-        step = model(torch.tensor([[token]]), cache=cache, position_ids=torch.tensor([[position]]))
-        position += 1
-        token = int(step.logits[0, -1].argmax())
-    return out
 
 
 def timed(call: Callable[[], Any]) -> tuple[float, Any]:

@@ -192,6 +192,11 @@ class SegmentAPI:
     _check_out: Callable[[object, int], torch.Tensor]
     _queue: Callable[[Sequence[Chunk]], int]
 
+    @property
+    def rotary(self) -> RotaryConfig | None:
+        """The rotary encoding segments are rotated with (``None``: no segments)."""
+        return None if self._segment_keys is None else self._segment_keys.rotary
+
     def _segments(
         self, segments: Sequence[Tokens], positions: Sequence[int] | None, extra_keys: ExtraKeys
     ) -> tuple[SegmentKeys, list[_Segment]]:

