@@ -128,8 +128,8 @@ class BlendConfig(_Strict):
     recompute_ratio: float = Field(default=0.15, ge=0.0, le=1.0)
     """cacheblend: share of the reused tokens recomputed after the check layers."""
     check_layers: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    """cacheblend: layers (from 0) where every token's fresh KV is compared with the
-    reused KV; the selection is refined at each, in order."""
+    """cacheblend: layers (from 0) where the running tokens' fresh KV is compared with
+    the reused KV; the choice narrows at each, the last keeping ``recompute_ratio``."""
     epic_k: int = Field(default=16, ge=0)
     """epic: leading tokens of each reused segment that are recomputed."""
 

