@@ -39,6 +39,7 @@ from kvtier.core.buffers import Buffer, BufferPool, default_pool
 from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.keys import validate_key
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.urls import redact
 
 T = TypeVar("T")
 
@@ -125,6 +126,8 @@ class Backend(ABC):
         registry: PluginRegistry | None = None,
     ) -> None:
         self.url = url
+        self.safe_url = redact(url)
+        """``url`` without credentials: for messages, logs and stats."""
         self.options = options
         self.capacity = capacity
         self.pool = pool if pool is not None else default_pool()
@@ -138,12 +141,13 @@ class Backend(ABC):
         model = self.options_model
         if model is not None and not isinstance(options, model):
             raise ConfigError(
-                f"{url}: options must be {model.__name__}, got {type(options).__name__}"
+                f"{self.safe_url}: options must be {model.__name__}, got {type(options).__name__}"
             )
         if self.capabilities.bounded and (capacity is None or capacity <= 0):
             raise ConfigError(
-                f"tier {url!r} needs a positive capacity in bytes, so that it cannot grow "
-                f"without bound (got {capacity!r}): set e.g. 'capacity: 2GiB' on the tier"
+                f"tier {self.safe_url!r} needs a positive capacity in bytes, so that it "
+                f"cannot grow without bound (got {capacity!r}): set e.g. 'capacity: 2GiB' "
+                "on the tier"
             )
         self._configure()
 
@@ -151,6 +155,14 @@ class Backend(ABC):
         """Check the URL and options (:class:`ConfigError` for what the backend cannot
         use) and set up state, without I/O. Bounded backends have a positive
         ``capacity`` here."""
+
+    @property
+    def location(self) -> object:
+        """What identifies the store this backend uses: two tiers of one chain may not
+        share it. The URL by default (scheme lower case, no trailing slash); a backend
+        whose options also name the store (an S3 endpoint) says so by overriding."""
+        scheme, sep, rest = self.url.partition("://")
+        return f"{scheme.lower()}{sep}{rest.rstrip('/')}"
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -180,19 +192,20 @@ class Backend(ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise BackendUnavailableError(f"{self.url}: backend is closed")
+            raise BackendUnavailableError(f"{self.safe_url}: backend is closed")
 
     def _start_workers(self, threads: int) -> BlockingPool:
         """Start (once) the threads :meth:`_blocking` runs calls in; call from ``_open``."""
         if self.workers is None:
-            self.workers = BlockingPool(self.url, threads, name=f"kvtier-{type(self).__name__}")
+            name = f"kvtier-{type(self).__name__}"
+            self.workers = BlockingPool(self.safe_url, threads, name=name)
         return self.workers
 
     async def _blocking(self, call: Callable[[], T], *, orphan: Orphan | None = None) -> T:
         """``call()`` in this backend's workers (see :meth:`BlockingPool.run`)."""
         self._check_open()
         if self.workers is None:
-            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+            raise BackendUnavailableError(f"{self.safe_url}: not open; await backend.open() first")
         return await self.workers.run(call, orphan=orphan)
 
     def _evicted(

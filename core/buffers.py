@@ -16,6 +16,7 @@ import ctypes
 import mmap
 import threading
 import weakref
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol, TypeAlias
 
@@ -124,6 +125,13 @@ class Buffer:
 
     def __repr__(self) -> str:
         return f"Buffer(nbytes={self.nbytes}, refs={self._refs})"
+
+
+def release_all(buffers: Iterable[Buffer | None]) -> None:
+    """Release every buffer of ``buffers`` that is not ``None`` (a batch's misses)."""
+    for buf in buffers:
+        if buf is not None:
+            buf.release()
 
 
 def address_of(view: memoryview) -> int:

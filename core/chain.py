@@ -30,7 +30,6 @@ from kvtier.core.errors import (
     BackendUnavailableError,
     ChunkCorruptedError,
     CodecUnavailableError,
-    ConfigError,
 )
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.specs import EventKind, TierEvent
@@ -76,17 +75,12 @@ class TierChain:
     # -- lifetime -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open every backend; an unreachable one starts out skipped, a bad config raises."""
+        """Open every backend; an unreachable one starts out skipped, a bad config raises.
+        (The tiers fit together: :func:`~kvtier.core.factory.build_tiers` checked.)"""
         for i, tier in enumerate(self.tiers):
             tier.backend.eviction_listener = self._eviction_listener(tier)
             below = self.tiers[i + 1] if i + 1 < len(self.tiers) else None
             if below is not None and below.config.write_policy == "back":
-                if not tier.backend.capabilities.hands_over_evictions:
-                    raise ConfigError(
-                        f"tier {below.name!r} has write_policy 'back', but the tier above it, "
-                        f"{tier.name!r}, cannot hand over the chunks it evicts; use "
-                        f"write_policy 'through' for {below.name!r}"
-                    )
                 tier.backend.demotion_sink = self._demotion_sink(i + 1)
             try:
                 await tier.backend.open()

@@ -24,9 +24,13 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvtier.core.backend import Backend
+from kvtier.core.buffers import BufferPool
 from kvtier.core.config import load_config, parse_size
 from kvtier.core.errors import BackendError, ConfigError, KVTierError, PluginError
+from kvtier.core.factory import build_tiers
+from kvtier.core.layout import KVLayout, dtype_from_name
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.urls import redact
 
 COMMAND_SETTINGS: dict[str, Any] = dict(
     add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
@@ -51,6 +55,13 @@ never evicts anything (a file tier trims an over-full folder on open)."""
 CapacityOption = Annotated[
     str | None,
     typer.Option("--capacity", help="Capacity for bounded backends, e.g. 2GiB."),
+]
+LayoutOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Model layers; with --kv-heads and --head-dim, also check the codecs for it.",
+    ),
 ]
 OptionOption = Annotated[
     list[str] | None,
@@ -114,21 +125,33 @@ def plugins() -> None:
 
 
 @config_app.command("validate")
-def config_validate(file: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Validate a config file and show the tier chain it defines."""
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="YAML config file.")],
+    layers: LayoutOption = None,
+    kv_heads: Annotated[int | None, typer.Option(min=1, help="KV heads per layer.")] = None,
+    head_dim: Annotated[int | None, typer.Option(min=1, help="Head size.")] = None,
+    dtype: Annotated[str, typer.Option(help="KV dtype, with a layout.")] = "float16",
+) -> None:
+    """Check a config file as opening it would, without connecting, and show its tiers."""
     cfg = load_config(file)
     registry = get_registry(frozenset(cfg.plugins.disable))
-    table = Table(title=f"{file}: valid")
+    layout = None
+    given = [layers, kv_heads, head_dim]
+    if any(n is not None for n in given):
+        if None in given:
+            raise ConfigError("give --layers, --kv-heads and --head-dim together (a KV layout)")
+        layout = KVLayout(layers, kv_heads, head_dim, dtype_from_name(dtype))  # type: ignore[arg-type]
+    tiers = build_tiers(cfg, registry, BufferPool(max_idle_bytes=0), layout=layout)
+    checked = "" if layout is None else f", codecs for {layers}x{kv_heads}x{head_dim} {dtype}"
+    table = Table(title=f"{file}: valid (URLs, options, capacities{checked}; not connected)")
     for column in ("tier", "url", "backend", "capacity", "codec", "write", "promote"):
         table.add_column(column)
-    for tier in cfg.tiers:
-        spec = registry.backend_for_url(tier.url)
-        from kvtier.core.codecs.pipeline import CodecPipeline
-
-        pipeline = CodecPipeline.from_config(tier.codec, registry)
-        capacity = "-" if tier.capacity is None else f"{tier.capacity / 2**30:.2f} GiB"
-        table.add_row(str(tier.name), tier.url, spec.name, capacity, pipeline.name,
-                      tier.write_policy, "yes" if tier.promote else "no")  # fmt: skip
+    for tier in tiers:
+        capacity = tier.config.capacity
+        shown = "-" if capacity is None else f"{capacity / 2**30:.2f} GiB"
+        table.add_row(tier.name, tier.stats.url, registry.backend_for_url(tier.config.url).name,
+                      shown, tier.pipeline.name, tier.config.write_policy,
+                      "yes" if tier.config.promote else "no")  # fmt: skip
     console.print(table)
 
 
@@ -166,7 +189,7 @@ def ls(
         async with _inspected(url, option) as backend:
             return await _describe_keys(backend, prefix, limit)
 
-    table = Table(title=url)
+    table = Table(title=redact(url))
     for column in ("namespace", "key", "blob"):
         table.add_column(column)
     for row in asyncio.run(run()):
@@ -191,7 +214,7 @@ def stats(
             return await backend.stats(), per_namespace
 
     snapshot, per_namespace = asyncio.run(run())
-    table = Table(title=url)
+    table = Table(title=redact(url))
     table.add_column("stat")
     table.add_column("value", justify="right")
     for name in ("keys", "bytes_used", "evictions"):
@@ -294,7 +317,9 @@ def migrate(
     from kvtier.core.migrate import migrate as run_migration
 
     if src_url.rstrip("/") == dst_url.rstrip("/"):
-        raise ConfigError(f"SRC_URL and DST_URL are the same store ({src_url}); name two stores")
+        raise ConfigError(
+            f"SRC_URL and DST_URL are the same store ({redact(src_url)}); name two stores"
+        )
     registry = get_registry()
     capacities: list[int | None] = []
     for flag, url, text in (("--src-capacity", src_url, src_capacity),
@@ -343,7 +368,7 @@ def migrate(
         table = Table(title="kvtier migrate" + (" (dry run)" if dry_run else ""))
         table.add_column("chunks")
         table.add_column("count", justify="right")
-        rows = [("from", src_url), ("to", dst_url),
+        rows = [("from", redact(src_url)), ("to", redact(dst_url)),
                 ("would copy" if dry_run else "copied", report.copied),
                 ("skipped (at destination)", report.skipped),
                 ("mismatched at destination", report.mismatched),

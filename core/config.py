@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, quote
 from kvtier.core.keys import HashAlgorithm
 from kvtier.core.plugins import closest
 from kvtier.core.validation import validate_model
@@ -57,7 +57,7 @@ def parse_size(value: Any) -> int:
     """Bytes from ``20GiB``, ``500 GB``, ``1.5MiB``, ``4096`` (KiB/MiB/GiB/TiB and bare
     K/M/G/T are powers of 1024; KB/MB/GB/TB powers of 1000)."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like '20GiB', got {value!r}")
+        raise ValueError(f"expected a size like '20GiB', got {quote(value)}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must be >= 0, got {value}")
@@ -66,7 +66,7 @@ def parse_size(value: Any) -> int:
         match = _SIZE_RE.match(value)
         if match and match[2].lower() in _UNITS:
             return int(float(match[1]) * _UNITS[match[2].lower()])
-    raise ValueError(f"expected a size like '20GiB', '500 GB' or 4096, got {value!r}")
+    raise ValueError(f"expected a size like '20GiB', '500 GB' or 4096, got {quote(value)}")
 
 
 ByteSize: TypeAlias = Annotated[int, BeforeValidator(parse_size)]
@@ -260,19 +260,81 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return data
 
 
+MAX_NODES = 10_000
+"""Largest config a YAML file may expand to (aliases counted as often as they are used):
+far above any tier chain, far below an alias bomb."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' may override keys; only explicit repeats are errors
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"key {key!r:.80} is given twice (line {line}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes ``node`` stands for once its aliases are expanded (memoised, so shared
+    nodes cost nothing to count); :class:`ConfigError` for a recursive alias."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ConfigError("an alias refers to a node that contains it (a recursive alias)")
+    open_.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(
+            _expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value
+        )
+    else:
+        size = 1
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    where = f"config file {str(path)!r}"
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where} is not UTF-8 text: byte {exc.start} is {raw[exc.start]:#04x}; save it "
+            "as UTF-8"
+        ) from None
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}, set()) > MAX_NODES:
+                raise ConfigError(
+                    f"it expands to more than {MAX_NODES} values (YAML aliases used many "
+                    "times over?); write the chain out"
+                )
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{where} must hold a mapping at the top level")
     return data
 
 

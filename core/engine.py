@@ -44,14 +44,14 @@ from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
 from kvtier.core.errors import ConfigError
-from kvtier.core.factory import build_backend
+from kvtier.core.factory import build_tiers
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.runtime import LoopThread
 from kvtier.core.segments import Chunk, SegmentAPI, SegmentKeys
 from kvtier.core.specs import EventKind, TierEvent
-from kvtier.core.tier import KVTierStats, Tier, TierStats
+from kvtier.core.tier import KVTierStats, TierStats
 from kvtier.kernels.rope import RotaryConfig
 
 log = logging.getLogger(__name__)
@@ -94,23 +94,7 @@ class KVTier(SegmentAPI):
         )
         self._segment_keys = SegmentKeys(fingerprint, rotary, config) if rotary else None
         self._raw = CodecPipeline.from_config("raw", registry)
-        tiers = [
-            Tier(
-                tier_config,
-                build_backend(
-                    tier_config.url,
-                    capacity=tier_config.capacity,
-                    options=tier_config.options,
-                    registry=registry,
-                    pool=pool,
-                ),
-                CodecPipeline.from_config(tier_config.codec, registry),
-                retry_after=config.retry_after,
-                emit=registry.emit,
-            )
-            for tier_config in config.tiers
-        ]
-        self._check_codecs(tiers)
+        tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
         self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec)
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
@@ -167,19 +151,6 @@ class KVTier(SegmentAPI):
             await self.chain.close()
             raise
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-
-    def _check_codecs(self, tiers: list[Tier]) -> None:
-        """Encode a one-token chunk with every tier's pipeline, so that a codec that cannot
-        handle this layout (``int4`` with an odd head_dim, say) fails here, not later."""
-        probe = torch.zeros(self.layout.chunk_shape(1), dtype=self.layout.dtype)
-        key = str(self.hasher.keys([0], partial=True)[0])
-        for tier in tiers:
-            try:
-                tier.pipeline.encode(key, probe, self.pool).release()
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"tier {tier.name!r}: codec {tier.pipeline.name!r}: {exc}"
-                ) from None
 
     # -- arguments (checked before any work) ----------------------------------------------
 

@@ -7,6 +7,11 @@ know which client a tier uses.
 
 from __future__ import annotations
 
+import re
+import reprlib
+
+_SHARED_OBJECT = re.compile(r"lib(?P<name>[A-Za-z0-9_+-]+)\.so(?:\.(?P<major>\d+))?")
+
 
 class KVTierError(Exception):
     """Root of every error raised by kvtier."""
@@ -41,8 +46,42 @@ class CodecUnavailableError(KVTierError):
 
 
 class MissingExtraError(KVTierError, ImportError):
-    """An optional dependency is not installed; the message names the extra to install."""
+    """An optional dependency cannot be imported; the message names what is missing (the
+    import error's own text) and the fix: the extra to install, or, when the extra is
+    installed but a system library it loads is not, that library."""
 
-    def __init__(self, feature: str, extra: str) -> None:
-        super().__init__(f"{feature} needs optional dependencies: pip install 'kvtier[{extra}]'")
+    def __init__(self, feature: str, extra: str, cause: ImportError | None = None) -> None:
+        message = f"{feature} needs optional dependencies: pip install 'kvtier[{extra}]'"
+        if cause is not None and not isinstance(cause, ModuleNotFoundError):
+            library = _SHARED_OBJECT.search(str(cause))
+            fix = f"install the system library {library[0]}" if library else "reinstall it"
+            if library:
+                package = f"lib{library['name']}{library['major'] or ''}"
+                fix += f" (Debian/Ubuntu: apt-get install {package})"
+            message = (
+                f"{feature}: kvtier[{extra}] is installed but does not load: "
+                f"{shorten(str(cause))}; {fix}"
+            )
+        elif cause is not None:
+            message += f" (missing module {cause.name!r})"
+        super().__init__(message)
         self.extra = extra
+
+
+_SHORT = reprlib.Repr()
+"""Quotes input in errors in bounded time and length, however large it is."""
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def quote(value: object) -> str:
+    """``repr(value)``, bounded in time and length: for quoting input in errors."""
+    return _SHORT.repr(value)
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text``, cut to ``limit`` characters with a note of what was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

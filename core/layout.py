@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, quote
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -27,6 +27,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def dtype_from_name(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`; raises :class:`ConfigError` for unknown names."""
+    try:
+        return DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ConfigError(f"unsupported dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of one model's KV cache as kvtier stores it.
@@ -44,7 +52,7 @@ class KVLayout:
         for field in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"KVLayout.{field} must be a positive int, got {value!r}")
+                raise ConfigError(f"KVLayout.{field} must be a positive int, got {quote(value)}")
         dtype_name(self.dtype)
 
     def chunk_shape(self, tokens: int) -> tuple[int, int, int, int, int]:

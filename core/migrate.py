@@ -57,6 +57,7 @@ from kvtier.core.errors import (
     ChunkCorruptedError,
     ConfigError,
     KVTierError,
+    quote,
 )
 from kvtier.core.keys import ChunkKey, model_slug, tenant_tag
 
@@ -155,7 +156,7 @@ class MigrateOptions:
         for name in ("batch_size", "concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {quote(value)}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from kvtier.core.specs import (
     SubcommandSpec,
     TierEvent,
 )
+from kvtier.core.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "s3": "kvtier.backends.s3",
     "mooncake": "kvtier.backends.mooncake",
     "nixl": "kvtier.backends.nixl",
+    "vineyard": "kvtier.backends.vineyard",
 }
 """Built-in plugins by name; a config can disable them like any other plugin."""
 
@@ -178,14 +180,14 @@ class PluginRegistry:
         scheme = urlsplit(url).scheme.lower()
         if not scheme:
             raise ConfigError(
-                f"tier URL {url!r} has no scheme; write it like 'cpu://', 'file:///var/cache/kv' "
-                f"(known schemes: {', '.join(sorted(self.schemes))})"
+                f"tier URL {redact(url)!r} has no scheme; write it like 'cpu://', "
+                f"'file:///var/cache/kv' (known schemes: {', '.join(sorted(self.schemes))})"
             )
         try:
             return self.schemes[scheme]
         except KeyError:
             raise ConfigError(
-                f"no backend handles URL scheme {scheme!r} in {url!r}"
+                f"no backend handles URL scheme {scheme!r} in {redact(url)!r}"
                 f"{closest(scheme, self.schemes)}; known schemes: "
                 f"{', '.join(sorted(self.schemes))}. A third-party backend must be installed "
                 "(it registers through the 'kvtier' entry-point group)"

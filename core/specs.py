@@ -40,7 +40,7 @@ def _load_ref(ref: type | str, what: str, extra: str | None) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         if extra is not None:
-            raise MissingExtraError(what, extra) from exc
+            raise MissingExtraError(what, extra, exc) from exc
         raise PluginError(f"{what}: cannot import {module_name!r}: {exc}") from exc
     loaded = getattr(module, attr, None)
     if not isinstance(loaded, type):

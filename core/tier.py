@@ -14,6 +14,7 @@ from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import TierConfig
 from kvtier.core.errors import KVTierError
 from kvtier.core.specs import EventKind, TierEvent
+from kvtier.core.urls import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +33,7 @@ class TierStats:
 
     name: str
     url: str
+    """The tier's URL without credentials."""
     codec: str
     hits: int = 0
     misses: int = 0
@@ -132,7 +134,7 @@ class Tier:
         self.pipeline = pipeline
         self.breaker = CircuitBreaker(retry_after)
         self.emit = emit
-        self.stats = TierStats(name=self.name, url=config.url, codec=pipeline.name)
+        self.stats = TierStats(name=self.name, url=redact(config.url), codec=pipeline.name)
         self._opened = True
 
     def mark_unopened(self, exc: Exception) -> None:

@@ -1,4 +1,4 @@
-"""Small URL forms shared by several backends."""
+"""URLs: forms shared by several backends, and how to show any URL without its secrets."""
 
 from __future__ import annotations
 
@@ -27,3 +27,33 @@ def name_from_url(url: str, scheme: str, *, what: str, hint: str = "") -> str:
             f"(a {what} of up to 64 letters, digits, '-' and '_'{hint})"
         )
     return parts.netloc
+
+
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|credential|auth|sig|session", re.IGNORECASE)
+MASK = "***"
+
+
+def redact(url: str) -> str:
+    """``url`` for messages, logs and stats: the password of its userinfo and the values
+    of query parameters named like credentials (``password``, ``secret_key``,
+    ``token``, ...) replaced by ``***``.
+
+    Made for URLs as people write them, which may hold unescaped ``#``, ``/``, ``?``,
+    ``@`` or ``:`` in a password: the userinfo runs to the last ``@``, so no part of a
+    password survives. It errs on the side of hiding. Safe on any string.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{colon and ':' + MASK}@{rest}"
+    head, question, query = rest.partition("?")
+    if question:
+        params = []
+        for param in query.split("&"):
+            name, equals, _ = param.partition("=")
+            params.append(f"{name}={MASK}" if equals and _SECRET_NAME.search(name) else param)
+        rest = f"{head}?{'&'.join(params)}"
+    return f"{scheme}://{rest}"

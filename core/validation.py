@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from kvtier.core.errors import ConfigError
+from kvtier.core.errors import ConfigError, quote, shorten
 from kvtier.core.plugins import closest
 
 M = TypeVar("M", bound=BaseModel)
@@ -49,8 +49,8 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str) -> str:
             lines.append(f"{where}: {path!r} is required but missing")
         else:
             hidden = model.model_config.get("hide_input_in_errors")  # e.g. secrets
-            shown = "" if hidden else f" (got {err.get('input')!r})"
-            lines.append(f"{where}: {path}: {err['msg']}{shown}")
+            shown = "" if hidden else f" (got {quote(err.get('input'))})"
+            lines.append(f"{where}: {path}: {shorten(err['msg'])}{shown}")
     return "\n".join(lines)
 
 

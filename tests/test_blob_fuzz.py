@@ -318,3 +318,33 @@ def test_the_allocation_guard_catches_big_allocations() -> None:
         with pytest.raises(AssertionError, match="allocate"):
             np.empty(ALLOCATION_LIMIT + 1, dtype=np.uint8)
         assert torch.empty((4, 4), dtype=torch.float16).shape == (4, 4)
+
+
+def test_a_valid_zstd_frame_of_256_mib_behind_8_kib_is_refused_without_allocating() -> None:
+    """Issue 11, item 11: decoding without an output tensor (``migrate --recode``) must
+    not expand a tiny blob into a huge chunk, however valid its frame and checksum."""
+    nbytes = 256 << 20
+    frame = zstandard.ZstdCompressor().compress(bytes(nbytes))
+    assert len(frame) < 16 << 10
+    header = {
+        "key": "key",
+        "dtype": "float16",
+        "shape": [32, 2, 2048, 8, 128],  # 256 MiB of fp16
+        "stages": [{"name": "raw", "params": {}}, {"name": "zstd", "params": {"level": 3}}],
+        "sizes": [nbytes, len(frame)],
+    }
+    with no_big_allocations(), pytest.raises(ChunkCorruptedError, match="more than 64x"):
+        decode_blob(forge(header, frame), REGISTRY)
+
+
+def test_scratch_beyond_the_kept_size_is_let_go() -> None:
+    from kvtier.core.codecs import _views
+    from kvtier.core.codecs.zstd import ZstdCodec
+
+    codec = ZstdCodec()
+    small, big = bytes(1 << 20), bytes(_views.KEEP_BYTES + (1 << 20))
+    for data in (small, big, small):
+        frame = zstandard.ZstdCompressor().compress(data)
+        assert bytes(codec.decode(memoryview(frame), {"level": 3}, len(data))) == data
+        kept = getattr(codec._scratch._local, "array", None)
+        assert kept is None or kept.nbytes <= _views.KEEP_BYTES

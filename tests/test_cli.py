@@ -61,7 +61,8 @@ def test_ls_and_stats(monkeypatch, capsys, store):
 def test_config_validate(monkeypatch, capsys, tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(
-        "tiers:\n  - {url: 'cpu://', capacity: 1GiB}\n  - {url: 'file:///x', codec: int8+zstd}\n"
+        "tiers:\n  - {url: 'cpu://', capacity: 1GiB}\n"
+        "  - {url: 'file:///x', capacity: 1GiB, codec: int8+zstd}\n"
     )
     code, out, _ = run(monkeypatch, capsys, "config", "validate", str(good))
     assert code == 0 and "int8+zstd" in out and "valid" in out

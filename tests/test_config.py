@@ -170,3 +170,48 @@ def test_bad_files(tmp_path, content, message):
 def test_ready_config_objects_pass_through():
     cfg = KVTierConfig.model_validate(TWO_TIERS)
     assert load_config(cfg) is cfg
+
+
+ALIAS_BOMB = (
+    'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+    "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+    "tiers: *e\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (ALIAS_BOMB.encode(), "expands to more than 10000 values"),
+        (b"a: &a [*a]\ntiers: []\n", "recursive alias"),
+        (b"tiers:\n  - url: cpu://\n    capacity: 1GiB\n    capacity: 2GiB\n", "given twice"),
+        (b"tiers:\n  - url: cpu://\n    name: caf\xe9\n", "not UTF-8 text: byte 36 is 0xe9"),
+    ],
+    ids=["alias bomb", "recursive alias", "duplicate key", "latin-1"],
+)
+def test_hostile_files_get_one_short_error(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, environ={})
+    assert len(str(info.value)) < 300 and str(path) in str(info.value)
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "tiers:\n  - &ram {url: 'cpu://', capacity: 1GiB}\n"
+        "  - {<<: *ram, url: 'cpu://b', capacity: 2GiB}\n"
+    )
+    cfg = load_config(path, environ={})
+    assert [t.capacity for t in cfg.tiers] == [1 << 30, 2 << 30]
+
+
+def test_errors_quote_huge_input_briefly():
+    huge = {"tiers": [{"url": "cpu://", "capacity": ["x" * 1000] * 10_000}]}
+    with pytest.raises(ConfigError) as info:
+        load_config(huge, environ={})
+    assert len(str(info.value)) < 1000  # was 10 MB (34.7 MB for an alias bomb)

@@ -387,7 +387,7 @@ def test_write_back_needs_a_tier_that_hands_over_evictions(tmp_path):
 def test_codec_that_cannot_handle_the_layout_fails_at_open(tmp_path):
     odd = KVLayout(num_layers=1, num_kv_heads=1, head_dim=15, dtype=torch.float16)
     cfg = {"tiers": [{"url": "cpu://", "capacity": "1MiB", "codec": "int4"}]}
-    with pytest.raises(ConfigError, match="tier 'cpu': codec 'int4'"):
+    with pytest.raises(ConfigError, match=r"tier 'cpu' \(cpu://\): codec 'int4'"):
         KVTier.open(cfg, model="m", layout=odd)
 
 

@@ -197,6 +197,29 @@ def test_missing_extra_names_the_extra():
         spec.load()
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "raise ImportError('libfoo.so.2: cannot open shared object file: No such file')",
+            r"kvtier\[s3\] is installed but does not load: libfoo\.so\.2: cannot open .*"
+            r"install the system library libfoo\.so\.2 \(Debian/Ubuntu: apt-get install libfoo2\)",
+        ),
+        ("import kvtier_absent_dependency", r"pip install 'kvtier\[s3\]' \(missing module "),
+    ],
+    ids=["system library", "python module"],
+)
+def test_a_missing_extra_names_the_real_missing_piece(tmp_path, monkeypatch, body, message):
+    from kvtier.core.errors import MissingExtraError
+    from kvtier.core.specs import BackendSpec
+
+    (tmp_path / "kvtier_broken_client.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = BackendSpec(name="s3", schemes=("s3",), cls="kvtier_broken_client:S3", extra="s3")
+    with pytest.raises(MissingExtraError, match=message):
+        spec.load()
+
+
 def test_every_hook_is_documented_with_an_example():
     hooks = [
         f

@@ -435,6 +435,15 @@ def test_extra_config_overrides_the_yaml_file(tmp_path):
         load_settings({"config": str(path), "model": ""})
 
 
+def test_environment_overrides_win_over_the_extra_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "128")
+    extra = {"tiers": [{"url": "cpu://", "capacity": "1MiB"}], "chunk_tokens": 512}
+    assert load_settings(extra).config.chunk_tokens == 128
+    monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "-5")
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        load_settings(extra)
+
+
 def test_one_kvtier_per_config_and_shard_per_process(tmp_path):
     cfg = load_settings({"tiers": [{"url": "cpu://", "capacity": "1MiB"}]}).config
     a = shared.acquire(cfg, model="m", layout=LAYOUT, tp_rank=0, tp_size=2)

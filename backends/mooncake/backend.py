@@ -8,6 +8,9 @@ buffers and ``get_many`` reads straight into pool buffers (zero copy; reads and
 writes: :mod:`~kvtier.backends.mooncake.reads`, :mod:`~kvtier.backends.mooncake.writes`,
 how blobs map onto objects: :mod:`~kvtier.backends.mooncake.objects`).
 
+* Malformed objects (a one-byte object without a marker, an object larger than any
+  blob) are misses that readers remove, counted as ``malformed_removed``
+  (:mod:`~kvtier.backends.mooncake.reads` says why that is safe).
 * Errors. An RPC failure (master down or not answering) raises
   :class:`BackendUnavailableError` for the batch; as soon as the client's heartbeat
   has noticed, calls fail at once. Other failures are per key: ``False`` from

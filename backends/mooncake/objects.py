@@ -4,14 +4,20 @@
 * Mooncake stores no zero-length object, and a one-byte object cannot tell an empty
   blob from a one-byte one. So a *tiny* blob (0 or 1 byte) is a one-byte object under
   its key (``\\0`` for an empty blob) plus a one-byte marker object saying which it is:
-  ``<key>#empty`` or ``<key>#byte`` (never chunk keys). A one-byte object with exactly
-  one marker is that blob; with none or both (written right now, or a marker evicted)
-  it is a miss. Every stored blob thus has an object under its own key: ``CREATE``
-  reserves that one name, and a miss costs no look-up of markers.
+  ``<key>#empty`` or ``<key>#byte`` (never chunk keys). Every stored blob thus has an
+  object under its own key: ``CREATE`` reserves that one name, and a miss costs no
+  look-up of markers.
+* A tiny blob is written marker first: its marker, then its object, then the removal
+  of the other marker. So a one-byte object with exactly one marker is that blob; with
+  both it is a miss, left alone (a writer between its object and the removal); with
+  none it is malformed, a state no writer passes through (a marker evicted, a writer of
+  an older layout, a forged object), and a reader removes it. Objects larger than any
+  blob are malformed too (:mod:`~kvtier.backends.mooncake.reads`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.backends.mooncake.clients import SharedClient
+from kvtier.backends.mooncake.codes import OBJECT_NOT_FOUND, check_reachable, retry_busy
 from kvtier.core.buffers import Buffer, BufferPool
+
+log = logging.getLogger(__name__)
 
 EMPTY_MARKER = "#empty"
 BYTE_MARKER = "#byte"
@@ -87,6 +96,8 @@ class Counters:
     key_errors: int = 0
     size_queries: int = 0
     """Batches with keys larger than expected, whose sizes were asked from the master."""
+    malformed_removed: int = 0
+    """Malformed objects a reader found and removed."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -115,3 +126,17 @@ class Objects:
     def store(self) -> Any:
         """The client's store after a health check; call in a worker thread."""
         return self.client.healthy()
+
+    def remove(self, store: Any, names: list[str]) -> list[int]:
+        """Force-remove objects (Mooncake otherwise refuses it for seconds after a read,
+        its read lease); each one's code: ``0`` removed, ``OBJECT_NOT_FOUND`` absent,
+        another code a failure (logged and counted)."""
+        codes = retry_busy(
+            lambda todo: store.batch_remove([names[i] for i in todo], True), len(names)
+        )
+        check_reachable("delete", codes)
+        for name, code in zip(names, codes, strict=True):
+            if code not in (0, OBJECT_NOT_FOUND):
+                log.warning("mooncake: removing %s failed (code %d)", name, code)
+                self.counters.add(key_errors=1)
+        return codes

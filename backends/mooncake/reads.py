@@ -9,6 +9,14 @@ object turned out larger than expected, sizes are asked from the master
 much larger than itself is copied into one of the right size, so a reader never holds
 more memory than its blobs need.
 
+Malformed objects are misses that the reader removes (best effort: a failure is
+logged), counted as ``malformed_removed``: a one-byte object without a marker, which
+no writer leaves even for a moment (see :mod:`~kvtier.backends.mooncake.objects`),
+and an object larger than any blob (never read: it would only allocate). The removal
+is not atomic with the read: an ``OVERWRITE`` that replaces such an object in between
+can be lost (a later miss, never wrong bytes); a ``CREATE``, what the tier chain
+writes with, is refused while the object exists.
+
 All methods block: call them in the backend's worker threads.
 """
 
@@ -20,8 +28,9 @@ from typing import Any
 
 from kvtier.backends.mooncake.codes import ABSENT, INVALID_PARAMS, UNREACHABLE, check_reachable
 from kvtier.backends.mooncake.objects import TINY, Objects, all_markers
+from kvtier.core.blob import MAX_BLOB_BYTES
 from kvtier.core.buffers import Buffer, address_of
-from kvtier.core.errors import BackendError
+from kvtier.core.errors import BackendError, KVTierError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,8 @@ WASTE_LIMIT = 2
 """A read buffer over this many times (and a page over) its blob's size is swapped for
 a fitting copy."""
 PAGE = 4096
+MAX_OBJECT_BYTES = MAX_BLOB_BYTES
+"""Larger objects are no blobs: malformed."""
 
 
 class Reader:
@@ -42,34 +53,52 @@ class Reader:
         a miss."""
         store = self._o.store()
         found: dict[str, Buffer] = {}
+        malformed: list[str] = []
         try:
             expected = zip(keys, self._o.sizes.expected(keys), strict=True)
             sizes = {key: n for key, n in expected if n is not None}
             if len(sizes) < len(keys):
-                sizes.update(self._query_sizes(store, [k for k in keys if k not in sizes]))
+                unknown = [k for k in keys if k not in sizes]
+                sizes.update(self._query_sizes(store, unknown, malformed))
             # A key without a size is absent; one gone since its size was asked, too.
             outgrown = self._read_into(store, [k for k in keys if k in sizes], sizes, found)
             if outgrown:
-                sizes = self._query_sizes(store, outgrown)
+                sizes = self._query_sizes(store, outgrown, malformed)
                 again = self._read_into(store, [k for k in outgrown if k in sizes], sizes, found)
                 self._o.counters.add(key_errors=len(again))  # outgrew its size twice
             tiny = [key for key, buf in found.items() if buf.nbytes == TINY]
             if tiny:
-                self._resolve_tiny(store, tiny, found)
+                malformed += self._resolve_tiny(store, tiny, found)
         except BaseException:
             for buf in found.values():
                 buf.release()
             raise
         hits = len(found)
         self._o.counters.add(hits=hits, misses=len(keys) - hits)
+        if malformed:
+            self._remove(store, malformed)
         return [found.get(key) for key in keys]
 
     def contains(self, keys: list[str]) -> list[bool]:
         """Whether each key holds a blob."""
         return exist(self._o.store(), keys)
 
-    def _query_sizes(self, store: Any, keys: list[str]) -> dict[str, int]:
-        """Sizes of the stored ``keys`` from the master (absent keys are left out)."""
+    def _remove(self, store: Any, keys: list[str]) -> None:
+        """Remove the objects of ``keys``, found malformed; log a failure."""
+        try:
+            codes = self._o.remove(store, keys)
+        except KVTierError as exc:
+            log.warning("mooncake: could not remove %d malformed objects: %s", len(keys), exc)
+            return
+        self._o.sizes.forget(keys)
+        removed = [key for key, code in zip(keys, codes, strict=True) if code == 0]
+        if removed:
+            log.warning("mooncake: removed malformed objects %s", removed)
+            self._o.counters.add(malformed_removed=len(removed))
+
+    def _query_sizes(self, store: Any, keys: list[str], malformed: list[str]) -> dict[str, int]:
+        """Sizes of the stored ``keys`` from the master; absent keys are left out, and
+        so are objects larger than any blob, which are added to ``malformed``."""
         self._o.counters.add(size_queries=1)
         sizes = {}
         for key, replicas in store.batch_get_replica_desc(keys).items():
@@ -80,6 +109,9 @@ class Reader:
                 if replica.is_disk_replica():
                     sizes[key] = int(replica.get_disk_descriptor().object_size)
                     break
+        for key in [k for k, n in sizes.items() if n > MAX_OBJECT_BYTES]:
+            del sizes[key]
+            malformed.append(key)
         return sizes
 
     def _read_into(
@@ -126,15 +158,20 @@ class Reader:
         finally:
             buf.release()
 
-    def _resolve_tiny(self, store: Any, keys: list[str], found: dict[str, Buffer]) -> None:
-        """Turn one-byte objects into the blob their marker says, or a miss."""
+    def _resolve_tiny(self, store: Any, keys: list[str], found: dict[str, Buffer]) -> list[str]:
+        """Turn one-byte objects into the blob their marker says, or a miss; returns
+        the keys of those without a marker (malformed)."""
         marked = exist(store, all_markers(keys))
         n = len(keys)
+        unmarked = []
         for key, empty, byte in zip(keys, marked[:n], marked[n:], strict=True):
-            if empty == byte:  # no marker yet, or both while a write changes them
+            if empty == byte:  # both: a write is removing the other marker
                 found.pop(key).release()
+                if not empty:
+                    unmarked.append(key)
             elif empty:
                 found[key].resize(0)
+        return unmarked
 
 
 def exist(store: Any, names: list[str]) -> list[bool]:

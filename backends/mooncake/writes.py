@@ -9,9 +9,12 @@
   existing key (atomic between writers, also between backends sharing a client), then
   moves the bytes and ends the sessions: like an upsert, one master call before and
   one after the transfer, with no look-up first.
-* A tiny blob (see :mod:`~kvtier.backends.mooncake.objects`) also removes its other
-  marker before its object is written and writes its own marker after, so readers
-  see a miss until both are in place.
+* A tiny blob (see :mod:`~kvtier.backends.mooncake.objects`) writes its marker before
+  its object and removes the other marker after, so that no write ever passes through
+  a one-byte object without a marker (which readers remove as malformed); readers see
+  the old value or a miss until the new one is whole. A tiny blob whose object or
+  removal fails after its marker was written leaves its key absent, never with both
+  markers.
 * Deletes force the removal of a key's object and markers: Mooncake otherwise refuses
   it for seconds after a read (its read lease).
 * A buffer from outside the pool's registered memory is copied into the pool first.
@@ -51,13 +54,17 @@ class Writer:
     def overwrite(self, items: Items) -> list[bool]:
         """Store each blob, replacing what its key held."""
         store = self._o.store()
-        self._unmark(store, items)
-        objects = self._objects(items)
+        marked = self._mark(store, items)
+        go = [i for i, ok in enumerate(marked) if ok]
+        objects = self._objects([items[i] for i in go])
         names = [name for name, _ in objects]
         sizes = [buf.nbytes for _, buf in objects]
         with self._staged(objects) as addresses:
             codes = self._upsert(store, names, addresses, sizes)
-        return self._finish(store, items, self._written("put", names, codes))
+        stored = [False] * len(items)
+        for i, ok in zip(go, self._written("put", names, codes), strict=True):
+            stored[i] = ok
+        return self._finish(store, items, stored, marked)
 
     def create(self, items: Items) -> list[bool]:
         """Store each blob whose key holds none (``False`` for the others)."""
@@ -73,36 +80,45 @@ class Writer:
         stored = [False] * len(items)
         if go:
             reserved = [items[i] for i in go]
-            filled = self._fill(reserved, [objects[i] for i in go], store)
-            for i, ok in zip(go, self._finish(store, reserved, filled), strict=True):
+            filled, marked = self._fill(reserved, [objects[i] for i in go], store)
+            for i, ok in zip(go, self._finish(store, reserved, filled, marked), strict=True):
                 stored[i] = ok
         return stored
 
     def delete(self, keys: list[str]) -> list[bool]:
         """Remove each key's object and markers; whether the key held a blob."""
         self._o.sizes.forget(keys)
-        return self._remove(self._o.store(), [*keys, *all_markers(keys)])[: len(keys)]
+        codes = self._o.remove(self._o.store(), [*keys, *all_markers(keys)])
+        return [code == 0 for code in codes[: len(keys)]]
 
     def _objects(self, items: Items) -> list[tuple[str, Buffer]]:
         """The object to write for each blob: itself, or a zero byte for an empty one."""
         return [(key, buf if buf.nbytes else self._o.filler) for key, buf in items]
 
-    def _fill(self, items: Items, objects: list[tuple[str, Buffer]], store: Any) -> list[bool]:
-        """Move the bytes of objects reserved by put sessions and end the sessions
-        (revoking those whose transfer failed); whether each object was written."""
+    def _fill(
+        self, items: Items, objects: list[tuple[str, Buffer]], store: Any
+    ) -> tuple[list[bool], list[bool]]:
+        """Write the markers of tiny blobs, move the bytes of objects reserved by put
+        sessions and end the sessions (revoking those not moved); whether each object
+        was written, and whether each blob's marker was (see :meth:`_mark`)."""
         names = [name for name, _ in objects]
         sizes = [buf.nbytes for _, buf in objects]
         moved = [False] * len(objects)
         try:
-            self._unmark(store, items)
-            with self._staged(objects) as addresses:
+            marked = self._mark(store, items)
+            go = [i for i, ok in enumerate(marked) if ok]
+            with self._staged([objects[i] for i in go]) as addresses:
                 counts = store.batch_put_from_multi_buffer_ranges(
-                    names, [[a] for a in addresses], [[n] for n in sizes], [[0]] * len(names)
+                    [names[i] for i in go],
+                    [[a] for a in addresses],
+                    [[sizes[i]] for i in go],
+                    [[0]] * len(go),
                 )
-            moved = [count == size for count, size in zip(counts, sizes, strict=True)]
-            if not all(moved):
+            for i, count in zip(go, counts, strict=True):
+                moved[i] = count == sizes[i]
+            failures = len(go) - sum(moved)
+            if failures:
                 check_reachable("create", counts)
-                failures = moved.count(False)
                 log.warning("mooncake: transferring %d new keys failed: %s", failures, counts)
                 self._o.counters.add(key_errors=failures)
         finally:
@@ -111,30 +127,38 @@ class Writer:
                 store.batch_put_session_revoke(failed)
         done = [name for name, ok in zip(names, moved, strict=True) if ok]
         ended = iter(self._written("create", done, store.batch_put_session_end(done)))
-        return [ok and next(ended) for ok in moved]
+        return [ok and next(ended) for ok in moved], marked
 
-    def _unmark(self, store: Any, items: Items) -> None:
-        """Before tiny blobs are written: remove the marker of the other kind."""
-        others = [other_marker(key, buf.nbytes) for key, buf in items if buf.nbytes <= TINY]
-        if others:
-            self._remove(store, others)
-
-    def _finish(self, store: Any, items: Items, stored: list[bool]) -> list[bool]:
-        """After the objects were written: write the markers of tiny blobs (where that
-        fails, the object goes too, and so does the write) and remember the sizes;
-        whether each blob was written."""
-        tiny = [i for i, (_, buf) in enumerate(items) if stored[i] and buf.nbytes <= TINY]
+    def _mark(self, store: Any, items: Items) -> list[bool]:
+        """Before the objects are written: write the marker of each tiny blob; whether
+        each blob may be written (``False`` where its marker could not be)."""
+        marked = [True] * len(items)
+        tiny = [i for i, (_, buf) in enumerate(items) if buf.nbytes <= TINY]
         if tiny:
             names = [marker(items[i][0], items[i][1].nbytes) for i in tiny]
             filler = [address_of(self._o.filler.block)] * len(names)
             codes = self._upsert(store, names, filler, [TINY] * len(names))
-            marked = self._written("put", names, codes)
-            unmarked = [items[i][0] for i, ok in zip(tiny, marked, strict=True) if not ok]
-            if unmarked:  # a one-byte object without its marker would be a miss
-                self._remove(store, unmarked)
-            stored = list(stored)
-            for i, ok in zip(tiny, marked, strict=True):
-                stored[i] = ok
+            for i, ok in zip(tiny, self._written("put", names, codes), strict=True):
+                marked[i] = ok
+        return marked
+
+    def _finish(
+        self, store: Any, items: Items, stored: list[bool], marked: list[bool]
+    ) -> list[bool]:
+        """After the objects were written: remove the other marker of each tiny blob;
+        where that fails, or the object was not written after its marker was, remove the
+        key's object and markers (so no key is left with both markers), and the write
+        fails. Remember the sizes; whether each blob was written."""
+        stored = list(stored)
+        tiny = [i for i, (_, buf) in enumerate(items) if buf.nbytes <= TINY and marked[i]]
+        done = [i for i in tiny if stored[i]]
+        if done:
+            others = [other_marker(items[i][0], items[i][1].nbytes) for i in done]
+            for i, code in zip(done, self._o.remove(store, others), strict=True):
+                stored[i] = code in (0, OBJECT_NOT_FOUND)
+        broken = [items[i][0] for i in tiny if not stored[i]]
+        if broken:
+            self._o.remove(store, [*broken, *all_markers(broken)])
         outcome = list(zip(items, stored, strict=True))
         self._o.sizes.remember({key: max(buf.nbytes, TINY) for (key, buf), ok in outcome if ok})
         self._o.sizes.forget(key for (key, _), ok in outcome if not ok)
@@ -184,20 +208,6 @@ class Writer:
                 log.warning("mooncake: writing %s failed (code %d)", name, code)
                 self._o.counters.add(key_errors=1)
         return [code == 0 for code in codes]
-
-    def _remove(self, store: Any, names: list[str]) -> list[bool]:
-        """Force-remove objects; whether each existed."""
-        codes = retry_busy(
-            lambda todo: store.batch_remove([names[i] for i in todo], True), len(names)
-        )
-        check_reachable("delete", codes)
-        removed = []
-        for name, code in zip(names, codes, strict=True):
-            if code not in (0, OBJECT_NOT_FOUND):
-                log.warning("mooncake: removing %s failed (code %d)", name, code)
-                self._o.counters.add(key_errors=1)
-            removed.append(code == 0)
-        return removed
 
 
 class LentBlobs:

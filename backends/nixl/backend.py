@@ -10,7 +10,10 @@ Shared half: the pool's memory is registered with this process's NIXL agent
 (:mod:`.agent`), and each stored chunk is published in the group's index
 (:mod:`.publish`, :mod:`.index`), withdrawn on delete, eviction and close. A key
 missing here is read from the peer holding it and verified (:mod:`.reader`); remote
-hits are returned, not stored here (the chain promotes them).
+hits are returned, not stored here (the chain promotes them). Index entries a reader
+finds malformed (naming no location, or no memory of its owner, or memory that holds
+no blob of their key) are misses that it removes from the index, counted as
+``malformed_removed`` (:mod:`.reader` says why that is safe).
 
 Failures: an operation that needs the index raises ``BackendUnavailableError`` when it
 is unreachable (the chain then skips the tier for a while); local hits need no index.
@@ -45,6 +48,7 @@ _COUNTERS = (
     "transfer_failures",
     "index_errors",
     "copied_in",
+    "malformed_removed",
 )
 """Counters of the tier beyond its store's (``hits``, ``misses``, ``rejected``)."""
 
@@ -227,9 +231,10 @@ class NixlBackend(Backend):
         return owned
 
     def _changed(self, key: str, buf: Buffer | None) -> None:
-        """The store changed ``key`` (under its lock): record the index entry."""
+        """The store changed ``key`` (under its lock): record the index entry (none for
+        a value no peer could read as a blob)."""
         region = None if buf is None or self._agent is None else self._agent.region_of(buf)
         location = None
         if buf is not None and region is not None:
             location = Location(self.name, region[0], region[1], buf.nbytes)
-        self._publisher.changed(key, location)
+        self._publisher.changed(key, location if location and location.readable else None)

@@ -12,11 +12,16 @@ An entry's ``gen`` is the metadata generation that first covered its memory: a r
 whose copy of the owner's metadata is older reloads it. Lookups run as one Lua script
 (one round trip per batch); it reads keys it is not given, so the index must be a
 single Redis/Valkey server or a replicated one, not Redis Cluster.
+
+Readers remove what they find malformed (:meth:`PeerIndex.drop_entries`,
+:meth:`PeerIndex.drop_record`), each in one script that deletes only if the value is
+still the one the reader found, so what an owner wrote since is never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +34,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvtier.backends.nixl import redact
+from kvtier.core.blob import MAX_BLOB_BYTES, OVERHEAD
 from kvtier.core.errors import BackendError, BackendUnavailableError
 
 IO_TIMEOUT_S = 2.0
@@ -60,6 +66,40 @@ end
 return out
 """
 
+# ARGV = prefix, then (agent, chunk key, value, below) for each entry: delete the entry
+# if it still holds value and, where below >= 0, the agent's record generation is not
+# at least below. Returns how many were deleted.
+_DROP_ENTRIES = """
+local prefix, removed = ARGV[1], 0
+for i = 2, #ARGV, 4 do
+  local chunks = prefix .. 'chunks:' .. ARGV[i]
+  if redis.call('HGET', chunks, ARGV[i + 1]) == ARGV[i + 2] then
+    local below = tonumber(ARGV[i + 3])
+    local gen = tonumber(redis.call('HGET', prefix .. 'agent:' .. ARGV[i], 'gen') or '')
+    if below < 0 or not gen or gen < below then
+      removed = removed + redis.call('HDEL', chunks, ARGV[i + 1])
+    end
+  end
+end
+return removed
+"""
+
+# ARGV = prefix, agent, then for gen and md: '1' and the value found, or '0' (missing).
+# Deletes the agent's record if it still holds exactly that; returns 1 if it did.
+_DROP_RECORD = """
+local record = ARGV[1] .. 'agent:' .. ARGV[2]
+local found = redis.call('HMGET', record, 'gen', 'md')
+for i = 1, 2 do
+  local present, value = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  if (present == '1' and found[i] ~= value) or (present == '0' and found[i]) then
+    return 0
+  end
+end
+return redis.call('DEL', record)
+"""
+_NUMBER = re.compile(r"0|[1-9][0-9]{0,19}")
+"""A field of an index entry: a decimal number as :attr:`Location.entry` writes it."""
+
 
 @dataclass(frozen=True)
 class Location:
@@ -76,14 +116,53 @@ class Location:
         """The index value of this location (the agent is the hash's name)."""
         return f"{self.gen}:{self.address}:{self.nbytes}"
 
+    @property
+    def readable(self) -> bool:
+        """Whether a peer could read a blob there: an owner publishes no other."""
+        return OVERHEAD <= self.nbytes <= MAX_BLOB_BYTES
+
     @classmethod
     def parse(cls, agent: str, entry: str) -> Location | None:
-        """The location an index value names; ``None`` if the value is malformed."""
+        """The location an index value names; ``None`` if the value is malformed: not
+        as :attr:`entry` writes it, or no blob fits its length."""
         fields = entry.split(":")
-        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        if len(fields) != 3 or not all(_NUMBER.fullmatch(f) for f in fields):
             return None
         gen, address, nbytes = map(int, fields)
-        return cls(agent, gen, address, nbytes)
+        location = cls(agent, gen, address, nbytes)
+        return location if location.readable else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An index entry a reader found malformed: ``agent``'s ``value`` for ``key``, to be
+    removed while it holds ``value`` and, if ``below`` >= 0, while the agent's record
+    generation is below ``below`` (no metadata the agent published covers it)."""
+
+    agent: str
+    key: str
+    value: bytes
+    below: int = -1
+
+    @classmethod
+    def of(cls, key: str, location: Location, *, below: int = -1) -> Entry:
+        return cls(location.agent, key, location.entry.encode(), below)
+
+
+@dataclass(frozen=True)
+class Record:
+    """An agent's record as the index holds it (``None`` for a missing field)."""
+
+    agent: str
+    gen: bytes | None
+    md: bytes | None
+
+    @property
+    def parsed(self) -> tuple[int, bytes] | None:
+        """``(generation, metadata)``; ``None`` if the record is malformed."""
+        if self.gen is None or self.md is None or not _NUMBER.fullmatch(self.gen.decode("latin-1")):
+            return None
+        return int(self.gen), self.md
 
 
 @contextlib.contextmanager
@@ -116,6 +195,8 @@ class PeerIndex:
             decode_responses=False,
         )
         self._locate = self._client.register_script(_LOCATE)
+        self._drop_entries = self._client.register_script(_DROP_ENTRIES)
+        self._drop_record = self._client.register_script(_DROP_RECORD)
 
     def agent_key(self, agent: str) -> str:
         """The key of ``agent``'s record (metadata and generation)."""
@@ -171,33 +252,56 @@ class PeerIndex:
             alive, _, _ = await pipe.execute()
         return bool(alive)
 
-    async def locate(self, keys: Sequence[str]) -> list[Location | None]:
-        """For each key, a live agent other than this one that holds it, or ``None``."""
+    async def locate(self, keys: Sequence[str]) -> tuple[list[Location | None], list[Entry]]:
+        """For each key, a live agent other than this one that holds it, or ``None``;
+        and the entries found that name no location (malformed)."""
         out: list[Location | None] = []
+        malformed: list[Entry] = []
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = keys[start : start + LOOKUP_BATCH]
             with _translated(self.url, "lookup"):
                 found = await self._locate(args=[self.prefix, self.agent, *batch])
-            for value in found:
-                if value is None:
-                    out.append(None)
-                    continue
-                agent, _, entry = bytes(value).decode("ascii", "replace").partition(" ")
-                out.append(Location.parse(agent, entry))
-        return out
+            for key, value in zip(batch, found, strict=True):
+                location = None
+                if value is not None:
+                    agent, _, entry = bytes(value).partition(b" ")
+                    name = agent.decode("utf-8", "replace")
+                    location = Location.parse(name, entry.decode("latin-1"))
+                    if location is None:
+                        malformed.append(Entry(name, key, entry))
+                out.append(location)
+        return out, malformed
 
-    async def metadata(self, agents: Sequence[str]) -> dict[str, tuple[int, bytes]]:
-        """``(generation, metadata)`` of each agent whose record exists."""
+    async def metadata(self, agents: Sequence[str]) -> dict[str, Record]:
+        """The record of each agent that has one."""
         pipe = self._client.pipeline(transaction=False)
         for agent in agents:
             pipe.hmget(self.agent_key(agent), ["gen", "md"])
         with _translated(self.url, "reading agent metadata"):
             records = await pipe.execute()
-        out = {}
-        for agent, (gen, md) in zip(agents, records, strict=True):
-            if gen is not None and md is not None and gen.isdigit():
-                out[agent] = (int(gen), bytes(md))
-        return out
+        return {
+            agent: Record(agent, gen, md)
+            for agent, (gen, md) in zip(agents, records, strict=True)
+            if gen is not None or md is not None
+        }
+
+    async def drop_entries(self, entries: Sequence[Entry]) -> int:
+        """Delete the malformed ``entries`` that are still as found (see
+        :class:`Entry`); how many were deleted."""
+        args: list[Any] = [self.prefix]
+        for e in entries:
+            args += [e.agent, e.key, e.value, e.below]
+        with _translated(self.url, "removing malformed entries"):
+            return int(await self._drop_entries(args=args))
+
+    async def drop_record(self, record: Record) -> bool:
+        """Delete a malformed agent record if it is still as found. The agent, if alive,
+        publishes its record and entries again at its next heartbeat."""
+        args: list[Any] = [self.prefix, record.agent]
+        for value in (record.gen, record.md):
+            args += ["0", ""] if value is None else ["1", value]
+        with _translated(self.url, "removing a malformed agent record"):
+            return bool(await self._drop_record(args=args))
 
     async def withdraw(self) -> None:
         """Remove this agent's record and entries."""

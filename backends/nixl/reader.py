@@ -9,6 +9,20 @@ be the key asked for). A stale entry (owner gone, chunk evicted and its memory
 reused, a read that fails or exceeds ``transfer_timeout``) is therefore a miss,
 never wrong data; a remembered location that fails is looked up once more.
 
+Malformed index entries are misses that the reader removes from the index (best
+effort: a failure is logged), counted as ``malformed_removed``: an entry that names no
+location (not ``gen:address:nbytes``, or a length no blob has; owners publish only
+blobs), one whose generation is newer than any metadata its owner published (owners
+publish both in one transaction, so it points nowhere), one whose memory holds no
+blob of its key (stale), and an owner's record that is incomplete or whose metadata
+NIXL refuses or names another agent. Each is removed only if it is still as the
+reader found it, so what an owner wrote since stays. A stale entry may be one its
+owner is about to withdraw (it evicted the chunk and reused the memory): removing it
+first changes nothing, unless the owner stored that chunk at that very address again
+meanwhile, which costs peers that chunk (a miss, never wrong bytes) until the owner
+next publishes in full. An owner whose record was removed publishes it and its entries
+again at its next write or heartbeat.
+
 Transfers and verification run in the tier's worker threads, never on the event
 loop. A batch for one peer is split into up to ``width`` groups read in parallel;
 each group moves about :data:`PART_BYTES` per transfer, and a moved part is verified
@@ -18,26 +32,30 @@ in another worker while the next part moves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from functools import partial
 
 from kvtier.backends.nixl.agent import Outcome, PeerAgent
-from kvtier.backends.nixl.index import Location, PeerIndex
+from kvtier.backends.nixl.index import Entry, Location, PeerIndex, Record
 from kvtier.backends.nixl.locations import LocationCache
-from kvtier.core.blob import MAX_BLOB_BYTES, OVERHEAD, verify
+from kvtier.core.blob import verify
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool, address_of
-from kvtier.core.errors import ChunkCorruptedError
+from kvtier.core.errors import ChunkCorruptedError, KVTierError
+
+log = logging.getLogger(__name__)
 
 PART_BYTES = 8 << 20
 """Bytes per transfer when a group is read: verifying one part overlaps the next."""
 REMEMBERED_LOCATIONS = 1 << 16
 """Peer chunk locations a reader remembers (each for ``ttl`` seconds)."""
 
-Moved = list[tuple[str, Buffer]]
-"""Chunks read into pool buffers, by key (the holder owns one reference to each)."""
+Moved = list[tuple[str, Location, Buffer]]
+"""Chunks read into pool buffers, by key and where they were read from (the holder owns
+one reference to each buffer)."""
 
 
 def release_all(buffers: Iterable[Buffer | None]) -> None:
@@ -47,7 +65,7 @@ def release_all(buffers: Iterable[Buffer | None]) -> None:
 
 
 def _release_moved(moved: Moved | None) -> None:
-    release_all(buf for _, buf in moved or ())
+    release_all(buf for _, _, buf in moved or ())
 
 
 def _parts(located: list[tuple[str, Location]]) -> Iterator[list[tuple[str, Location]]]:
@@ -82,7 +100,8 @@ async def _union(reads: Iterable[Awaitable[dict[str, Buffer]]]) -> dict[str, Buf
 class PeerReader:
     """Reads the chunks other agents of the group hold, in ``workers``, into ``pool``
     buffers; see the module docstring. Counts into ``counts`` (``remote_hits``,
-    ``remote_misses``, ``remote_bytes``, ``stale``, ``transfer_failures``)."""
+    ``remote_misses``, ``remote_bytes``, ``stale``, ``transfer_failures``,
+    ``malformed_removed``)."""
 
     def __init__(
         self,
@@ -108,6 +127,8 @@ class PeerReader:
         """Guards what worker threads change: ``transfer_failures`` and the quarantine."""
         self._quarantine: list[Buffer] = []
         """Buffers a transfer that could not be cancelled may still write: never reused."""
+        self._stale: list[Entry] = []
+        """Stale entries the checks found, to remove (guarded by ``_lock``)."""
 
     async def locate(
         self, keys: Sequence[str], *, remembered: bool = True
@@ -115,7 +136,10 @@ class PeerReader:
         """Each key's location and whether it was remembered (else the index named it)."""
         known = self._locations.get_many(keys) if remembered else [None] * len(keys)
         ask = [i for i, location in enumerate(known) if location is None]
-        fresh = await self._index.locate([keys[i] for i in ask]) if ask else []
+        fresh: list[Location | None] = []
+        if ask:
+            fresh, malformed = await self._index.locate([keys[i] for i in ask])
+            await self._drop(malformed)
         self._locations.put_many(
             (keys[i], location) for i, location in zip(ask, fresh, strict=True) if location
         )
@@ -130,18 +154,51 @@ class PeerReader:
         located = await self.locate(keys)
         found = await self._read_located(keys, [location for location, _ in located])
         retry = [k for k, (_, known) in zip(keys, located, strict=True) if known and k not in found]
-        if retry:
-            self._locations.forget(retry)
-            try:
+        try:
+            await self._drop_stale()
+            if retry:
+                self._locations.forget(retry)
                 again = await self.locate(retry, remembered=False)
                 found |= await self._read_located(retry, [location for location, _ in again])
-            except BaseException:
-                release_all(found.values())
-                raise
+                await self._drop_stale()
+        except BaseException:
+            release_all(found.values())
+            raise
         self._counts["remote_hits"] += len(found)
         self._counts["remote_misses"] += len(keys) - len(found)
         self._counts["remote_bytes"] += sum(buf.nbytes for buf in found.values())
         return found
+
+    async def _drop(self, entries: Sequence[Entry]) -> None:
+        """Remove malformed ``entries`` from the index (those still as found)."""
+        if not entries:
+            return
+        try:
+            removed = await self._index.drop_entries(entries)
+        except KVTierError as exc:
+            log.warning("%s: could not remove malformed index entries: %s", self._index.url, exc)
+            return
+        self._locations.forget([e.key for e in entries])
+        if removed:
+            log.warning("%s: removed %d malformed index entries", self._index.url, removed)
+            self._counts["malformed_removed"] += removed
+
+    async def _drop_stale(self) -> None:
+        with self._lock:
+            stale, self._stale = self._stale, []
+        await self._drop(stale)
+
+    async def _drop_record(self, record: Record) -> None:
+        """Remove an agent's malformed record from the index if it is still as found."""
+        try:
+            removed = await self._index.drop_record(record)
+        except KVTierError as exc:
+            log.warning("%s: could not remove a malformed record: %s", self._index.url, exc)
+            return
+        self._locations.forget_agent(record.agent)
+        if removed:
+            log.warning("%s: removed the malformed record of %s", self._index.url, record.agent)
+            self._counts["malformed_removed"] += 1
 
     async def _read_located(
         self, keys: Sequence[str], locations: Sequence[Location | None]
@@ -149,7 +206,7 @@ class PeerReader:
         """Read each located key from its peer, loading newer peer metadata first."""
         by_peer: dict[str, list[tuple[str, Location]]] = {}
         for key, location in zip(keys, locations, strict=True):
-            if location is not None and OVERHEAD <= location.nbytes <= MAX_BLOB_BYTES:
+            if location is not None:
                 by_peer.setdefault(location.agent, []).append((key, location))
         if not by_peer:
             return {}
@@ -169,16 +226,24 @@ class PeerReader:
     async def _read_peer(
         self,
         peer: str,
-        record: tuple[int, bytes] | None,
+        record: Record | None,
         located: list[tuple[str, Location]],
         width: int,
         deadline: float,
     ) -> dict[str, Buffer]:
         """Load ``peer``'s newer metadata ``record`` if given, then read ``located`` in
-        up to ``width`` groups in parallel."""
-        load = None if record is None else partial(self._agent.load_peer, peer, *record)
-        if load is not None and not await self._workers.run(load):
-            return {}
+        up to ``width`` groups in parallel. A malformed record, and entries newer than
+        the record, are removed."""
+        if record is not None:
+            parsed = record.parsed
+            load = None if parsed is None else partial(self._agent.load_peer, peer, *parsed)
+            if load is None or not await self._workers.run(load):
+                await self._drop_record(record)
+                return {}
+            assert parsed is not None
+            await self._drop(
+                [Entry.of(k, loc, below=loc.gen) for k, loc in located if loc.gen > parsed[0]]
+            )
         groups = [located[i::width] for i in range(min(width, len(located)))]
         return await _union(self._read_group(peer, group, deadline) for group in groups)
 
@@ -210,7 +275,7 @@ class PeerReader:
         except BaseException:
             _release_moved(verified)
             raise
-        return dict(verified)
+        return {key: buf for key, _, buf in verified}
 
     def _transfer(
         self, peer: str, part: list[tuple[str, Location]], deadline: float, *, check: bool
@@ -226,7 +291,7 @@ class PeerReader:
         ]
         outcome = self._agent.read(peer, pairs, deadline)
         if outcome is Outcome.DONE:
-            moved = [(key, buf) for (key, _), buf in zip(part, bufs, strict=True)]
+            moved = [(key, loc, buf) for (key, loc), buf in zip(part, bufs, strict=True)]
             return self._check(moved) if check else moved
         with self._lock:
             self._counts["transfer_failures"] += 1
@@ -240,15 +305,17 @@ class PeerReader:
 
     def _check(self, moved: Moved) -> Moved:
         """The blobs that are intact and carry the key they were read for (a worker
-        thread); the others are released and counted as stale."""
+        thread); the others are released, counted as stale and their entries kept for
+        removal."""
         intact: Moved = []
-        for key, buf in moved:
+        for key, location, buf in moved:
             try:
                 verify(buf.view, expected_key=key)
             except ChunkCorruptedError:
                 buf.release()
                 with self._lock:
                     self._counts["stale"] += 1
+                    self._stale.append(Entry.of(key, location))
                 continue
-            intact.append((key, buf))
+            intact.append((key, location, buf))
         return intact

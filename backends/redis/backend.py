@@ -11,7 +11,16 @@ Storage layout (``P`` is ``key_prefix``, ``K`` a chunk key)::
                       dies, and is never listed or read
 
 The braces make ``K`` the cluster hash tag, so a chunk's temp key shares its slot.
-A split blob whose parts do not add up (a part evicted, say) is a miss.
+
+Malformed values are misses and are removed: a chunk key holding a type kvtier never
+writes (a list, a set...), or a hash whose parts do not add up (a part evicted, a
+forged value). This is safe against writers: a value under a chunk key is only ever
+put in place whole (one SET, or one RENAME of a complete temp hash), so no writer is
+ever half way there, and a temp hash being assembled is never read. The reader's
+verdict is checked again, and the value deleted, in one atomic script
+(:data:`~kvtier.backends.redis.split.DISCARD`), so a value a writer put in place
+since the read is never deleted. Removal is best effort (a failure is logged; the read
+stays a miss) and counted as ``malformed_removed`` in ``stats().details``.
 
 Every batch is one round trip (:mod:`~kvtier.backends.redis.transport`): a write,
 ``CREATE`` (SET NX) included, pipelines each blob's SET, or its parts and the script
@@ -25,6 +34,7 @@ Errors: an unreachable server, a timeout or a cluster without a live node is
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -44,13 +54,15 @@ from kvtier.backends.redis.client import (
     translate,
 )
 from kvtier.backends.redis.resp import Command, Reply, release_all
-from kvtier.backends.redis.split import INCOMPLETE, STORED, assemble, write_job
+from kvtier.backends.redis.split import DISCARD, INCOMPLETE, STORED, assemble, write_job
 from kvtier.backends.redis.transport import Client, Job, Transport, fast_path_works
 from kvtier.backends.redis.url import parse_url, redacted
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError
 from kvtier.core.keys import is_valid_key
+
+log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000
 """Keys one SCAN call looks at."""
@@ -81,7 +93,15 @@ class RedisBackend(Backend):
         self._transport: Transport | None = None
         self._max_value = self.options.max_value_bytes or DEFAULT_MAX_VALUE
         self._counts = dict.fromkeys(
-            ("hits", "misses", "rejected_oom", "rejected_incomplete", "split_writes"), 0
+            (
+                "hits",
+                "misses",
+                "rejected_oom",
+                "rejected_incomplete",
+                "split_writes",
+                "malformed_removed",
+            ),
+            0,
         )
 
     # -- connecting -------------------------------------------------------------------
@@ -169,6 +189,9 @@ class RedisBackend(Backend):
                 blobs = await self._get_split([names[i] for i in split])
                 for i, blob in zip(split, blobs, strict=True):
                     out[i] = blob
+                malformed = [names[i] for i, blob in zip(split, blobs, strict=True) if blob is None]
+                if malformed:
+                    await self._discard(malformed)
         except BaseException:
             release_all(replies[len(out) :])
             release_all(out)
@@ -179,6 +202,8 @@ class RedisBackend(Backend):
         return out
 
     async def _get_split(self, names: Sequence[str]) -> list[Buffer | None]:
+        """The blobs of the split hashes ``names``; ``None`` for a value that is no
+        split blob (of another type, or malformed) or is gone."""
         ttl = self._ttl_ms if self.options.refresh_ttl else None
         jobs: list[Job] = []
         for name in names:
@@ -199,6 +224,23 @@ class RedisBackend(Backend):
         finally:
             release_all(replies)
         return out
+
+    async def _discard(self, names: Sequence[str]) -> None:
+        """Delete those of the values ``names`` (read as malformed) that the server
+        still finds malformed, each checked and deleted atomically; best effort."""
+        try:
+            replies = await self._run("discard", [(n, [("EVAL", DISCARD, 1, n)]) for n in names])
+        except BackendError as exc:
+            log.warning("%s: could not remove malformed values: %s", redacted(self.url), exc)
+            return
+        for name, (reply,) in zip(names, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.warning(
+                    "%s: could not remove malformed value %s: %s", redacted(self.url), name, reply
+                )
+            elif reply == 1:
+                log.warning("%s: removed malformed value %s", redacted(self.url), name)
+                self._counts["malformed_removed"] += 1
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
         names = [self._name(key) for key in keys]

@@ -12,6 +12,9 @@
   ``part_size`` parts in parallel; a cancelled or failed write leaves the key absent
   or complete. ``PutMode.CREATE`` is one conditional request (``If-None-Match: *``)
   where the store honours it, else a HEAD then a PUT.
+* Malformed objects: an object larger than any blob is a miss and is deleted, unless
+  it changed since it was read (:mod:`~kvtier.backends.s3.reads`); counted as
+  ``malformed_removed``. Blobs that are damaged inside are the tier chain's to find.
 * Unbounded: capacity is the bucket's; expire old chunks with a lifecycle rule.
   ``stats()`` reports request counters, not key counts (a listing would be needed).
 """
@@ -166,6 +169,6 @@ class S3Backend(Backend):
             "endpoint": self._place.endpoint,
             "conditional_put": {None: "not probed yet", True: "native", False: "emulated"}[creates],
         }
-        for name in ("multipart_uploads", "ranged_reads", "reads_retried"):
+        for name in ("multipart_uploads", "ranged_reads", "reads_retried", "malformed_removed"):
             details[name] = self._counts[name]
         return BackendStats(details=details)

@@ -13,7 +13,7 @@ from botocore.config import Config
 from pydantic import SecretStr
 
 from kvtier.backends.s3 import S3Options
-from kvtier.backends.s3.errors import NotFound, Place, translated
+from kvtier.backends.s3.errors import NotFound, Place, PreconditionFailed, translated
 from kvtier.core.keys import is_valid_key
 
 if TYPE_CHECKING:
@@ -100,6 +100,16 @@ class Bucket:
             return False
         with translated(self.place, f"DELETE {key}"):
             self.client.delete_object(Bucket=self.name, Key=key)
+        return True
+
+    def delete_if_unchanged(self, key: str, etag: str) -> bool:
+        """Delete object ``key`` if its ETag is still ``etag`` (``If-Match``); ``False``
+        if it changed or went since."""
+        try:
+            with translated(self.place, f"DELETE {key} (If-Match)"):
+                self.client.delete_object(Bucket=self.name, Key=key, IfMatch=etag)
+        except (NotFound, PreconditionFailed):
+            return False
         return True
 
     def delete_quietly(self, key: str) -> None:

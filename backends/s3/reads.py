@@ -6,6 +6,13 @@ response's ETag (``If-Match``), so an object rewritten mid-read is read again, n
 mixed. A body that ends early or is cut off is never returned: the key is read
 again, and after :data:`READ_ATTEMPTS` the read fails with
 :class:`BackendUnavailableError`.
+
+An object larger than any blob (:data:`MAX_OBJECT_BYTES`) is malformed: it is a miss
+(its body is never read) and is deleted with ``If-Match`` on the ETag the read saw, so
+an object written over it since is never deleted. S3 makes a write visible only once
+whole, so no writer is ever half way through an object a reader sees. The deletion is
+best effort (a failure, or a store without conditional deletes, is logged) and counted
+as ``malformed_removed``.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from kvtier.backends.s3.errors import (
     translated,
 )
 from kvtier.backends.s3.streams import read_into
-from kvtier.core.blob import MAX_CHUNK_BYTES, MAX_HEADER_BYTES
+from kvtier.core.blob import MAX_BLOB_BYTES
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.errors import KVTierError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import GetObjectOutputTypeDef
@@ -38,8 +46,9 @@ log = logging.getLogger(__name__)
 FRAMING_SLACK = 64 << 10
 """The first GET reads ``part_size`` plus this: a blob of a ``part_size`` chunk and its
 header comes in one request."""
-MAX_OBJECT_BYTES = MAX_CHUNK_BYTES + MAX_HEADER_BYTES + FRAMING_SLACK
-"""Larger objects are no blobs: reading one would only allocate, so it is a miss."""
+MAX_OBJECT_BYTES = MAX_BLOB_BYTES
+"""Larger objects are no blobs: reading one would only allocate, so it is a miss, and
+the object is deleted."""
 READ_ATTEMPTS = 3
 """Reads of one key per ``get_many``: a key rewritten during each is a miss, a body
 cut short each time an error."""
@@ -55,7 +64,15 @@ class _Opened:
     etag: str
 
 
-def _dispose(result: Buffer | _Opened | None) -> None:
+@dataclass(frozen=True)
+class _Malformed:
+    """An object that is no blob (its body unread): ``why``, and the ETag it had."""
+
+    why: str
+    etag: str
+
+
+def _dispose(result: Buffer | _Opened | _Malformed | None) -> None:
     """Free a first GET's result nobody will receive."""
     if isinstance(result, Buffer):
         result.release()
@@ -98,6 +115,9 @@ class Reader:
                 self.counts["reads_retried"] += 1
             try:
                 first = await self.workers.run(partial(self._get_first, name), orphan=_dispose)
+                if isinstance(first, _Malformed):
+                    await self._remove(name, first)
+                    return None
                 if not isinstance(first, _Opened):
                     return first
                 return await self._get_rest(name, first)
@@ -108,6 +128,20 @@ class Reader:
         if failure is None:
             return None
         raise self.bucket.place.unreachable(f"GET {name}: {failure} ({READ_ATTEMPTS} attempts)")
+
+    async def _remove(self, name: str, found: _Malformed) -> None:
+        """Delete the malformed object ``name`` unless it changed since it was read."""
+        url = self.bucket.place.url
+        try:
+            removed = await self.workers.run(
+                partial(self.bucket.delete_if_unchanged, name, found.etag)
+            )
+        except KVTierError as exc:
+            log.warning("s3 tier %s: could not delete %s (%s): %s", url, name, found.why, exc)
+            return
+        if removed:
+            log.warning("s3 tier %s: deleted %s: %s", url, name, found.why)
+            self.counts["malformed_removed"] += 1
 
     async def _get_rest(self, name: str, first: _Opened) -> Buffer:
         """Read the first response's body and the remaining ranges in parallel."""
@@ -132,9 +166,10 @@ class Reader:
         self.counts["ranged_reads"] += 1
         return buf
 
-    def _get_first(self, name: str) -> Buffer | _Opened | None:
+    def _get_first(self, name: str) -> Buffer | _Opened | _Malformed | None:
         """GET the first ``part_size + FRAMING_SLACK`` bytes: the whole blob (read into a
-        pool buffer), an :class:`_Opened` response for a larger one, or ``None``."""
+        pool buffer), an :class:`_Opened` response for a larger one, ``None`` if there
+        is none, or :class:`_Malformed` for an object that is no blob."""
         bucket, what = self.bucket, f"GET {name}"
         last = self.part_size + FRAMING_SLACK - 1
         try:
@@ -151,10 +186,7 @@ class Reader:
         nbytes, total = response["ContentLength"], _total_size(response)
         if total > MAX_OBJECT_BYTES:
             response["Body"].close()
-            log.warning(
-                "s3 tier %s: %s holds %d bytes, more than any blob", bucket.place.url, name, total
-            )
-            return None
+            return _Malformed(f"it holds {total} bytes, more than any blob", response["ETag"])
         if nbytes < total:
             return _Opened(response["Body"], nbytes, total, response["ETag"])
         buf = self.pool.acquire(nbytes)

@@ -33,12 +33,17 @@ def tensor_view(data: memoryview, dtype: torch.dtype, count: int, offset: int = 
     return torch.frombuffer(data, dtype=dtype, count=count, offset=offset)
 
 
+KEEP_BYTES = 64 << 20
+"""Scratch a thread keeps between calls: enough for the chunks of large models; a larger
+request gets memory of its own, freed with its view."""
+
+
 class ThreadScratch:
     """A growable byte buffer per thread, reused across calls.
 
     A view returned by :meth:`get` stays valid until the same thread calls
-    :meth:`get` again; the memory grows to the largest size asked for and is kept
-    for the thread's lifetime.
+    :meth:`get` again. The kept memory grows to the largest size asked for, up to
+    :data:`KEEP_BYTES`; a request beyond it is served by a buffer that nobody keeps.
     """
 
     def __init__(self) -> None:
@@ -46,7 +51,11 @@ class ThreadScratch:
 
     def get(self, nbytes: int) -> memoryview:
         """A writable view of ``nbytes`` bytes (contents undefined)."""
+        if nbytes > KEEP_BYTES:
+            self._local.array = None  # let go of the kept buffer too: one big one at a time
+            return np.empty(nbytes, dtype=np.uint8).data
         array: np.ndarray | None = getattr(self._local, "array", None)
         if array is None or array.nbytes < nbytes:
-            array = self._local.array = np.empty(nbytes + nbytes // 8, dtype=np.uint8)
+            size = min(nbytes + nbytes // 8, KEEP_BYTES)
+            array = self._local.array = np.empty(size, dtype=np.uint8)
         return array.data[:nbytes]

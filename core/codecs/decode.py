@@ -10,6 +10,7 @@ from a header was validated by :func:`kvtier.core.blob.verify` or
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -116,9 +117,22 @@ def decode_into(
         raise _corrupt(f"decoding {header.key!r:.120} failed: {type(exc).__name__}: {exc}") from exc
 
 
+MAX_EXPANSION = 64
+"""A blob decoded into a new tensor may declare at most this many times its own size.
+KV chunks shrink 1.1-4x under kvtier's codecs: a header claiming far more is forged or
+broken, and must not make the reader allocate for it."""
+
+
 def _empty_chunk(header: BlobHeader, registry: PluginRegistry) -> torch.Tensor:
-    """A new tensor for ``header``'s chunk, once its stages were checked to hold it."""
+    """A new tensor for ``header``'s chunk, once its stages were checked to hold it and
+    it is within :data:`MAX_EXPANSION` of the blob's size."""
     _codecs_for(header, registry)
+    nbytes = math.prod(header.shape) * header.dtype.itemsize
+    if nbytes > MAX_EXPANSION * header.nbytes:
+        raise _corrupt(
+            f"a {header.nbytes}-byte blob declares a {nbytes}-byte chunk {header.shape}: "
+            f"more than {MAX_EXPANSION}x its size"
+        )
     return torch.empty(header.shape, dtype=header.dtype)
 
 

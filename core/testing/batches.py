@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kvtier.core.backend import Backend, BackendStats, PutMode
+from kvtier.core.buffers import release_all
 from kvtier.core.testing.base import SuiteBase
 from kvtier.core.testing.harness import (
     NAMESPACE,
@@ -19,7 +20,6 @@ from kvtier.core.testing.harness import (
     assert_blob,
     collect,
     expect_no_error,
-    release_all,
     require,
     same_bytes,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -117,13 +117,6 @@ def same_bytes(got: Buffer | None, want: Buffer | None) -> bool:
     if got is None or want is None:
         return got is want
     return got.nbytes == want.nbytes and bytes(got.view) == bytes(want.view)
-
-
-def release_all(buffers: Iterable[Buffer | None]) -> None:
-    """Release every buffer that is not ``None``."""
-    for buf in buffers:
-        if buf is not None:
-            buf.release()
 
 
 async def collect(keys: AsyncIterator[str]) -> list[str]:

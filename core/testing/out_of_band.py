@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 
 from kvtier.core.backend import Backend, PutMode
+from kvtier.core.buffers import release_all
 from kvtier.core.testing.base import SuiteBase
 from kvtier.core.testing.harness import (
     BackendHarness,
     MiB,
     assert_blob,
     collect,
-    release_all,
     require,
 )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvtier.core.config import KVTierConfig, load_config
+from kvtier.core.config import KVTierConfig, apply_env, load_config
 from kvtier.core.errors import ConfigError
 from kvtier.core.plugins import closest
+from kvtier.core.validation import validate_model
 
 CONNECTOR_KEYS = {
     "config": "path of the kvtier YAML config (default: $KVTIER_CONFIG, else the "
@@ -49,9 +51,9 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
     if model is not None and (not isinstance(model, str) or not model):
         raise ConfigError(f"{where}: 'model' must be a non-empty model id")
     config = load_config(path)
-    if overrides:
-        merged = config.model_dump() | overrides
-        config = load_config(merged)
+    if overrides:  # deployment config, like the file: KVTIER_* variables win over both
+        merged = apply_env(config.model_dump() | overrides, os.environ)
+        config = validate_model(KVTierConfig, merged, where)
     if config.store_partial_chunks:
         raise ConfigError(
             f"{where}: store_partial_chunks must be false for vLLM (vLLM caches whole blocks only)"

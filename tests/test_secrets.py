@@ -1,0 +1,76 @@
+"""A tier's password never shows: not in stats, not in the CLI's tables and titles,
+not in errors, whatever characters it holds (issue 11, item 5)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from urllib.parse import quote
+
+import pytest
+import torch
+
+from kvtier.core import KVLayout, KVTier
+from kvtier.core.cli import main
+from kvtier.core.errors import KVTierError
+
+PASSWORD = "S3cr#t/p@ss:w0rd"
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16)
+
+
+@pytest.fixture
+def guarded_url(valkey_factory) -> str:
+    """A redis tier URL with a password (percent-encoded, as URLs need) to a server
+    that requires it."""
+    server = valkey_factory("--requirepass", PASSWORD)
+    return f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
+
+
+def leaked(text: str) -> bool:
+    return any(part in text for part in (PASSWORD, quote(PASSWORD, safe=""), "S3cr"))
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["kvtier", *args])
+    monkeypatch.setenv("COLUMNS", "300")
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_stats_show_the_url_without_its_password(guarded_url: str) -> None:
+    cfg = {"chunk_tokens": 16, "tiers": [{"url": guarded_url}]}
+    with KVTier.open(cfg, model="m", layout=LAYOUT) as cache:
+        cache.store(torch.arange(16), torch.zeros(LAYOUT.chunk_shape(16), dtype=LAYOUT.dtype))
+        cache.flush()
+        stats = cache.stats()
+    assert stats.tiers[0].stored == 1, "the password was not accepted"
+    assert not leaked(json.dumps(stats.as_dict()))
+    assert "***@127.0.0.1" in stats.tiers[0].url
+
+
+def test_cli_tables_and_titles_hide_it(guarded_url: str, tmp_path, monkeypatch, capsys) -> None:
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(json.dumps({"tiers": [{"url": guarded_url}]}))
+    for args in (
+        ("config", "validate", str(config)),
+        ("ls", guarded_url),
+        ("stats", guarded_url),
+        ("migrate", guarded_url, f"file://{tmp_path}/copy", "--dst-capacity", "1GiB"),
+    ):
+        code, output = cli(monkeypatch, capsys, *args)
+        assert code == 0, output
+        assert not leaked(output), f"kvtier {args[0]} showed the password: {output}"
+
+
+def test_errors_hide_it(guarded_url: str) -> None:
+    wrong = guarded_url.replace(quote(PASSWORD, safe=""), quote(PASSWORD[::-1], safe=""))
+    cfg = {"chunk_tokens": 16, "tiers": [{"url": wrong}]}
+    try:
+        KVTier.open(cfg, model="m", layout=LAYOUT).close()
+    except KVTierError as exc:
+        assert not any(p in str(exc) for p in (PASSWORD[::-1], "ss@p")), str(exc)
