@@ -26,7 +26,13 @@ from typer.exceptions import TyperException
 from kvtier.core.backend import Backend
 from kvtier.core.buffers import BufferPool
 from kvtier.core.config import load_config, parse_size
-from kvtier.core.errors import BackendError, ConfigError, KVTierError, PluginError
+from kvtier.core.errors import (
+    BackendError,
+    ConfigError,
+    KVTierError,
+    PluginError,
+    StoreNotFoundError,
+)
 from kvtier.core.factory import build_tiers
 from kvtier.core.layout import KVLayout, dtype_from_name
 from kvtier.core.plugins import PluginRegistry, get_registry
@@ -99,12 +105,21 @@ def _inspect_capacity(url: str) -> int | None:
     return INSPECT_CAPACITY if bounded else None
 
 
+def _read_only(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus ``read_only: true`` where ``url``'s backend has that option (it
+    then creates nothing, and a missing store is an error naming it)."""
+    if "read_only" in get_registry().backend_for_url(url).options.model_fields:
+        return {"read_only": True, **options}
+    return options
+
+
 @asynccontextmanager
 async def _inspected(url: str, options: list[str] | None) -> AsyncIterator[Backend]:
     """``url``'s backend, opened to read: nothing is written, nothing is evicted."""
     from kvtier.core.factory import build_backend
 
-    backend = build_backend(url, capacity=_inspect_capacity(url), options=parse_options(options))
+    parsed = _read_only(url, parse_options(options))
+    backend = build_backend(url, capacity=_inspect_capacity(url), options=parsed)
     await backend.open()
     try:
         yield backend
@@ -336,11 +351,15 @@ def migrate(
         batch_size=batch, concurrency=concurrency, verify=verify, dry_run=dry_run,
         delete_source=delete_source,
     )  # fmt: skip
-    source = build_backend(
-        src_url, capacity=capacities[0], options=parse_options(src_option), registry=registry
-    )
+    src_options = parse_options(src_option)
+    if not delete_source:  # a missing source is an error, and nothing is made there
+        src_options = _read_only(src_url, src_options)
+    dst_options = parse_options(dst_option)
+    if dry_run:
+        dst_options = _read_only(dst_url, dst_options)
+    source = build_backend(src_url, capacity=capacities[0], options=src_options, registry=registry)
     destination = build_backend(
-        dst_url, capacity=capacities[1], options=parse_options(dst_option), registry=registry
+        dst_url, capacity=capacities[1], options=dst_options, registry=registry
     )
     bar = ProgressBar(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -357,6 +376,12 @@ def migrate(
                    moved=decimal(report.bytes_read), rate=f"{decimal(int(rate))}/s")  # fmt: skip
 
     async def run() -> MigrationReport:
+        nonlocal destination
+        if dry_run:  # a destination that does not exist yet has none of the chunks
+            try:
+                await destination.open()
+            except StoreNotFoundError:
+                destination = build_backend("cpu://dry-run", capacity=INSPECT_CAPACITY)
         async with source, destination:
             total = await count_chunks(source, options.select)
             with bar:

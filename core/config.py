@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from kvtier.core.errors import ConfigError, quote
 from kvtier.core.keys import HashAlgorithm
@@ -70,6 +70,16 @@ def parse_size(value: Any) -> int:
 
 
 ByteSize: TypeAlias = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _text_if_number(value: Any) -> Any:
+    """YAML reads ``password: 123456`` as an int: a secret of digits is still text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Secret: TypeAlias = Annotated[SecretStr, BeforeValidator(_text_if_number)]
+"""A password or key in options: digits allowed, never shown (``SecretStr``); give the
+model ``hide_input_in_errors=True`` so that validation errors do not quote it."""
 
 
 class _Strict(BaseModel):

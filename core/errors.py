@@ -21,6 +21,10 @@ class ConfigError(KVTierError, ValueError):
     """A configuration, URL, key or argument is invalid; the message says how to fix it."""
 
 
+class StoreNotFoundError(ConfigError):
+    """A store opened read-only (to inspect it) does not exist; nothing was created."""
+
+
 class PluginError(KVTierError):
     """A plugin failed to load, conflicts with another, or breaks a hook's contract."""
 

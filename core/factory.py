@@ -73,6 +73,11 @@ def build_tiers(
                 registry=registry,
                 pool=pool,
             )
+            if getattr(backend.options, "read_only", False):
+                raise ConfigError(
+                    "read_only is for inspecting a store (kvtier ls, stats); a tier chain "
+                    "writes to its tiers: remove read_only"
+                )
             pipeline = CodecPipeline.from_config(tier_config.codec, registry)
             if layout is not None:
                 _check_codec(pipeline, layout, pool)

@@ -27,11 +27,10 @@ import pytest
 
 from kvtier.backends.memory import MemoryBackend, MemoryOptions
 from kvtier.core.backend import Backend, BackendStats, PutMode
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.plugins import BUILTIN_PLUGINS
 from kvtier.core.testing import BackendConformance
-from kvtier.core.testing.harness import release_all
 from kvtier.core.testing.plugin import SUITE_MODULES, parse_option
 
 pytest_plugins = ["pytester"]

@@ -132,7 +132,11 @@ class TestFileConformance(BackendConformance):
         return f"file://{tmp_path}/kv"
 
     def stop_server(self, url: str) -> None:
-        shutil.rmtree(url.removeprefix("file://"))  # the disk is gone
+        """An outage: a file where the folder was, so it can be neither used nor made
+        again. (A folder deleted is no outage: a write makes it again.)"""
+        root = Path(url.removeprefix("file://"))
+        shutil.rmtree(root)
+        root.write_bytes(b"")
 
     def raw_write(self, backend: Backend, key: str, data: bytes) -> None:
         """A chunk file written with plain file I/O, as another writer would."""
@@ -664,9 +668,10 @@ def test_os_errors_are_translated(root: Path, url: str, monkeypatch: pytest.Monk
                 await put(backend, {key(1): b"x"})
             assert not isinstance(info.value, BackendUnavailableError)
         shutil.rmtree(root)
-        with pytest.raises(BackendUnavailableError, match="gone"):
+        root.write_bytes(b"")  # the folder can be neither used nor made again
+        with pytest.raises(BackendUnavailableError, match="not accessible"):
             await backend.get_many([key(1)])
-        with pytest.raises(BackendUnavailableError, match="gone"):
+        with pytest.raises(BackendUnavailableError, match="not accessible"):
             await put(backend, {key(1): b"x"})
         await backend.close()
         with pytest.raises(BackendUnavailableError, match="closed"):
@@ -787,10 +792,18 @@ def test_parallel_writes_wait_for_room_instead_of_failing(
     async def scenario() -> None:
         async with make(url, capacity=capacity, threads=4) as backend:
             backend.eviction_listener = evicted.extend
+            room = backend.index._room
+            waiting = threading.Event()
+
+            def wait_for_room(timeout: float | None = None) -> bool:
+                waiting.set()
+                return threading.Condition.wait(room, timeout)
+
+            monkeypatch.setattr(room, "wait", wait_for_room)
             monkeypatch.setattr(os, "pwrite", slow_pwrite)
             task = asyncio.ensure_future(put(backend, items))
             assert await asyncio.to_thread(writing.wait, 10)
-            await asyncio.sleep(0.2)  # time for the 4th to ask for room (and be refused)
+            assert await asyncio.to_thread(waiting.wait, 10)  # the 4th waits for room
             assert (await backend.stats()).details["reserved_bytes"] == 3 * size
             resume.set()
             assert await task == [True] * 8
@@ -993,7 +1006,7 @@ def test_create_adopts_a_key_another_process_stored(url: str) -> None:
 def test_create_links_where_rename_noreplace_is_unsupported(
     root: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unsupported(src: str, dst: str) -> None:
+    def unsupported(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
         raise OSError(errno.EINVAL, "Invalid argument", dst)
 
     monkeypatch.setattr(chunkio, "_rename_noreplace", unsupported)

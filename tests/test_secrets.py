@@ -74,3 +74,27 @@ def test_errors_hide_it(guarded_url: str) -> None:
         KVTier.open(cfg, model="m", layout=LAYOUT).close()
     except KVTierError as exc:
         assert not any(p in str(exc) for p in (PASSWORD[::-1], "ss@p")), str(exc)
+
+
+def test_a_password_of_digits_is_a_password_and_is_never_quoted() -> None:
+    """YAML reads ``password: 123456`` as an int: it still works, and an options error
+    never quotes it (it did, as 'got 123456')."""
+    from kvtier.core.factory import build_backend
+
+    backend = build_backend("redis://127.0.0.1:6379/0", options={"password": 8675309})
+    assert backend.options.password.get_secret_value() == "8675309"  # type: ignore[attr-defined]
+    with pytest.raises(KVTierError) as info:
+        build_backend("redis://127.0.0.1:6379/0", options={"password": 8675309, "ttl": -1})
+    assert "8675309" not in str(info.value)
+
+
+def test_a_closed_backend_names_its_url_without_the_password() -> None:
+    import asyncio
+
+    from kvtier.core.factory import build_backend
+
+    backend = build_backend(f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:1/0")
+    asyncio.run(backend.close())
+    with pytest.raises(KVTierError) as info:
+        asyncio.run(backend.get_many(["m.0123456789abcdef0123456789abcdef"]))
+    assert not leaked(str(info.value)) and "***" in str(info.value)

@@ -16,7 +16,8 @@ Guarantees:
 * Persistence: ``open()`` rebuilds the index from the files (sizes from ``stat``,
   eviction order from the access and modification times this tier sets on every
   write and hit), so the cache survives restarts. Temp files of dead writers are
-  removed; other files are ignored and counted as ``foreign_files``, never deleted.
+  removed; other entries are ignored and counted as ``foreign_files``, never deleted
+  (except entries of the wrong kind under the tier's own names: see below).
 * Capacity (required): before each write, victims chosen by the eviction policy are
   deleted until the blob fits, counting writes in flight (a write waits while those
   of other threads hold the room it needs), so a process alone never makes the
@@ -24,6 +25,29 @@ Guarantees:
   is rejected. A folder found over capacity at ``open()`` is trimmed.
 * Byte store: blobs are returned exactly as stored, without parsing them. The tier
   chain checks integrity and deletes corrupt keys through ``delete_many``.
+* Hostile entries: below the root nothing follows a link. Shard folders and ``.tmp``
+  are opened relative to a descriptor of the root (``O_DIRECTORY | O_NOFOLLOW``), and
+  chunk files relative to their shard's, non-blocking; so a link planted in the folder
+  never leads a read, write or delete outside it, and a FIFO never blocks a thread
+  (nor ``close()``). Only regular files are chunks: a link, FIFO, socket or device
+  node under a chunk's name is a miss and is removed (the name only, never a link's
+  target; counted as ``odd_entries_removed``) when a read, ``contains_many`` or
+  ``CREATE`` meets it, like any malformed entry, so that ``CREATE`` can store the key
+  again (rescans only count it as foreign); a
+  folder there is a miss left alone (it may hold anything) and its key is not
+  stored. A non-folder where a shard folder or ``.tmp`` belongs is replaced by a
+  folder on the next write. (Links in the root's own path are followed: the root is
+  the operator's choice.)
+* A deleted folder: reads are misses and the index forgets every key; the next write
+  makes the folder again (and ``.tmp``, and its shard), as ``open()`` does. A folder
+  that another process made again, or that replaced this one, is followed at this
+  process's next miss (through the link count of its kept folder descriptors, which
+  ext4, xfs, btrfs and tmpfs set to 0 on deletion) or its next write there. Only a
+  root that is not a folder and cannot be made one (a file in its place, no access)
+  is an outage (``BackendUnavailableError``).
+* Read-only (``read_only: true``): ``open()`` makes nothing and a missing folder is a
+  :class:`~kvtier.core.errors.ConfigError` naming it; nothing is evicted, removed or
+  touched (not even access times); ``put_many``/``delete_many`` raise ``ConfigError``.
 * Parallel I/O: the chunks of a batch are read and written by up to ``threads``
   worker threads at once (default 4), which also bound the tier's I/O across
   batches; among the chunks of one batch, eviction order is the order their writes
@@ -56,18 +80,22 @@ Several processes may share one folder. Each keeps its own index and policy:
 * A temp file is removed only when no process holds its ``flock`` (a writer holds it
   until the rename) or when it is over an hour old: this works across processes and
   pid namespaces of one host. On network filesystems it relies on their lock support.
+  An entry under a temp file's name that is not a regular file is nobody's write:
+  removed at once.
 
 Modules: :mod:`~kvtier.backends.file.options` (URL and options),
-:mod:`~kvtier.backends.file.folder` (layout and listing),
+:mod:`~kvtier.backends.file.folder` (layout, folder descriptors, entries by name),
+:mod:`~kvtier.backends.file.listing` (listing the folder, stale temp files),
 :mod:`~kvtier.backends.file.index` (the index, capacity and rescans),
 :mod:`~kvtier.backends.file.chunkio` (the I/O of one chunk),
+:mod:`~kvtier.backends.file.batches` (batches cut over the threads),
 :mod:`~kvtier.backends.file.backend` (the backend).
 """
 
 from __future__ import annotations
 
 from kvtier.backends.file.backend import FileBackend
-from kvtier.backends.file.folder import TEMP_GRACE_S
+from kvtier.backends.file.listing import TEMP_GRACE_S
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec

@@ -14,9 +14,8 @@ import ctypes
 import errno
 import fcntl
 import os
-import threading
 
-from kvtier.backends.file.folder import MISSING, fsync_dir
+from kvtier.backends.file.folder import Tree, new_temp, remove_odd, shard_of
 from kvtier.core.buffers import Buffer, BufferPool, address_of
 
 ALIGN = 4096
@@ -24,10 +23,11 @@ ALIGN = 4096
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 """``errno`` values that mean the disk or quota is full."""
 
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+"""How chunk files are opened for reading: a FIFO does not wait for a writer, a link
+is refused (see :meth:`~kvtier.backends.file.folder.Folder.open_chunk`)."""
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-_AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -46,16 +46,6 @@ if _renameat2 is not None:
 def padded(nbytes: int) -> int:
     """``nbytes`` rounded up to whole pages."""
     return -(-nbytes // ALIGN) * ALIGN
-
-
-def open_chunk(path: str, *, direct: bool) -> int | None:
-    """A read-only descriptor of chunk file ``path``; ``None`` if there is none."""
-    try:
-        return os.open(path, _READ_FLAGS | (os.O_DIRECT if direct else 0))
-    except OSError as exc:
-        if exc.errno not in MISSING:
-            raise
-        return None
 
 
 def read_all(fd: int, nbytes: int, pool: BufferPool, *, direct: bool) -> Buffer:
@@ -77,10 +67,10 @@ def read_all(fd: int, nbytes: int, pool: BufferPool, *, direct: bool) -> Buffer:
     return buf
 
 
-def create_temp(path: str, *, direct: bool) -> int:
-    """Create temp file ``path`` and lock it, so that cleanup in other processes
-    leaves it alone while it is written."""
-    fd = os.open(path, _WRITE_FLAGS | (os.O_DIRECT if direct else 0), 0o644)
+def create_temp(tmp: int, name: str, *, direct: bool) -> int:
+    """Create temp file ``name`` in folder ``tmp`` and lock it, so that cleanup in other
+    processes leaves it alone while it is written."""
+    fd = os.open(name, _WRITE_FLAGS | (os.O_DIRECT if direct else 0), 0o644, dir_fd=tmp)
     with contextlib.suppress(OSError):  # no locks here: cleanup waits for the grace
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
@@ -115,10 +105,12 @@ def _aligned(buf: Buffer, pool: BufferPool) -> tuple[memoryview, Buffer | None]:
     return bounce.block[:size], bounce
 
 
-def o_direct_works(temp: str, pool: BufferPool) -> bool:
-    """Whether the filesystem of temp file ``temp`` (created and removed) takes O_DIRECT."""
+def o_direct_works(tmp: int, pool: BufferPool) -> bool:
+    """Whether the filesystem of folder ``tmp`` takes O_DIRECT (tried on a temp file,
+    created and removed)."""
+    name = new_temp()
     try:
-        fd = create_temp(temp, direct=True)
+        fd = create_temp(tmp, name, direct=True)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
@@ -128,79 +120,68 @@ def o_direct_works(temp: str, pool: BufferPool) -> bool:
             os.pwrite(fd, page.block[:ALIGN], 0)
     finally:
         os.close(fd)
-        os.unlink(temp)
+        os.unlink(name, dir_fd=tmp)
     return True
 
 
-def _rename_noreplace(src: str, dst: str) -> None:
-    """``renameat2(src, dst, RENAME_NOREPLACE)``: ``FileExistsError`` if ``dst`` exists."""
+def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """``renameat2(src, dst, RENAME_NOREPLACE)`` between folders ``src_dir`` and
+    ``dst_dir``: ``FileExistsError`` if ``dst`` exists."""
     assert _renameat2 is not None
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+    if _renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), _RENAME_NOREPLACE):
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), dst)
 
 
 class Mover:
-    """Moves finished temp files to their chunk paths, atomically.
+    """Moves finished temp files to their chunk files, atomically.
 
     ``OVERWRITE`` renames; ``CREATE`` renames with ``RENAME_NOREPLACE`` (one call that
     fails if the key exists), or where the kernel or filesystem lacks it (found out
-    once) hard-links and then removes the temp file. Shard folders are made on first
-    use; with ``fsync``, each one's entry in the root folder is made durable before
-    the first file moves into it.
+    once) hard-links and then removes the temp file. Both ends are reached through
+    folder descriptors; a shard folder is made on first use (with ``fsync``, its entry
+    in the root is made durable before the first file moves into it).
     """
 
-    def __init__(self, root: str, *, fsync: bool) -> None:
-        self.root = root
+    def __init__(self, *, fsync: bool) -> None:
         self.fsync = fsync
         self.noreplace = _renameat2 is not None
-        self._lock = threading.Lock()
-        """Held by worker threads while they make a shard folder (durable)."""
-        self._durable: set[str] = set()
-        """Shard folders made durable (with ``fsync``)."""
 
-    def place(self, temp: str, path: str, *, create: bool) -> bool:
-        """Move ``temp`` to ``path``; ``False`` (``temp`` left in place) if ``create``
-        found ``path`` taken."""
-        folder = os.path.dirname(path)
-        if self.fsync and folder not in self._durable:
-            self._make_folder(folder, again=False)
+    def place(self, tree: Tree, tmp: int, temp: str, key: str, *, create: bool) -> bool:
+        """Move temp file ``temp`` of folder ``tmp`` to ``key``'s file; ``False`` (the
+        temp file left in place) if ``create`` found the key taken or a folder is in
+        its place. Under ``CREATE``, an entry of another kind in its place (a planted
+        link or FIFO) is removed first."""
+        name = shard_of(key)
+        shard = tree.dir(name, create=True)
+        assert shard is not None  # made if missing
+        if self.fsync:
+            tree.make_durable(name)
         try:
-            self._move(temp, path, create)
+            self._move(tmp, temp, shard, key, create)
         except FileExistsError:
-            return False
-        except FileNotFoundError:
-            if not os.path.exists(temp):
-                raise
-            self._make_folder(folder, again=True)
+            if not remove_odd(shard, key):
+                return False
+            tree.folder.count_odd()
             try:
-                self._move(temp, path, create)
+                self._move(tmp, temp, shard, key, create)
             except FileExistsError:
                 return False
+        except IsADirectoryError:  # OVERWRITE of a folder: left alone
+            return False
         return True
 
-    def _make_folder(self, folder: str, *, again: bool) -> None:
-        """Make shard ``folder`` (durable with ``fsync``) unless ``again`` is false and
-        another thread did."""
-        with self._lock:
-            if not again and folder in self._durable:
-                return
-            os.makedirs(folder, exist_ok=True)
-            if self.fsync:
-                fsync_dir(self.root)
-                self._durable.add(folder)
-
-    def _move(self, temp: str, path: str, create: bool) -> None:
+    def _move(self, tmp: int, temp: str, shard: int, key: str, create: bool) -> None:
         if not create:
-            os.replace(temp, path)
+            os.replace(temp, key, src_dir_fd=tmp, dst_dir_fd=shard)
             return
         if self.noreplace:
             try:
-                _rename_noreplace(temp, path)
+                _rename_noreplace(tmp, temp, shard, key)
                 return
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     raise
                 self.noreplace = False
-        os.link(temp, path)
-        os.unlink(temp)
+        os.link(temp, key, src_dir_fd=tmp, dst_dir_fd=shard, follow_symlinks=False)
+        os.unlink(temp, dir_fd=tmp)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from kvtier.backends.file.folder import MISSING, Folder, unlink
+from kvtier.backends.file.folder import Folder
+from kvtier.backends.file.listing import remove_stale_temps, walk
 from kvtier.core.eviction import EvictionPolicy
 
 Evicted = list[tuple[str, int]]
@@ -35,8 +35,20 @@ COUNTERS = (
     "vanished",
     "rescans",
     "rejected_no_space",
+    "odd_entries_removed",
 )
 """The counters :meth:`ChunkIndex.snapshot` reports."""
+
+
+class Reservation:
+    """Room held for one write: released by :meth:`ChunkIndex.release`, or turned into
+    the stored chunk's bytes by :meth:`ChunkIndex.place` in the same step, so that the
+    room is never counted twice (as used and as reserved)."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
 
 
 class KeyLocks:
@@ -68,7 +80,8 @@ class ChunkIndex:
     """The chunks of ``folder`` this process knows, bounded by ``capacity`` bytes.
 
     Its methods that touch the folder are blocking (worker threads only); the others
-    only take :attr:`lock`.
+    only take :attr:`lock`. Over a read-only folder it never evicts (the folder may
+    hold more than ``capacity``).
     """
 
     def __init__(
@@ -76,6 +89,7 @@ class ChunkIndex:
     ) -> None:
         self.folder = folder
         self.capacity = capacity
+        self._trims = folder.writable
         self.lock = threading.Lock()
         self.key_lock = KeyLocks()
         self._room = threading.Condition(self.lock)
@@ -117,37 +131,33 @@ class ChunkIndex:
         """``(keys, bytes used, bytes reserved, evictions, counters)``."""
         with self.lock:
             counts = {name: self._counts[name] for name in COUNTERS}
+            counts["odd_entries_removed"] = self.folder.odd_removed()
             return len(self._sizes), self._used, self._reserved, self._evictions, counts
 
     # -- keeping it in step with the folder (worker threads) ---------------------------
 
-    def place(self, key: str, nbytes: int, move: Callable[[], bool]) -> bool:
-        """Run ``move()`` (which puts ``key``'s file in place) under the key's lock and
-        record the key if it returns ``True``."""
+    def place(self, key: str, room: Reservation, move: Callable[[], bool]) -> bool:
+        """Run ``move()`` (which puts ``key``'s file in place) under the key's lock and,
+        if it returns ``True``, record the key with the reserved room's size and end
+        the reservation in the same step."""
         with self.key_lock(key):
             placed = move()
             if placed:
-                with self.lock:
-                    self._remember(key, nbytes)
+                with self._room:
+                    self._remember(key, room.nbytes)
+                    self._end(room)
         return placed
 
     def probe(self, key: str) -> bool:
         """Whether ``key``'s file exists; adopts or drops the key to match."""
-        path = self.folder.path(key)
         with self.key_lock(key):
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in MISSING:
-                    raise
-                with self.lock:
+            st = self.folder.stat(key)
+            with self.lock:
+                if st is None:
                     self._lost(key)
-                return False
-            regular = stat.S_ISREG(st.st_mode)
-            if regular:
-                with self.lock:
+                else:
                     self._found(key, st.st_size)
-            return regular
+            return st is not None
 
     def read(self, key: str, fd: int, nbytes: int) -> None:
         """``key``'s file (open as ``fd``, ``nbytes`` long) was read: touch or adopt the
@@ -163,7 +173,7 @@ class ChunkIndex:
             if key not in self._sizes:
                 return
         with self.key_lock(key):
-            if not os.path.lexists(self.folder.path(key)):
+            if self.folder.stat(key) is None:
                 with self.lock:
                     self._lost(key)
 
@@ -172,26 +182,26 @@ class ChunkIndex:
         with self.key_lock(key):
             with self.lock:
                 self._forget(key)
-            return unlink(self.folder.path(key))
+            return self.folder.unlink(key)
 
-    def make_room(self, nbytes: int) -> tuple[bool, int]:
-        """Evict until ``nbytes`` more fit, then reserve them (:meth:`unreserve` when the
-        write ends); return whether they fit and how many chunks were evicted (see
-        :meth:`take_evicted`). Waits while the writes of other threads hold the room
-        it needs."""
+    def make_room(self, nbytes: int) -> tuple[Reservation | None, int]:
+        """Evict until ``nbytes`` more fit, then reserve them; return the reservation
+        (``None`` if they can never fit; :meth:`release` it unless :meth:`place` used
+        it) and how many chunks were evicted (see :meth:`take_evicted`). Waits while
+        the writes of other threads hold the room it needs."""
         evicted = 0
         while True:
             with self._room:
                 victim = self._reserve_or_pick(nbytes)
             if isinstance(victim, bool):
-                return victim, evicted
+                return (Reservation(nbytes) if victim else None), evicted
             with self.key_lock(victim):
                 with self.lock:
                     if victim not in self._sizes:  # deleted or evicted meanwhile
                         continue
                     self._evicted.append((victim, self._forget(victim)))
                     self._evictions += 1
-                unlink(self.folder.path(victim))
+                self.folder.unlink(victim)
             evicted += 1
 
     def _reserve_or_pick(self, nbytes: int) -> bool | str:
@@ -210,9 +220,16 @@ class ChunkIndex:
                 return False
             self._room.wait()  # writes in flight hold the room; one of them ends soon
 
-    def unreserve(self, nbytes: int) -> None:
+    def release(self, room: Reservation) -> None:
+        """End the reservation if :meth:`place` did not (a no-op if it did)."""
         with self._room:
-            self._reserved -= nbytes
+            self._end(room)
+
+    def _end(self, room: Reservation) -> None:
+        """Under the lock: give the room back and wake the writes waiting for room."""
+        if room.nbytes:
+            self._reserved -= room.nbytes
+            room.nbytes = 0
             self._room.notify_all()
 
     # -- scans -------------------------------------------------------------------------
@@ -221,14 +238,14 @@ class ChunkIndex:
         """Index the folder at open: remove dead writers' temp files, index every chunk
         file (least recently used first), trim to capacity; return how many chunks were
         evicted."""
-        removed, foreign = self.folder.remove_stale_temps()
-        walk = self.folder.walk(set())
+        removed, foreign = remove_stale_temps(self.folder)
+        found = walk(self.folder, set())
         with self.lock:
             self._counts["stale_temps_removed"] += removed
-            self._counts["foreign_files"] += foreign + walk.foreign
-            for _, key, nbytes in walk.new:
+            self._counts["foreign_files"] += foreign + found.foreign
+            for _, key, nbytes in found.new:
                 self._remember(key, nbytes)
-        evicted = self.make_room(0)[1]
+        evicted = self._trim()
         self._schedule_rescan()
         return evicted
 
@@ -241,6 +258,12 @@ class ChunkIndex:
             if now < self._rescan_due:
                 return 0
             self._rescan_due = math.inf
+        return self.rescan()
+
+    def rescan(self) -> int:
+        """Rescan now; return how many chunks were evicted. Also how the index follows
+        a folder that was recreated or replaced."""
+        with self.lock:
             known = set(self._sizes)
             self._counts["rescans"] += 1
         try:
@@ -254,12 +277,22 @@ class ChunkIndex:
 
         The walk holds no lock, so each difference it finds is checked again with
         :meth:`probe`, under the key's lock."""
-        walk = self.folder.walk(known)
-        for _, key, _ in walk.new:
+        found = walk(self.folder, known)
+        for _, key, _ in found.new:
             self.probe(key)
-        for key in known - walk.seen:
+        for key in known - found.seen:
             self.probe(key)
-        return self.make_room(0)[1]
+        return self._trim()
+
+    def _trim(self) -> int:
+        """Evict down to capacity (never in a read-only folder); how many were evicted."""
+        return self.make_room(0)[1] if self._trims else 0
+
+    def clear(self) -> None:
+        """The folder is gone: forget every key (each counts as vanished)."""
+        with self.lock:
+            for key in list(self._sizes):
+                self._lost(key)
 
     def _schedule_rescan(self) -> None:
         """Make the next rescan due ``rescan_interval`` from now (never if it is 0)."""

@@ -28,6 +28,12 @@ class FileOptions(BaseModel):
     rescan_interval: float = Field(default=2.0, ge=0, allow_inf_nan=False)
     """Seconds between rescans of the folder, made before a write, that count the
     chunks other processes wrote or deleted; 0 turns them off (see the package doc)."""
+    read_only: bool = False
+    """Open an existing folder to read it and change nothing: ``open()`` makes no folder
+    (a missing one is a :class:`ConfigError` naming it), evicts and removes nothing,
+    reads leave access times alone, and ``put_many``/``delete_many`` raise
+    :class:`ConfigError`. For inspection (``kvtier ls``, ``kvtier stats``) and for
+    folders other processes fill."""
 
 
 def root_from_url(url: str) -> str:

@@ -132,7 +132,7 @@ class MooncakeBackend(Backend):
 
     def _parts(self) -> tuple[Reader, Writer]:
         if self._reader is None or self._writer is None:
-            raise BackendUnavailableError(f"{self.url}: not connected (open() failed)")
+            raise BackendUnavailableError(f"{self.safe_url}: not connected (open() failed)")
         return self._reader, self._writer
 
     # -- the batch hooks ----------------------------------------------------------------
@@ -200,7 +200,7 @@ class MooncakeBackend(Backend):
         """GET ``admin_url/path`` (blocking)."""
         if self.options.admin_url is None:
             raise ConfigError(
-                f"{self.url}: listing keys and store counters need the master's HTTP "
+                f"{self.safe_url}: listing keys and store counters need the master's HTTP "
                 "address: set the tier option admin_url: http://<master host>:<metrics port>"
             )
         url = f"{self.options.admin_url}/{path}"

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
-from kvtier.core.urls import name_from_url
+from kvtier.core.urls import name_from_url, redact
 
 INDEX_SCHEMES = ("redis", "rediss", "unix")
 _DEVICES_RE = re.compile(r"[A-Za-z0-9_.:,-]+")
@@ -42,7 +42,7 @@ _DEVICES_RE = re.compile(r"[A-Za-z0-9_.:,-]+")
 class NixlOptions(BaseModel):
     """Options of the ``nixl`` tier."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # index: URL
 
     index: str
     """URL of the Redis/Valkey index shared by the group: ``redis://host:port/db``,
@@ -89,16 +89,6 @@ class NixlOptions(BaseModel):
                 f"mlx5_0:1) or 'all'; got {value!r}"
             )
         return value
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and stats."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def group_from_url(url: str) -> str:

@@ -29,16 +29,17 @@ import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
-from kvtier.backends.nixl import NixlOptions, group_from_url, redact
+from kvtier.backends.nixl import NixlOptions, group_from_url
 from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
 from kvtier.backends.nixl.publish import Publisher
-from kvtier.backends.nixl.reader import PeerReader, release_all
+from kvtier.backends.nixl.reader import PeerReader
 from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer, BufferPool
+from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.urls import redact
 
 _COUNTERS = (
     "remote_hits",
@@ -135,7 +136,7 @@ class NixlBackend(Backend):
 
     def _ready(self) -> tuple[PeerAgent, PeerReader, BlockingPool]:
         if self._agent is None or self._reader is None or self.workers is None:
-            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+            raise BackendUnavailableError(f"{self.safe_url}: not open; await backend.open() first")
         return self._agent, self._reader, self.workers
 
     # -- the Backend hooks -------------------------------------------------------------

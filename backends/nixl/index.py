@@ -33,9 +33,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from kvtier.backends.nixl import redact
 from kvtier.core.blob import MAX_BLOB_BYTES, OVERHEAD
 from kvtier.core.errors import BackendError, BackendUnavailableError
+from kvtier.core.urls import redact
 
 IO_TIMEOUT_S = 2.0
 """Seconds to connect to the index or wait for one reply."""

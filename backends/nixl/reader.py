@@ -43,7 +43,7 @@ from kvtier.backends.nixl.index import Entry, Location, PeerIndex, Record
 from kvtier.backends.nixl.locations import LocationCache
 from kvtier.core.blob import verify
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import Buffer, BufferPool, address_of
+from kvtier.core.buffers import Buffer, BufferPool, address_of, release_all
 from kvtier.core.errors import ChunkCorruptedError, KVTierError
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ REMEMBERED_LOCATIONS = 1 << 16
 Moved = list[tuple[str, Location, Buffer]]
 """Chunks read into pool buffers, by key and where they were read from (the holder owns
 one reference to each buffer)."""
-
-
-def release_all(buffers: Iterable[Buffer | None]) -> None:
-    for buf in buffers:
-        if buf is not None:
-            buf.release()
 
 
 def _release_moved(moved: Moved | None) -> None:

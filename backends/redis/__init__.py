@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvtier.backends.redis.url import SCHEMES, parse_url
-from kvtier.core.config import ByteSize
+from kvtier.core.config import ByteSize, Secret
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
 
@@ -39,7 +39,7 @@ from kvtier.core.specs import BackendSpec
 class RedisOptions(BaseModel):
     """Options of a ``redis`` tier."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     key_prefix: str = "kvtier:"
     """Prefix of every key this tier writes: chunk ``K`` is stored as ``<key_prefix>{K}``."""
@@ -50,7 +50,7 @@ class RedisOptions(BaseModel):
     """A hit restarts the chunk's ``ttl`` (``GETEX``)."""
     username: str | None = None
     """ACL user (or give it in the URL)."""
-    password: SecretStr | None = None
+    password: Secret | None = None
     """Password of the ACL user or ``requirepass`` (or give it in the URL)."""
     db: int | None = Field(default=None, ge=0)
     """Database number (or give it as the URL path); clusters have only db 0."""

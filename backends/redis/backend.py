@@ -56,7 +56,7 @@ from kvtier.backends.redis.client import (
 from kvtier.backends.redis.resp import Command, Reply, release_all
 from kvtier.backends.redis.split import DISCARD, INCOMPLETE, STORED, assemble, write_job
 from kvtier.backends.redis.transport import Client, Job, Transport, fast_path_works
-from kvtier.backends.redis.url import parse_url, redacted
+from kvtier.backends.redis.url import parse_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError
@@ -139,7 +139,7 @@ class RedisBackend(Backend):
 
     def _connected(self) -> Transport:
         if self._transport is None:
-            raise BackendUnavailableError(f"{redacted(self.url)}: not connected; call open()")
+            raise BackendUnavailableError(f"{self.safe_url}: not connected; call open()")
         return self._transport
 
     async def _run(self, op: str, jobs: Sequence[Job]) -> list[list[Reply]]:
@@ -151,7 +151,7 @@ class RedisBackend(Backend):
     def _failed(self, reply: Reply, op: str) -> BackendError:
         if isinstance(reply, rex.NoPermissionError):
             return BackendError(
-                f"{redacted(self.url)}: {op} denied by the server's ACL ({reply}); grant the "
+                f"{self.safe_url}: {op} denied by the server's ACL ({reply}); grant the "
                 f"user the command and the key pattern {self._prefix}*"
             )
         return translate(self.url, reply, op)
@@ -231,15 +231,15 @@ class RedisBackend(Backend):
         try:
             replies = await self._run("discard", [(n, [("EVAL", DISCARD, 1, n)]) for n in names])
         except BackendError as exc:
-            log.warning("%s: could not remove malformed values: %s", redacted(self.url), exc)
+            log.warning("%s: could not remove malformed values: %s", self.safe_url, exc)
             return
         for name, (reply,) in zip(names, replies, strict=True):
             if isinstance(reply, Exception):
                 log.warning(
-                    "%s: could not remove malformed value %s: %s", redacted(self.url), name, reply
+                    "%s: could not remove malformed value %s: %s", self.safe_url, name, reply
                 )
             elif reply == 1:
-                log.warning("%s: removed malformed value %s", redacted(self.url), name)
+                log.warning("%s: removed malformed value %s", self.safe_url, name)
                 self._counts["malformed_removed"] += 1
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:

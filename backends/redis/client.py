@@ -14,8 +14,9 @@ from redis.backoff import NoBackoff
 
 from kvtier.backends.redis import RedisOptions
 from kvtier.backends.redis.transport import Client
-from kvtier.backends.redis.url import Target, redacted
+from kvtier.backends.redis.url import Target
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
+from kvtier.core.urls import redact
 
 DEFAULT_MAX_VALUE = 512 << 20
 """Redis' default ``proto-max-bulk-len``, assumed when ``CONFIG GET`` is not allowed."""
@@ -36,7 +37,7 @@ _UNREACHABLE = (
 
 def check_options(url: str, target: Target, options: RedisOptions) -> None:
     """:class:`ConfigError` for options that contradict the URL or each other."""
-    t, o, where = target, options, f"redis tier {redacted(url)!r}"
+    t, o, where = target, options, f"redis tier {redact(url)!r}"
     if t.username is not None and o.username is not None:
         raise ConfigError(f"{where}: give the username once, in the URL or in options")
     if t.password is not None and o.password is not None:
@@ -116,7 +117,7 @@ async def check_server(url: str, target: Target, client: Client) -> None:
         if info.get("cluster_enabled"):
             host, port = target.nodes[0]
             raise ConfigError(
-                f"{redacted(url)} is a cluster node: write the tier URL as "
+                f"{redact(url)} is a cluster node: write the tier URL as "
                 f"redis+cluster://{host}:{port}"
             )
 
@@ -141,7 +142,7 @@ async def server_max_value(client: Client) -> int:
 def open_error(url: str, exc: Exception) -> ConfigError | BackendError:
     """What a client error at ``open()`` means: wrong credentials or permissions are
     configuration errors."""
-    where = redacted(url)
+    where = redact(url)
     if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)):
         return ConfigError(
             f"{where}: the server refused the credentials ({exc}); set the right "
@@ -158,7 +159,7 @@ def open_error(url: str, exc: Exception) -> ConfigError | BackendError:
 
 def translate(url: str, exc: BaseException, op: str) -> BackendError:
     """A redis-py exception (raised or an error reply) as kvtier's error."""
-    where = f"{redacted(url)}: {op}"
+    where = f"{redact(url)}: {op}"
     if isinstance(exc, _UNREACHABLE):
         return BackendUnavailableError(f"{where} failed, the server is unavailable: {exc}")
     return BackendError(f"{where} failed: {type(exc).__name__}: {exc}")

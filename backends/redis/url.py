@@ -1,4 +1,4 @@
-"""Redis tier URLs: what server a URL names, and how to show one without its password.
+"""Redis tier URLs: what server a URL names.
 
 Needs no redis-py: the plugin checks URLs with :func:`parse_url` before the backend
 (and its client library) is imported.
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from kvtier.core.errors import ConfigError
+from kvtier.core.urls import redact
 
 FORMS = {
     "redis": "redis://[user[:password]@]host[:port][/db]",
@@ -40,20 +41,10 @@ class Target:
         return self.scheme == "redis+cluster"
 
 
-def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
-
-
 def _bad(url: str, scheme: str, problem: str) -> ConfigError:
     form = FORMS.get(scheme, " or ".join(FORMS.values()))
     return ConfigError(
-        f"invalid redis tier URL {redacted(url)!r}: {problem}; write it as {form} "
+        f"invalid redis tier URL {redact(url)!r}: {problem}; write it as {form} "
         "and put everything else in the tier's 'options'"
     )
 

@@ -21,9 +21,9 @@ import re
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvtier.core.config import ByteSize
+from kvtier.core.config import ByteSize, Secret
 from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
@@ -46,8 +46,8 @@ class S3Options(BaseModel):
     region: str | None = None
     """Region to sign requests for; ``None``: the AWS default chain's (else us-east-1)."""
     access_key_id: str | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
     """Temporary credentials' token (with the two keys above)."""
     profile: str | None = None
     """A profile of ``~/.aws/config``; exclusive with the keys above. Neither given: the

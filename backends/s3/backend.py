@@ -79,14 +79,14 @@ class S3Backend(Backend):
     def _configure(self) -> None:
         if self.capacity is not None:
             raise ConfigError(
-                f"tier {self.url!r}: the s3 tier does not enforce a capacity (the bucket holds "
-                "what it is given); remove 'capacity' and expire old chunks with a bucket "
-                "lifecycle rule"
+                f"tier {self.safe_url!r}: the s3 tier does not enforce a capacity (the "
+                "bucket holds what it is given); remove 'capacity' and expire old chunks "
+                "with a bucket lifecycle rule"
             )
         self.bucket, self.prefix = parse_s3_url(self.url)
         region = self.options.region or "default region"
         endpoint = self.options.endpoint_url or f"AWS S3 ({region})"
-        self._place = Place(self.url, self.bucket, endpoint)
+        self._place = Place(self.safe_url, self.bucket, endpoint)
         self._connected: _Connected | None = None
         self._counts: Counter[str] = Counter()
 
@@ -118,7 +118,7 @@ class S3Backend(Backend):
 
     def _io(self) -> _Connected:
         if self._connected is None:
-            raise BackendUnavailableError(f"{self.url}: not open; await backend.open() first")
+            raise BackendUnavailableError(f"{self.safe_url}: not open; await backend.open() first")
         return self._connected
 
     @property

@@ -63,7 +63,8 @@ class Truncated(Exception):
 
 @dataclass(frozen=True)
 class Place:
-    """What error messages name: the tier URL, its bucket and endpoint."""
+    """What error messages name: the tier URL (without credentials), its bucket and
+    endpoint."""
 
     url: str
     bucket: str

@@ -101,7 +101,7 @@ class VineyardBackend(Backend):
 
     def _submit(self, job: Callable[[], None]) -> None:
         if self.workers is None:
-            raise BackendError(f"{self.url}: closed")
+            raise BackendError(f"{self.safe_url}: closed")
         self.workers.submit(job)
 
     def _sweep(self, client: Client) -> dict[str, int]:
