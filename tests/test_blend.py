@@ -9,18 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    StableLmConfig,
-    StableLmForCausalLM,
-)
+import transformers as hf
 
 from kvtier.core import ConfigError
 from kvtier.core.config import BlendConfig
@@ -35,9 +24,8 @@ SHAPE = dict(
 """A small GQA model with enough layers for check layers to matter."""
 
 ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
+    name.lower(): (getattr(hf, f"{name}Config"), getattr(hf, f"{name}ForCausalLM"))
+    for name in ("Llama", "Qwen2", "Mistral")
 }
 
 
@@ -179,11 +167,11 @@ def test_a_separator_splits_flat_prompts_and_no_separator_is_a_plain_prompt(llam
 
 
 def unsupported_models() -> list[tuple[torch.nn.Module, str]]:
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512))
-    yarn = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_parameters={
+    gpt2 = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512))
+    yarn = hf.LlamaForCausalLM(hf.LlamaConfig(**SHAPE, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
         "original_max_position_embeddings": 512}))  # fmt: skip
-    stablelm = StableLmForCausalLM(StableLmConfig(**SHAPE))
+    stablelm = hf.StableLmForCausalLM(hf.StableLmConfig(**SHAPE))
     return [(gpt2, "rope"), (yarn, "rope_type 'yarn'"), (stablelm, "model_type 'stablelm'")]
 
 

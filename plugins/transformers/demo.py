@@ -83,7 +83,8 @@ class DemoSettings:
     suffix_tokens: int = 64
     sweep_reps: int = 2
     seed: int = 0
-    plot: Path | None = Path("kvtier-demo-ttft.png")
+    plot: Path | None = None
+    """Where to write a PNG plot of TTFT vs context length (``None``: no file)."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -132,8 +133,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo's workloads on the tier chain of ``config`` (``None``: the embedded
     default) and print what happened; return the measurements."""
-    require_extra("kvtier demo", "transformers", "matplotlib")
     settings = settings or DemoSettings()
+    require_extra("kvtier demo", "transformers", *(("matplotlib",) if settings.plot else ()))
     console = console or Console()
     cfg = load_config(config)
     chain = " -> ".join(f"{t.name} ({t.url}, {_codec_name(t.codec)})" for t in cfg.tiers)
@@ -146,12 +147,12 @@ def run_demo(
         layout = session.cache.layout
         params = sum(p.numel() for p in session.model.parameters())
         console.print(
-            f"[bold]kvtier demo[/]: {session.describe} ({params / 1e6:.1f}M parameters, "
+            f"[bold]kvtier demo[/]: {session.describe}\nmodel: {params / 1e6:.1f}M parameters, "
             f"{layout.num_layers} layers, {layout.num_kv_heads} KV heads of "
-            f"{layout.head_dim}, {str(layout.dtype).removeprefix('torch.')}; "
-            f"{layout.bytes_per_token() / 1024:g} KiB of KV per token), "
+            f"{layout.head_dim}, {str(layout.dtype).removeprefix('torch.')}, "
+            f"{layout.bytes_per_token() / 1024:g} KiB of KV per token; "
             f"{torch.get_num_threads()} threads\ntier chain: {chain}; "
-            f"{cfg.chunk_tokens} tokens per chunk; segments fused by {_blend_name(cfg.blend)}"
+            f"{cfg.chunk_tokens} tokens per chunk\nsegments fused by {_blend_name(cfg.blend)}"
         )
         progress.update(session.task, total=steps, completed=0)
         session.cache.reserve(_longest_prompt(settings))
@@ -160,7 +161,7 @@ def run_demo(
             chat(session)
             console.print(requests_table(
                 f"chat: {settings.users} users x {settings.turns} turns, shared system prompt",
-                [r for r in session.requests if r.workload == "chat"],
+                [r for r in session.requests if r.workload == "chat"], width=console.width,
             ))  # fmt: skip
             rag(session)
             ways = {"same order": "a stored prefix", "changed order": "stored segments"}
@@ -172,6 +173,7 @@ def run_demo(
                         f"{settings.document_tokens}-token documents + question", done,
                         "" if phase == "same order" else
                         "; segments are approximate by design (see docs/segments.md)",
+                        width=console.width,
                     ))  # fmt: skip
             points = sweep(session)
         finally:
@@ -191,7 +193,8 @@ def run_demo(
 def _blend_name(blend: Any) -> str:
     if blend.strategy == "cacheblend":
         return (
-            f"cacheblend ({blend.recompute_ratio:.0%} recomputed after layers {blend.check_layers})"
+            f"cacheblend ({blend.recompute_ratio:.0%} of reused tokens recomputed after layer "
+            f"{', '.join(map(str, blend.check_layers))})"
         )
     if blend.strategy == "epic":
         return f"epic (first {blend.epic_k} tokens of each segment recomputed)"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from rich import box
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 from kvtier.core.tier import TierStats
@@ -34,6 +35,8 @@ class Request:
     answer_full: str = ""
     answer: str = ""
     """The model's answers (text models only): without and with kvtier."""
+    after_restart: bool = False
+    """Made after the demo reopened its chain, as a new process would."""
 
     @property
     def speedup(self) -> float:
@@ -80,28 +83,36 @@ def plot(points: list[SweepPoint], model: str, suffix: int, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def requests_table(title: str, requests: list[Request], note: str = "") -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    columns = ["request", "prompt", "reused", "from", "full ms", "kvtier ms", "speedup",
-               "same token", "max |dlogit|"]  # fmt: skip
+NUMBERS_WIDTH = 76
+"""Columns a requests table needs for its numbers; answers get what is left of the
+console's width, or a table of their own where less than ``ANSWER_WIDTH`` is left."""
+ANSWER_WIDTH = 30
+
+
+def requests_table(
+    title: str, requests: list[Request], note: str = "", *, width: int = 200
+) -> RenderableType:
+    """One row per request, for a console ``width`` columns wide: numbers never wrap;
+    the model's answers wrap in the space left, or follow in a table of their own."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption_justify="left", pad_edge=False)
+    columns = ("request", "prompt", "reused", "from", "full\nms", "kvtier\nms", "speedup",
+               "same\ntoken")  # fmt: skip
     for column in columns:
         left = column in ("request", "from")
-        table.add_column(column, justify="left" if left else "right", no_wrap=left)
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     exact = all(r.exact for r in requests)
-    answers = ["answer"] if exact else ["answer (full prefill)", "answer (kvtier)"]
-    shown = any(r.answer for r in requests)
-    for column in answers if shown else ():
-        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=30)
-    for r in requests:
+    answers = [_answer(r, exact) for r in requests if r.answer or r.answer_full]
+    header = "answer" if exact else "answer (full prefill | kvtier, where they differ)"
+    inline = bool(answers) and width - NUMBERS_WIDTH >= ANSWER_WIDTH
+    if inline:
+        table.add_column(header, overflow="fold")
+    for i, r in enumerate(requests):
         cells = [
             r.label, str(r.prompt), str(r.reused), r.source, f"{r.ttft_full * 1000:.0f}",
             f"{r.ttft_kvtier * 1000:.0f}", f"{r.speedup:.1f}x", "yes" if r.same_token else "NO",
-            f"{r.logit_diff:.1e}",
         ]  # fmt: skip
-        if shown:
-            texts = [r.answer] if exact else [r.answer_full, r.answer]
-            cells += [" ".join(t.split()) for t in texts]
-        table.add_row(*cells)
+        restart = i + 1 < len(requests) and requests[i + 1].after_restart and not r.after_restart
+        table.add_row(*cells, *answers[i : i + 1] if inline else (), end_section=restart)
     prompt = sum(r.prompt for r in requests)
     reused = sum(r.reused for r in requests)
     full = sum(r.ttft_full for r in requests)
@@ -110,20 +121,40 @@ def requests_table(title: str, requests: list[Request], note: str = "") -> Table
     table.caption = (
         f"hit rate {reused / prompt:.0%} of prompt tokens; total TTFT {full:.1f} s without "
         f"kvtier, {kv:.1f} s with ({full / kv:.1f}x); same next token as a full prefill in "
-        f"{same} of {len(requests)}{note}"
+        f"{same} of {len(requests)} (largest next-token logit difference "
+        f"{max(r.logit_diff for r in requests):.1e}){note}"
     )
-    if shown and not exact:
+    if answers and not exact:
         agree = sum(r.answer == r.answer_full for r in requests)
         table.caption += f"; same answer in {agree} of {len(requests)}"
-    return table
+    first = next((r for r in requests if r.after_restart), None)
+    if first is not None and first is not requests[0]:
+        table.caption += (
+            f"; before {first.label} the chain was reopened as by a new process (in-process "
+            "tiers such as cpu:// start empty)"
+        )
+    if not answers or inline:
+        return table
+    listing = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    listing.add_column("request", no_wrap=True)
+    listing.add_column(header, overflow="fold")
+    for r, answer in zip(requests, answers, strict=True):
+        listing.add_row(r.label, answer)
+    return Group(table, listing)
+
+
+def _answer(r: Request, exact: bool) -> str:
+    full, kv = (" ".join(t.split()) for t in (r.answer_full, r.answer))
+    return kv if exact or kv == full else f"{full} | kvtier: {kv}"
 
 
 def sweep_table(points: list[SweepPoint], suffix: int, model: str) -> Table:
-    table = Table(title=f"TTFT vs context (+{suffix} new tokens), {model}", box=box.SIMPLE_HEAD)
-    table.add_column("context", justify="right")
-    table.add_column("full prefill ms", justify="right")
+    title = f"TTFT vs context (+{suffix} new tokens), {model}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, min_width=len(title))
+    table.add_column("context", justify="right", no_wrap=True)
+    table.add_column("full prefill\nms", justify="right", no_wrap=True)
     for name in points[0].ttft_tier if points else ():
-        table.add_column(f"from {name} ms (speedup)", justify="right")
+        table.add_column(f"from {name}\nms (speedup)", justify="right", no_wrap=True)
     for p in points:
         cells = [f"{t * 1000:.0f} ({p.ttft_full / t:.1f}x)" for t in p.ttft_tier.values()]
         table.add_row(str(p.context), f"{p.ttft_full * 1000:.0f}", *cells)
@@ -131,11 +162,12 @@ def sweep_table(points: list[SweepPoint], suffix: int, model: str) -> Table:
 
 
 def stats_table(title: str, stats: list[TierStats]) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    columns = ("tier", "codec", "hit", "miss", "stored", "MiB in", "MiB out", "evict",
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ("tier", "codec", "hit", "miss", "stored", "MiB\nin", "MiB\nout", "evict",
                "corrupt", "err", "ms/op")  # fmt: skip
     for column in columns:
-        table.add_column(column, justify="left" if column in ("tier", "codec") else "right")
+        left = column in ("tier", "codec")
+        table.add_column(column, justify="left" if left else "right", no_wrap=not left)
     for t in stats:
         table.add_row(
             t.name, t.codec, str(t.hits), str(t.misses), str(t.stored),

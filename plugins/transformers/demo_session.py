@@ -124,6 +124,7 @@ class Session:
             workload, label, ids.shape[1], prefix.tokens, source, ttft_full, ttft,
             tokens[0] == int(full_logits.argmax()), float((logits - full_logits).abs().max()),
             answer_full=answer_full, answer=self.decode(tokens) if answer else "",
+            after_restart=bool(self.closed_stats),
         ))  # fmt: skip
         self.cache.kv.flush()
         self.progress.advance(self.task)
@@ -149,6 +150,7 @@ class Session:
             float((logits - full_logits).abs().max()), exact=False,
             answer_full=self._answer(output_cache(full), full_logits, answer),
             answer=self._answer(blended.cache, logits, answer),
+            after_restart=bool(self.closed_stats),
         ))  # fmt: skip
         self.cache.store_blended(blended)
         self.cache.kv.flush()
@@ -175,10 +177,6 @@ def chat(session: Session) -> None:
     for turn in range(1, s.turns + 1):
         if 1 < turn == s.turns // 2 + 1 and len(session.config.tiers) > 1:
             session.restart()
-            session.console.print(
-                f"[dim]restart before turn {turn}: the chain is reopened as by a new process; "
-                "in-process tiers (cpu://) start empty[/]"
-            )
         for user in range(s.users):
             session.step(f"chat: user {user + 1}, turn {turn}")
             before = conversations[user]

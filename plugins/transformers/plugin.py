@@ -47,13 +47,14 @@ def demo(
         str, typer.Option(help="Context lengths of the TTFT sweep, comma-separated.")
     ] = "1024,2048,4096",
     plot: Annotated[
-        Path, typer.Option(help="Where to write the PNG plot of TTFT vs context.")
-    ] = Path("kvtier-demo-ttft.png"),
+        Path | None,
+        typer.Option(help="Write a PNG plot of TTFT vs context to this file (default: none)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights and prompts.")] = 0,
 ) -> int:
     """Run chat and RAG workloads on a real model with and without kvtier; print TTFT."""
     counts = _token_counts(contexts)
-    require_extra("kvtier demo", "transformers", "matplotlib")
+    require_extra("kvtier demo", "transformers", *(("matplotlib",) if plot else ()))
     from kvtier.core.cli import console
     from kvtier.plugins.transformers.demo import DemoSettings, run_demo
 
