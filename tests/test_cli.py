@@ -116,10 +116,12 @@ def test_demo_runs_on_the_default_chain(tmp_path):
     assert (tmp_path / "kvtier" / "chunks").is_dir() and plot.is_file()
 
 
-@pytest.mark.parametrize("missing", ["transformers", "matplotlib"])
-def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missing):
+@pytest.mark.parametrize(
+    ("missing", "args"), [("transformers", []), ("matplotlib", ["--plot", "p.png"])]
+)
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missing, args):
     monkeypatch.setitem(sys.modules, missing, None)  # importing it fails
-    code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny")
+    code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny", *args)
     assert code == 2 and out == ""
     assert err == (
         "kvtier: error: kvtier demo needs optional dependencies: pip install 'kvtier[demo]'\n"

@@ -55,7 +55,10 @@ def test_demo_on_the_default_chain(tmp_path, monkeypatch):
         assert text in out
 
 
-def test_demo_on_a_lossy_chain(tmp_path):
+def test_demo_on_a_lossy_chain(tmp_path, monkeypatch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     config = tmp_path / "chain.yaml"
     config.write_text(
         f"chunk_tokens: 128\ntiers:\n  - {{url: 'file://{tmp_path}/kv', capacity: 1GiB, "
@@ -67,6 +70,7 @@ def test_demo_on_a_lossy_chain(tmp_path):
     assert [r.reused for r in result.requests] == [0, 768, 0, 900]  # 3 documents
     assert list(result.sweep[0].ttft_tier) == ["file"]
     assert [t.codec for t in result.stats] == ["int8+zstd"]
+    assert DemoSettings().plot is None and not list(workdir.iterdir())  # no file unasked
 
 
 def test_demo_without_its_extra_names_it(monkeypatch, tmp_path):
