@@ -302,9 +302,9 @@ def test_a_big_store_is_copied_by_the_codec_threads(
     copiers: list[str] = []
     copy = engine.KVTier._copy
 
-    def recording(self: KVTier, key: str, part: torch.Tensor) -> Any:
+    def recording(self: KVTier, *chunk: Any) -> Any:
         copiers.append(threading.current_thread().name)
-        return copy(self, key, part)
+        return copy(self, *chunk)
 
     monkeypatch.setattr(engine.KVTier, "_copy", recording)
     tokens, kv = prompt(4 * CHUNK)
