@@ -236,6 +236,7 @@ def rag(session: Session) -> None:
                 prefix, _ = session.request(f"RAG, {phase}", label, ids, answer)
                 starts = [sum(len(x) for x in segments[:j]) for j in range(len(segments))]
                 session.cache.store_segments(segments[1:-1], prefix.cache, starts[1:-1])
+                session.cache.kv.flush()  # stored before the next request looks them up
             else:
                 session.request_segments(f"RAG, {phase}", label, segments, answer)
 
