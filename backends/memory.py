@@ -6,19 +6,25 @@ and ``get_many`` hands it back retained, so a hit costs a dictionary lookup. Ove
 delete, eviction and ``close()`` drop only this tier's reference: a reader still
 holding a returned buffer keeps valid bytes. When a blob does not fit, the eviction
 policy picks victims until it does; a blob larger than the whole capacity is rejected
-(``False``). Capacity counts ``Buffer.nbytes``.
+(``False``). Capacity counts ``Buffer.nbytes``. With ``options: {ttl: SECONDS}`` a
+blob older than that is a miss, removed when met and by a sweep every ``ttl / 4``
+seconds (at most a few hundred per sweep).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.buffers import Buffer
+from kvtier.core.config import ByteSize
+from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
 from kvtier.core.urls import name_from_url
@@ -31,6 +37,11 @@ class MemoryOptions(BaseModel):
 
     eviction: str = "lru"
     """Eviction policy: ``lru``, ``lfu`` or one a plugin registers."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a blob lives after it was written; ``None``: until evicted."""
+    pinned_bytes: ByteSize = 0
+    """Bytes that :meth:`MemoryBackend.pin_many` may pin (never evicted); at most the
+    capacity."""
 
 
 class MemoryBackend(Backend):
@@ -48,8 +59,25 @@ class MemoryBackend(Backend):
         name_from_url(self.url, "cpu", what="name")
         assert self.capacity is not None  # bounded: checked by Backend
         policy = self.registry.eviction_policy(self.options.eviction).load()()
-        self.store = RamStore(self.capacity, policy, self._evicted)
+        if self.options.pinned_bytes > self.capacity:
+            raise ConfigError(
+                f"tier {self.safe_url!r}: pinned_bytes ({self.options.pinned_bytes}) exceeds "
+                f"the capacity ({self.capacity})"
+            )
+        self.store = RamStore(self.capacity, policy, self._evicted, ttl=self.options.ttl,
+                              pinned_bytes=self.options.pinned_bytes)  # fmt: skip
         """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _open(self) -> None:
+        if self.options.ttl is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        assert self.options.ttl is not None
+        while True:
+            await asyncio.sleep(min(max(self.options.ttl / 4, 0.05), 60.0))
+            self.store.sweep()
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         return self.store.get_many(keys)
@@ -63,6 +91,16 @@ class MemoryBackend(Backend):
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         return self.store.delete_many(keys)
 
+    async def pin_many(self, keys: list[str]) -> list[bool]:
+        """Pin stored chunks (never evicted nor expired) within ``pinned_bytes``."""
+        self._check_open()
+        return self.store.pin_many(keys)
+
+    async def unpin_many(self, keys: list[str]) -> list[bool]:
+        """Unpin chunks; ``True`` where one was pinned."""
+        self._check_open()
+        return self.store.unpin_many(keys)
+
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """A snapshot of the stored keys taken at the call."""
         return iterate(self.store.keys(prefix))
@@ -71,7 +109,11 @@ class MemoryBackend(Backend):
         return self.store.stats(eviction=self.options.eviction)
 
     async def _close(self) -> None:
-        """Release every stored buffer."""
+        """Stop the sweeps; release every stored buffer."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         self.store.clear()
 
 

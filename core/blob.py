@@ -4,7 +4,7 @@ Layout (integers little-endian)::
 
     0                magic b"KVTB"
     4                format version, u16 (1)
-    6                flags, u16 (0; anything else is corrupt)
+    6                flags, u16: 0, or 1 for a signed blob (anything else is corrupt)
     8                header_len, u32 (at most MAX_HEADER_BYTES)
     12               payload_len, u64
     20               header: UTF-8 JSON, header_len bytes
@@ -13,6 +13,9 @@ Layout (integers little-endian)::
                       "sizes": [n0, n1, ...]}
     20+header_len    payload, payload_len bytes
     end-8            xxh3_64 of every byte before it, u64
+                     or, in a signed blob (flags 1, see kvtier.core.integrity):
+    end-48           xxh3_128 of every byte before it, 16 bytes
+    end-32           keyed BLAKE2b-256 of the prefix, the header and that checksum
 
 ``sizes[i]`` is the payload size after stage ``i``; the last equals payload_len. The
 encoder pads the JSON with spaces so that the payload starts at a multiple of 64
@@ -31,6 +34,7 @@ reading them back, :mod:`kvtier.core.codecs.decode`'s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -43,6 +47,7 @@ import xxhash
 
 from kvtier.core.buffers import Buffer, BytesLike
 from kvtier.core.errors import ChunkCorruptedError, ConfigError
+from kvtier.core.integrity import MAC_BYTES, MacKeys
 from kvtier.core.layout import DTYPES, dtype_name
 
 MAGIC = b"KVTB"
@@ -55,10 +60,30 @@ MAX_STAGE_BYTES = MAX_CHUNK_BYTES + (64 << 20)
 
 _PREFIX = struct.Struct("<4sHHIQ")
 _CHECKSUM = struct.Struct("<Q")
+SIGNED = 0x0001
+"""Flag of a signed blob: a 128-bit digest and a MAC in place of the checksum."""
+STRONG = 0x0002
+"""Flag of a signed blob whose digest is BLAKE2b-128 (cryptographic) instead of xxh3-128."""
+_DIGEST_BYTES = 16
+_SIGNED_TRAILER = _DIGEST_BYTES + MAC_BYTES
 OVERHEAD = _PREFIX.size + _CHECKSUM.size
 """Bytes of a blob besides its header and payload: the size of the smallest blob."""
-MAX_BLOB_BYTES = OVERHEAD + MAX_HEADER_BYTES + MAX_STAGE_BYTES
+MAX_BLOB_BYTES = _PREFIX.size + _SIGNED_TRAILER + MAX_HEADER_BYTES + MAX_STAGE_BYTES
 """The largest blob a reader accepts."""
+
+
+def trailer_bytes(signed: bool) -> int:
+    """Bytes after the payload: the checksum, or in a signed blob the digest and MAC."""
+    return _SIGNED_TRAILER if signed else _CHECKSUM.size
+
+
+def _digest(body: memoryview, flags: int) -> bytes:
+    """The 128-bit digest a signed blob carries of its ``body`` (all bytes before it)."""
+    if flags & STRONG:
+        return hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest()
+    return xxhash.xxh3_128_digest(body)
+
+
 _PAYLOAD_ALIGN = 64
 _HEADER_KEYS = frozenset({"key", "dtype", "shape", "stages", "sizes"})
 _STAGE_KEYS = frozenset({"name", "params"})
@@ -75,11 +100,13 @@ class BlobHeader:
     sizes: tuple[int, ...]
     payload_nbytes: int
     nbytes: int
+    signed: bool = False
+    """The blob carries a MAC (:mod:`kvtier.core.integrity`)."""
 
     @property
     def payload_offset(self) -> int:
         """Where the payload starts in the blob."""
-        return self.nbytes - _CHECKSUM.size - self.payload_nbytes
+        return self.nbytes - trailer_bytes(self.signed) - self.payload_nbytes
 
     @property
     def pipeline(self) -> str:
@@ -102,11 +129,12 @@ class Blob:
         self.header = header
         self.sealed = sealed
 
-    def ensure_sealed(self) -> None:
-        """Write the checksum unless it is known to be there: before the blob's bytes
-        leave the process. Sealing an already sealed blob rewrites the same 8 bytes."""
+    def ensure_sealed(self, keys: MacKeys | None = None) -> None:
+        """Write the checksum (and, for a signed blob, the MAC with ``keys``) unless it is
+        known to be there: before the blob's bytes leave the process. Sealing again
+        rewrites the same bytes."""
         if not self.sealed:
-            seal(self.buf.view)
+            seal(self.buf.view, keys, self.key)
             self.sealed = True
 
     @property
@@ -185,19 +213,40 @@ def payload_start(header_len: int) -> int:
     return _PREFIX.size + header_len
 
 
-def frame(view: memoryview, header: bytes, header_len: int, payload_len: int) -> None:
-    """Write the prefix and the space-padded header in front of a payload already in
-    place; ``view`` is the whole blob. The blob still needs :func:`seal`."""
-    _PREFIX.pack_into(view, 0, MAGIC, FORMAT_VERSION, 0, header_len, payload_len)
+def signing_flags(keys: MacKeys | None) -> int:
+    """The prefix flags of blobs written with ``keys`` (``0``: unsigned)."""
+    if keys is None:
+        return 0
+    return SIGNED | (STRONG if keys.strong else 0)
+
+
+def frame(view: memoryview, header: bytes, header_len: int, payload_len: int, flags: int) -> None:
+    """Write the prefix (with ``flags``, see :func:`signing_flags`) and the space-padded
+    header in front of a payload already in place; ``view`` is the whole blob
+    (:func:`trailer_bytes` longer than prefix, header and payload). The blob still
+    needs :func:`seal`."""
+    _PREFIX.pack_into(view, 0, MAGIC, FORMAT_VERSION, flags, header_len, payload_len)
     end = _PREFIX.size + header_len
     view[_PREFIX.size : _PREFIX.size + len(header)] = header
     view[_PREFIX.size + len(header) : end] = b" " * (header_len - len(header))
 
 
-def seal(view: memoryview) -> None:
-    """Write the checksum of a framed blob (the one pass over its bytes on the way in)."""
-    body = view.nbytes - _CHECKSUM.size
-    _CHECKSUM.pack_into(view, body, xxhash.xxh3_64_intdigest(view[:body]))
+def seal(view: memoryview, keys: MacKeys | None = None, key: str = "") -> None:
+    """Write the checksum of a framed blob (the one pass over its bytes on the way in);
+    a signed blob gets its digest and MAC instead, which need ``keys`` and the blob's
+    chunk ``key``."""
+    _, _, flags, header_len, _ = _PREFIX.unpack_from(view, 0)
+    if not flags & SIGNED:
+        body = view.nbytes - _CHECKSUM.size
+        _CHECKSUM.pack_into(view, body, xxhash.xxh3_64_intdigest(view[:body]))
+        return
+    if keys is None:
+        raise ConfigError("a signed blob needs the integrity keys to be sealed")
+    body = view.nbytes - _SIGNED_TRAILER
+    digest = _digest(view[:body], flags)
+    view[body : body + _DIGEST_BYTES] = digest
+    signed_part = bytes(view[: _PREFIX.size + header_len]) + digest
+    view[body + _DIGEST_BYTES :] = keys.sign(key, signed_part)
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -216,7 +265,7 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def _parse_header(text: bytes, payload_len: int, nbytes: int) -> BlobHeader:
+def _parse_header(text: bytes, payload_len: int, nbytes: int, signed: bool) -> BlobHeader:
     try:
         obj = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -255,11 +304,13 @@ def _parse_header(text: bytes, payload_len: int, nbytes: int) -> BlobHeader:
     if sizes[-1] != payload_len:
         raise _corrupt(f"last stage size {sizes[-1]} != payload length {payload_len}")
     return BlobHeader(
-        key, torch_dtype, tuple(shape), tuple(parsed), tuple(sizes), payload_len, nbytes
+        key, torch_dtype, tuple(shape), tuple(parsed), tuple(sizes), payload_len, nbytes, signed
     )
 
 
-def _read(view: memoryview, expected_key: str | None, checksum: bool) -> BlobHeader:
+def _read(
+    view: memoryview, expected_key: str | None, checksum: bool, keys: MacKeys | None
+) -> BlobHeader:
     nbytes = view.nbytes
     if nbytes < OVERHEAD:
         raise _corrupt(f"{nbytes} bytes is shorter than the {OVERHEAD}-byte minimum")
@@ -268,38 +319,61 @@ def _read(view: memoryview, expected_key: str | None, checksum: bool) -> BlobHea
         raise _corrupt(f"magic is {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
         raise _corrupt(f"format version {version}, this kvtier reads {FORMAT_VERSION}")
-    if flags:
+    signed = bool(flags & SIGNED)
+    if flags & ~(SIGNED | STRONG) or (flags & STRONG and not signed):
         raise _corrupt(f"unknown flags {flags:#06x}")
     if header_len > MAX_HEADER_BYTES:
         raise _corrupt(f"header length {header_len} exceeds {MAX_HEADER_BYTES}")
-    if OVERHEAD + header_len + payload_len != nbytes:
+    trailer = trailer_bytes(signed)
+    if _PREFIX.size + trailer + header_len + payload_len != nbytes:
         raise _corrupt(
-            f"{nbytes} bytes, but the prefix declares {OVERHEAD} + {header_len} (header) "
-            f"+ {payload_len} (payload)"
+            f"{nbytes} bytes, but the prefix declares {_PREFIX.size + trailer} + {header_len} "
+            f"(header) + {payload_len} (payload)"
         )
-    if checksum:
-        body = nbytes - _CHECKSUM.size
+    body = nbytes - trailer
+    if checksum and not signed:
         (stored,) = _CHECKSUM.unpack_from(view, body)
         if xxhash.xxh3_64_intdigest(view[:body]) != stored:
             raise _corrupt("checksum mismatch")
+    digest = bytes(view[body : body + _DIGEST_BYTES]) if signed else b""
+    if checksum and signed and _digest(view[:body], flags) != digest:
+        raise _corrupt("checksum mismatch")
     text = bytes(view[_PREFIX.size : _PREFIX.size + header_len])
-    header = _parse_header(text, payload_len, nbytes)
+    header = _parse_header(text, payload_len, nbytes, signed)
     if expected_key is not None and header.key != expected_key:
         raise _corrupt(f"foreign blob: key {header.key!r:.120}, expected {expected_key!r:.120}")
+    if keys is not None and signed:
+        signed_part = bytes(view[: _PREFIX.size + header_len]) + digest
+        if not keys.check(header.key, signed_part, bytes(view[body + _DIGEST_BYTES :])):
+            raise _corrupt("signature (MAC) mismatch: not written with an accepted key")
+    elif keys is not None and keys.required:
+        raise _corrupt("unsigned, and the integrity settings require a signature")
     return header
 
 
-def verify(blob: BytesLike | Buffer | Blob, *, expected_key: str | None = None) -> BlobHeader:
+def verify(
+    blob: BytesLike | Buffer | Blob,
+    *,
+    expected_key: str | None = None,
+    keys: MacKeys | None = None,
+) -> BlobHeader:
     """Validate framing, checksum and header (and that the header's key is
     ``expected_key``): the one check for bytes that come from outside this process.
-    Raises :class:`ChunkCorruptedError`."""
-    return _read(_view_of(blob), expected_key, checksum=True)
+    With ``keys``, a signed blob's MAC must match one of them, and an unsigned blob is
+    refused if they say signatures are required. Raises :class:`ChunkCorruptedError`."""
+    return _read(_view_of(blob), expected_key, True, keys)
 
 
-def parse(blob: BytesLike | Buffer | Blob, *, expected_key: str | None = None) -> BlobHeader:
-    """:func:`verify` without the checksum, for blobs that never left this process
-    (verified or sealed when they entered it)."""
-    return _read(_view_of(blob), expected_key, checksum=False)
+def parse(
+    blob: BytesLike | Buffer | Blob,
+    *,
+    expected_key: str | None = None,
+    keys: MacKeys | None = None,
+) -> BlobHeader:
+    """:func:`verify` without the checksum, for blobs that never left this process or
+    whose checksum was verified when they entered it. With ``keys`` the MAC is checked
+    (against the stored digest: no pass over the payload)."""
+    return _read(_view_of(blob), expected_key, False, keys)
 
 
 def payload_of(blob: BytesLike | Buffer | Blob, header: BlobHeader) -> memoryview:

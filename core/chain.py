@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +32,9 @@ from kvtier.core.errors import (
     ChunkCorruptedError,
     CodecUnavailableError,
 )
+from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
+from kvtier.core.quotas import TenantLedger, evict
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
 
@@ -64,14 +67,22 @@ class TierChain:
         pool: BufferPool,
         emit: Callable[[TierEvent], None],
         codec: BlockingPool,
+        integrity: MacKeys | None = None,
     ) -> None:
         self.tiers = tiers
         self.registry = registry
         self.pool = pool
         self.emit = emit
         self.codec = codec
+        self.integrity = integrity
+        """MAC keys: blobs leaving the process are signed, and blobs read from outside
+        it must be signed with one of them (see :mod:`kvtier.core.integrity`)."""
+        self._encoding = (registry, pool, integrity)
+        """What :func:`~kvtier.core.codecs.decode.recode` needs besides blob and pipeline."""
         self._background: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Future[Any]] = set()  # lookups that may outlive their limit
+        self.quotas: dict[str, TenantLedger] = {}
+        """Per-tenant quotas by tier name (:mod:`kvtier.core.quotas`)."""
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -121,6 +132,8 @@ class TierChain:
     def _eviction_listener(self, tier: Tier) -> Callable[[Sequence[tuple[str, int]]], None]:
         def evicted(items: Sequence[tuple[str, int]]) -> None:
             tier.stats.evictions += len(items)
+            if tier.name in self.quotas:
+                self.quotas[tier.name].forget([k for k, _ in items])
             self.emit(
                 TierEvent(
                     EventKind.EVICTED,
@@ -232,11 +245,17 @@ class TierChain:
         ``served``."""
         tier = self.tiers[t]
         asked = [keys[i] for i in wanted]
+        began = time.perf_counter()
         got = await tier.guarded("get", tier.backend.get_many, asked, count=len(asked))
         if got is None:
             return
+        seconds = time.perf_counter() - began
         reads = [_Read(i, t, buf) for i, buf in zip(wanted, got, strict=True) if buf is not None]
-        self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads))
+        self._count_reads(tier, [r.buf for r in reads], len(wanted) - len(reads), seconds)
+        if tier.name in self.quotas:
+            self.quotas[tier.name].touch(
+                [keys[r.index] for r in reads], [r.buf.nbytes for r in reads]
+            )
         try:
             failed = await self._decode(reads, keys, targets)
         except BaseException:
@@ -260,7 +279,8 @@ class TierChain:
             caps = self.tiers[r.tier].backend.capabilities
             try:
                 check = fmt.parse if caps.verified_reads else fmt.verify
-                header = check(r.buf.view, expected_key=keys[r.index])
+                mac_keys = None if caps.process_local else self.integrity
+                header = check(r.buf.view, expected_key=keys[r.index], keys=mac_keys)
                 with torch.inference_mode(target.is_inference()), torch.no_grad():
                     decoding.decode_into(r.buf, header, self.registry, target)
             except (ChunkCorruptedError, CodecUnavailableError) as exc:
@@ -276,15 +296,17 @@ class TierChain:
                 log.warning("tier %s: %s", self.tiers[r.tier].name, problem)
         return {r.index for r, problem in zip(reads, problems, strict=True) if problem}
 
-    def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int) -> None:
+    def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int, seconds: float) -> None:
+        """Count one ``get_many``; its wall time rides on its first event only (the hit
+        event, else the miss event), so an observer sees each batch's latency once."""
         if hits:
             nbytes = sum(b.nbytes for b in hits)
             tier.stats.hits += len(hits)
             tier.stats.bytes_out += nbytes
-            self.emit(TierEvent(EventKind.HIT, tier.name, len(hits), nbytes=nbytes))
+            self.emit(TierEvent(EventKind.HIT, tier.name, len(hits), nbytes, seconds))
         if misses:
             tier.stats.misses += misses
-            self.emit(TierEvent(EventKind.MISS, tier.name, misses))
+            self.emit(TierEvent(EventKind.MISS, tier.name, misses, 0, 0.0 if hits else seconds))
 
     async def _discard_corrupt(self, t: int, key: str, reason: str) -> None:
         """Count a blob that failed validation and delete it from tier ``t``."""
@@ -293,6 +315,8 @@ class TierChain:
         log.warning("tier %s: deleting corrupt chunk %s: %s", tier.name, key, reason)
         self.emit(TierEvent(EventKind.CORRUPT, tier.name, 1, keys=(key,), detail=reason))
         await tier.guarded("delete", tier.backend.delete_many, [key], count=1)
+        if tier.name in self.quotas:
+            self.quotas[tier.name].forget([key])
 
     def _promote(self, served: Sequence[_Read]) -> None:
         """Queue chunks served by slower tiers for the faster tiers that promote."""
@@ -329,7 +353,7 @@ class TierChain:
         }
         unsealed = [b for b in blobs if not b.sealed and b.header.pipeline in outside]
         if unsealed:
-            await self.codec.run_all([b.ensure_sealed for b in unsealed])
+            await self.codec.run_all([partial(b.ensure_sealed, self.integrity) for b in unsealed])
         await asyncio.gather(*(self._write_tier(self.tiers[t], blobs) for t in targets))
 
     async def _write_tier(self, tier: Tier, blobs: Sequence[Blob]) -> None:
@@ -350,22 +374,26 @@ class TierChain:
         if other:
             try:
                 encoded += await self.codec.run_all(
-                    [
-                        partial(decoding.recode, b, tier.pipeline, self.registry, self.pool)
-                        for b in other
-                    ],
+                    [partial(decoding.recode, b, tier.pipeline, *self._encoding) for b in other],
                     orphan=Blob.release,
                 )
             except Exception as exc:
                 tier.encode_failed(exc, len(other))
+        if encoded and tier.name in self.quotas:
+            encoded = await self._within_quota(tier, self.quotas[tier.name], encoded)
         if not encoded:
             return
         try:
             mode = PutMode.CREATE if tier.backend.capabilities.create_mode else PutMode.OVERWRITE
             items = [(b.key, b.buf) for b in encoded]
+            began = time.perf_counter()
             stored = await tier.guarded("put", tier.backend.put_many, items, mode, count=len(items))
+            if tier.name in self.quotas:
+                outcome = stored or [False] * len(encoded)  # None: skipped, nothing stored
+                self.quotas[tier.name].settle([b.key for b in encoded], outcome)
             if stored is None:
                 return
+            seconds = time.perf_counter() - began
             done = [b for b, ok in zip(encoded, stored, strict=True) if ok]
             nbytes = sum(b.nbytes for b in done)
             tier.stats.stored += len(done)
@@ -374,9 +402,23 @@ class TierChain:
             if done:
                 written = tuple(b.key for b in done)
                 event = TierEvent(
-                    EventKind.STORED, tier.name, len(done), nbytes=nbytes, keys=written
+                    EventKind.STORED, tier.name, len(done), nbytes, seconds, keys=written
                 )
                 self.emit(event)
         finally:
             for blob in encoded:
                 blob.release()
+
+    async def _within_quota(
+        self, tier: Tier, ledger: TenantLedger, blobs: list[Blob]
+    ) -> list[Blob]:
+        """The blobs their tenants' quotas admit (the others released and counted as
+        rejected), after deleting the tenants' own least recently used chunks that
+        must make room, counted as evictions."""
+        admitted, victims = ledger.admit([(b.key, b.nbytes) for b in blobs])
+        await evict(tier, victims, self.emit)
+        kept = [b for b, ok in zip(blobs, admitted, strict=True) if ok]
+        for blob in (b for b, ok in zip(blobs, admitted, strict=True) if not ok):
+            blob.release()
+        tier.stats.rejected += len(blobs) - len(kept)
+        return kept

@@ -9,6 +9,7 @@ code 2; an unreachable store exits with 1. No tracebacks for either.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from kvtier.core.errors import (
     StoreNotFoundError,
 )
 from kvtier.core.factory import build_tiers
+from kvtier.core.integrity import load_keys
 from kvtier.core.layout import KVLayout, dtype_from_name
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.urls import redact
@@ -157,7 +159,10 @@ def config_validate(
             raise ConfigError("give --layers, --kv-heads and --head-dim together (a KV layout)")
         layout = KVLayout(layers, kv_heads, head_dim, dtype_from_name(dtype))  # type: ignore[arg-type]
     tiers = build_tiers(cfg, registry, BufferPool(max_idle_bytes=0), layout=layout)
+    if cfg.integrity is not None:
+        load_keys(cfg.integrity, cfg.tenant, os.environ)
     checked = "" if layout is None else f", codecs for {layers}x{kv_heads}x{head_dim} {dtype}"
+    checked += "" if cfg.integrity is None else ", integrity keys"
     table = Table(title=f"{file}: valid (URLs, options, capacities{checked}; not connected)")
     for column in ("tier", "url", "backend", "capacity", "codec", "write", "promote"):
         table.add_column(column)
@@ -422,6 +427,80 @@ def migrate(
     if not report.ok:
         _fail(f"{report.failed} chunks failed and {report.mismatched} mismatched; a rerun "
               "retries the failed ones", code=1)  # fmt: skip
+
+
+@app.command()
+def purge(
+    url: Annotated[str, typer.Argument(help="Store URL, e.g. file:///var/cache/kv.")],
+    model: Annotated[
+        list[str] | None, typer.Option(metavar="ID", help="Chunks of this model id (repeatable).")
+    ] = None,
+    namespace: Annotated[
+        list[str] | None, typer.Option(metavar="NS", help="Chunks in this namespace (repeatable).")
+    ] = None,
+    tenant: Annotated[
+        list[str] | None, typer.Option(metavar="NAME", help="Chunks of this tenant (repeatable).")
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(metavar="AGE", help="Only chunks written at least AGE ago (90s, 12h, 30d)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; change nothing.")
+    ] = False,
+    option: OptionOption = None,
+) -> None:
+    """Delete exactly the chunks of a model, namespace or tenant (or older than an age)
+    from a store.
+
+    Selectors combine like 'kvtier migrate's: a chunk goes when it matches every kind
+    given. A purge without a selector is refused.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from kvtier.core.factory import build_backend
+    from kvtier.core.migrate import ChunkFilter
+    from kvtier.core.purge import check_selection, parse_duration
+    from kvtier.core.purge import purge as run_purge
+
+    select = ChunkFilter(tuple(model or ()), tuple(namespace or ()), tuple(tenant or ()))
+    age = None if older_than is None else parse_duration(older_than)
+    check_selection(select, age)
+    options = parse_options(option)
+    if dry_run:
+        options = _read_only(url, options)
+    backend = build_backend(url, capacity=_inspect_capacity(url), options=options)
+    verb = "would delete" if dry_run else "deleting"
+    bar = Progress(
+        TextColumn(f"{verb} chunks"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    )
+
+    async def run() -> Any:
+        await backend.open()
+        try:
+            with bar:
+                task = bar.add_task("purge", total=None)
+                return await run_purge(
+                    backend,
+                    select,
+                    older_than=age,
+                    dry_run=dry_run,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+        finally:
+            await backend.close()
+
+    report = asyncio.run(run())
+    done = f"{report.matched} chunks match" if dry_run else f"deleted {report.deleted} chunks"
+    console.print(
+        f"{redact(url)}: {done} (dry run)" if dry_run else f"{redact(url)}: {done}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

@@ -34,12 +34,18 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
 from kvtier.core.errors import ConfigError, quote
+from kvtier.core.events.config import EventsConfig
+from kvtier.core.integrity import IntegrityConfig
 from kvtier.core.keys import HashAlgorithm
+from kvtier.core.opsconfig import OpsConfig
 from kvtier.core.plugins import closest
 from kvtier.core.validation import validate_model
 
 ENV_PREFIX = "KVTIER_"
 CONFIG_ENV = "KVTIER_CONFIG"
+NOT_OVERRIDES = frozenset({CONFIG_ENV, "KVTIER_MAC_KEYS", "KVTIER_TOKEN"})
+"""``KVTIER_*`` variables that are not config overrides: the config file's path and
+secrets (integrity keys, the control service's token)."""
 
 _UNITS = {
     "": 1, "b": 1,
@@ -133,6 +139,12 @@ class KVTierConfig(_Strict):
     """Tenant salt: chunks of different tenants never mix."""
     tiers: list[TierConfig] = Field(min_length=1)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    integrity: IntegrityConfig | None = None
+    """Sign blobs with keyed MACs and refuse forged ones (see docs/security.md)."""
+    ops: OpsConfig = Field(default_factory=OpsConfig)
+    """Metrics and the control service (:mod:`kvtier.core.opsconfig`)."""
+    events: EventsConfig | None = None
+    """Report chunks entering and leaving tiers as vLLM KV events (docs/events.md)."""
 
     @model_validator(mode="after")
     def _name_tiers(self) -> KVTierConfig:
@@ -215,9 +227,12 @@ def _set_path(data: dict[str, Any], path: list[str], value: str, var: str) -> No
 
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Apply ``KVTIER_*`` overrides (except ``KVTIER_CONFIG``) to a raw config mapping."""
+    """Apply ``KVTIER_*`` overrides to a raw config mapping (not :data:`NOT_OVERRIDES`,
+    nor the variable the config names for its integrity keys)."""
+    integrity = data.get("integrity")
+    keys_env = integrity.get("keys_env") if isinstance(integrity, dict) else None
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+        if not var.startswith(ENV_PREFIX) or var in NOT_OVERRIDES or var == keys_env:
             continue
         path = var[len(ENV_PREFIX) :].lower().split("__")
         _set_path(data, path, environ[var], var)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from kvtier.core import pins
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
@@ -43,14 +45,18 @@ from kvtier.core.chain import TierChain
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.config import KVTierConfig, load_config
-from kvtier.core.errors import ConfigError
+from kvtier.core.engine_stats import EngineStats, opened
+from kvtier.core.errors import ConfigError, KVTierError
+from kvtier.core.events import open_events
 from kvtier.core.factory import build_tiers
+from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.quotas import ledgers, quota_for
 from kvtier.core.runtime import LoopThread
 from kvtier.core.specs import EventKind, TierEvent
-from kvtier.core.tier import KVTierStats, TierStats
+from kvtier.core.tier import TierStats
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class KVTier:
         pool: BufferPool,
     ) -> None:
         self.config = config
+        self.model = fingerprint.model
         self.layout = fingerprint.layout
         self.registry = registry
         self.pool = pool
@@ -90,8 +97,16 @@ class KVTier:
         )
         self._raw = CodecPipeline.from_config("raw", registry)
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
+        quotas = ledgers(config)
         self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
-        self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec)
+        signing = config.integrity
+        self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
+        """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
+        self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
+        """The tiers' chunks as vLLM KV events (``None`` without ``events:``); opened last
+        of what can fail, as it binds sockets and starts a thread."""
+        self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
+        self.chain.quotas = quotas
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._budget = threading.Lock()
         """Guards the store queue's byte budget, which ``store`` checks synchronously."""
@@ -101,6 +116,7 @@ class KVTier:
         self._queued = 0
         self._dropped = 0
         self._tokens_stored = 0
+        self._reads = [0] * 6  # lookups, their tokens, hit; retrieves, their tokens, hit
         self._failure: BaseException | None = None
         """A bug the writer met under ``tier.STRICT``; ``flush`` raises it."""
         self._io = LoopThread()
@@ -110,7 +126,10 @@ class KVTier:
             self._io.run(self._start())
         except BaseException:
             self._io.stop()
+            if self.events is not None:
+                self.events.close()
             raise
+        opened.add(self)
 
     @classmethod
     def open(
@@ -122,19 +141,21 @@ class KVTier:
         tenant: str | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        revision: str | None = None,
         pool: BufferPool | None = None,
         registry: PluginRegistry | None = None,
     ) -> KVTier:
         """Open the tier chain of ``config`` (a YAML path, a mapping, or ``None`` for the
         embedded default) for one model. ``tenant`` overrides the config's tenant;
         ``registry`` replaces the process-wide plugin registry (and the config's
-        ``plugins.disable``)."""
+        ``plugins.disable``); ``revision`` (the weights revision) is part of the
+        namespace, so a redeployed model never reuses the old weights' KV."""
         cfg = load_config(config)
         if tenant is not None:
             cfg = cfg.model_copy(update={"tenant": tenant})
         registry = registry or get_registry(frozenset(cfg.plugins.disable))
         registry.pm.hook.kvtier_configure(config=cfg)
-        fingerprint = ModelFingerprint(model, layout, tp_rank=tp_rank, tp_size=tp_size)
+        fingerprint = ModelFingerprint(model, layout, tp_rank, tp_size, revision)
         return cls(cfg, fingerprint, registry=registry, pool=pool or default_pool())
 
     async def _start(self) -> None:
@@ -149,10 +170,16 @@ class KVTier:
     # -- arguments (checked before any work) ----------------------------------------------
 
     def _chunks(
-        self, tokens: Tokens, extra_keys: Sequence[ExtraKeys], start: int = 0
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        start: int = 0,
+        *,
+        note: bool = False,
     ) -> tuple[list[str], list[tuple[int, int]]]:
         """Keys and ``(start, end)`` bounds of the chunks of ``tokens`` from ``start`` on.
-        Raises :class:`ConfigError` for bad tokens, extra keys or ``start``."""
+        Raises :class:`ConfigError` for bad tokens, extra keys or ``start``. ``note``:
+        tell the KV events each chunk's tokens (for chunks about to enter a tier)."""
         keys = self.hasher.key_strings(
             tokens, extra_keys=extra_keys, partial=self.config.store_partial_chunks
         )
@@ -164,6 +191,8 @@ class KVTier:
                 f"start must be a multiple of chunk_tokens ({self.config.chunk_tokens}) "
                 f"between 0 and len(tokens) ({len(tokens)}), got {start}"
             )
+        if note and self.events is not None:
+            self.events.note(tokens, keys, bounds, extra_keys)
         first = start // self.config.chunk_tokens
         return keys[first:], bounds[first:]
 
@@ -215,7 +244,7 @@ class KVTier:
         queued; nothing here waits for storage.
         """
         self._check_open()
-        keys, bounds = self._chunks(tokens, extra_keys, start)
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
         if not isinstance(kv, torch.Tensor):
             raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
@@ -244,7 +273,7 @@ class KVTier:
         """Unsealed raw blobs of ``parts``, copied by the codec threads in parallel
         (the caller waits) when there is enough to share, else by the caller."""
         if len(parts) < 2 or sum(p.nbytes for _, p in parts) < PARALLEL_COPY_BYTES:
-            return [self._raw.encode(key, part, self.pool, sealed=False) for key, part in parts]
+            return [self._copy(key, part) for key, part in parts]
         futures = [self._codec.submit(partial(self._copy, key, part)) for key, part in parts]
         concurrent.futures.wait(futures)
         blobs = [f.result() for f in futures if f.exception() is None]
@@ -257,7 +286,7 @@ class KVTier:
 
     def _copy(self, key: str, part: torch.Tensor) -> Blob:
         with torch.no_grad():  # autograd is per thread: never record history on blobs
-            return self._raw.encode(key, part, self.pool, sealed=False)
+            return self._raw.encode(key, part, self.pool, sealed=False, keys=self.integrity)
 
     def _drop(self, keys: list[str]) -> None:
         event = TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys))
@@ -321,9 +350,9 @@ class KVTier:
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
     ) -> int:
-        """Leading tokens of ``tokens`` whose KV is available in some tier (side-effect
-        free: no counters move, nothing is promoted). ``limits``: seconds to wait for
-        each tier (see :meth:`TierChain.lookup_by_tier`)."""
+        """Leading tokens of ``tokens`` whose KV is available in some tier (no tier
+        counter moves, nothing is promoted; the engine counts the lookup). ``limits``:
+        seconds to wait for each tier (see :meth:`TierChain.lookup_by_tier`)."""
         self._check_open()
         counts = self._io.run(self._lookup(tokens, extra_keys, limits))
         return counts[-1] if counts else 0
@@ -349,10 +378,30 @@ class KVTier:
         limits: Sequence[float | None] | None,
     ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
-        if not keys:
-            return [0] * len(self.chain.tiers)
-        counts = await self.chain.lookup_by_tier(keys, limits)
-        return [bounds[n - 1][1] if n else 0 for n in counts]
+        counts = await self.chain.lookup_by_tier(keys, limits) if keys else []
+        ends = [bounds[n - 1][1] if n else 0 for n in counts] or [0] * len(self.chain.tiers)
+        self._reads[0] += 1
+        self._reads[1] += len(tokens)
+        self._reads[2] += ends[-1] if ends else 0
+        return ends
+
+    async def _counted(
+        self,
+        which: int,
+        asked: int,
+        chain_call: Callable[[], Awaitable[int]],
+        bounds: list[tuple[int, int]],
+        start: int = 0,
+    ) -> int:
+        """Await ``chain_call()`` (chunks found; not called without chunks), count the
+        call, the tokens asked for and those found in ``self._reads[which:which + 3]``;
+        return the end of the tokens found."""
+        n = await chain_call() if bounds else 0
+        end = bounds[n - 1][1] if n else start
+        self._reads[which] += 1
+        self._reads[which + 1] += asked
+        self._reads[which + 2] += end - start
+        return end
 
     def retrieve(
         self,
@@ -373,33 +422,71 @@ class KVTier:
         leaves every stored chunk as it was.
         """
         self._check_open()
-        keys, bounds = self._chunks(tokens, extra_keys, start)
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
         needed = len(tokens) - start
         if out is None:
             out = torch.empty(self.layout.chunk_shape(needed), dtype=self.layout.dtype)
         else:
             out = self._check_out(out, needed)
-        if not keys:
-            return start, out[:, :, :0]
         targets = [out[:, :, s - start : e - start] for s, e in bounds]
-        n = self._io.run(self.chain.fetch(keys, targets))
-        end = bounds[n - 1][1] if n else start
+        fetched = partial(self.chain.fetch, keys, targets)
+        end = self._io.run(self._counted(3, needed, fetched, bounds, start))
         return end, out[:, :, : end - start]
+
+    # -- pins -------------------------------------------------------------------------
+
+    def pin(
+        self,
+        tokens: Tokens | None = None,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        unpin: bool = False,
+    ) -> dict[str, int]:
+        """Pin the stored chunks of ``tokens`` (``None``: every chunk of this cache's
+        model and tenant) in the tiers that support pins, within their pinned-bytes
+        budget: they are then never evicted. ``unpin=True`` releases them. Returns the
+        chunks pinned (unpinned) per tier name."""
+        self._check_open()
+        keys = None if tokens is None else self._chunks(tokens, extra_keys)[0]
+        return self._io.run(pins.pin(self.chain, keys, self.hasher.namespace, unpin=unpin))
+
+    def set_quota(self, tier: str, tenant: str, nbytes: int | None) -> int:
+        """Give ``tenant`` a byte quota in tier ``tier`` from now on (``None``: remove
+        it); its least recently used chunks beyond it are deleted (returns how many).
+        :class:`ConfigError` for a tier this cache lacks."""
+        self._check_open()
+        return self._io.run(quota_for(self.chain, tier, tenant, nbytes))
 
     # -- stats and lifetime -----------------------------------------------------------
 
-    def stats(self) -> KVTierStats:
-        """A snapshot of per-tier counters and the store queue."""
+    def stats(self, timeout: float | None = None) -> EngineStats:
+        """A snapshot of per-tier counters and the store queue (``TimeoutError`` after
+        ``timeout`` seconds: for exporters, which must not hang on a closing cache)."""
         self._check_open()
-        return self._io.run(self._snapshot())
+        return self._io.run(self._snapshot(), timeout)
 
-    async def _snapshot(self) -> KVTierStats:
-        return KVTierStats(
+    async def _snapshot(self) -> EngineStats:
+        usage: dict[str, tuple[int | None, int | None]] = {}
+        for tier in self.chain.tiers:
+            if tier.backend.capabilities.bounded:  # cheap to ask: in memory
+                try:
+                    held = await tier.backend.stats()
+                except KVTierError:
+                    continue
+                usage[tier.name] = (held.bytes_used, held.capacity_bytes)
+        return EngineStats(
             tiers=[TierStats(**vars(t.stats)) for t in self.chain.tiers],
             stores_queued=self._queued,
             stores_dropped=self._dropped,
             tokens_stored=self._tokens_stored,
             queue_bytes=self._queue_bytes,
+            lookups=self._reads[0],
+            lookup_requested_tokens=self._reads[1],
+            lookup_hit_tokens=self._reads[2],
+            retrieves=self._reads[3],
+            retrieve_requested_tokens=self._reads[4],
+            retrieve_hit_tokens=self._reads[5],
+            usage=usage,
         )
 
     def _check_open(self) -> None:
@@ -415,10 +502,13 @@ class KVTier:
                 self.flush()
         finally:
             self._closed = True
+            opened.discard(self)
             assert self._jobs is not None
             self._io.loop.call_soon_threadsafe(self._jobs.put_nowait, None)
             self._io.run(self._shutdown())
             self._io.stop()
+            if self.events is not None:
+                self.events.close()
 
     async def _shutdown(self) -> None:
         await self._writer

@@ -17,7 +17,7 @@ from kvtier.core.layout import KVLayout
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.specs import TierEvent
 from kvtier.core.tier import Tier
-from kvtier.core.urls import redact
+from kvtier.core.urls import redact, scrub
 from kvtier.core.validation import validate_model
 
 
@@ -36,12 +36,15 @@ def build_backend(
     :class:`MissingExtraError` when the backend's optional dependencies are missing.
     """
     registry = registry or get_registry()
-    spec = registry.backend_for_url(url)
-    if spec.check_url is not None:
-        spec.check_url(url)
-    parsed = validate_model(spec.options, options, f"options of tier {redact(url)!r}")
-    backend_cls = spec.load()  # after the checks: they need no optional dependency
-    return backend_cls(url, parsed, capacity=capacity, pool=pool, registry=registry)
+    try:
+        spec = registry.backend_for_url(url)
+        if spec.check_url is not None:
+            spec.check_url(url)
+        parsed = validate_model(spec.options, options, f"options of tier {redact(url)!r}")
+        backend_cls = spec.load()  # after the checks: they need no optional dependency
+        return backend_cls(url, parsed, capacity=capacity, pool=pool, registry=registry)
+    except ConfigError as exc:  # whatever part of the URL a message quotes, no secret
+        raise type(exc)(scrub(str(exc), url)) from None
 
 
 def build_tiers(

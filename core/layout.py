@@ -80,17 +80,23 @@ class ModelFingerprint:
     """What must match for two processes to share KV chunks.
 
     Chunks are namespaced by all of these fields: two models, two dtypes, two tensor
-    parallel shardings or two tenants never read each other's KV.
+    parallel shardings, two weights revisions or two tenants never read each other's KV.
     """
 
     model: str
     layout: KVLayout
     tp_rank: int = 0
     tp_size: int = 1
+    revision: str | None = None
+    """The weights revision (a commit hash, a checkpoint id): a model redeployed with new
+    weights under the same id never reuses the old weights' KV. ``None`` leaves the
+    namespace as it was without one."""
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("model id must be a non-empty string, e.g. 'meta-llama/Llama-3-8B'")
+        if self.revision == "":
+            raise ConfigError("revision must be a non-empty string or None")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ConfigError(
                 f"tp_rank must be in [0, tp_size); got tp_rank={self.tp_rank}, "
@@ -104,4 +110,5 @@ class ModelFingerprint:
             f"model={self.model};dtype={dtype_name(lay.dtype)};layers={lay.num_layers};"
             f"kv_heads={lay.num_kv_heads};head_dim={lay.head_dim};"
             f"tp={self.tp_rank}/{self.tp_size}"
+            + ("" if self.revision is None else f";revision={self.revision}")
         )

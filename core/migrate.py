@@ -393,6 +393,12 @@ class _Migration:
             return _Problem(Outcome.CORRUPT, f"foreign blob: it holds key {header.key!r:.120}")
         if pipeline is None or header.pipeline == pipeline.name:
             return blob
+        if header.signed:
+            return _Problem(
+                Outcome.FAILED,
+                "the blob is signed (integrity keys) and recoding would drop its signature; "
+                "migrate it without --recode",
+            )
         source = fmt.Blob(blob, header, sealed=True)  # borrowed: the caller releases it
         try:
             return decoding.recode(

@@ -176,8 +176,17 @@ class PluginRegistry:
         self._collect("kvtier_subcommands", SubcommandSpec, self.subcommands)
 
     def backend_for_url(self, url: str) -> BackendSpec:
-        """The backend registered for ``url``'s scheme; :class:`ConfigError` if none."""
-        scheme = urlsplit(url).scheme.lower()
+        """The backend registered for ``url``'s scheme; :class:`ConfigError` if none, or
+        if ``url`` is not a URL at all."""
+        control = next((i for i, c in enumerate(url) if ord(c) < 32 or ord(c) == 127), None)
+        if control is not None:
+            raise ConfigError(
+                f"tier URL '{redact(url)}' has a control character at position {control}; remove it"
+            )
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:  # e.g. an unclosed '[' of an IPv6 address
+            raise ConfigError(f"tier URL {redact(url)!r} is not a valid URL: {exc}") from None
         if not scheme:
             raise ConfigError(
                 f"tier URL {redact(url)!r} has no scheme; write it like 'cpu://', "

@@ -40,8 +40,10 @@ def redact(url: str) -> str:
 
     Made for URLs as people write them, which may hold unescaped ``#``, ``/``, ``?``,
     ``@`` or ``:`` in a password: the userinfo runs to the last ``@``, so no part of a
-    password survives. It errs on the side of hiding. Safe on any string.
+    password survives. It errs on the side of hiding. Safe on any string; control
+    characters come out escaped (``\\x00``), so that a URL cannot forge log lines.
     """
+    url = _printable(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -57,3 +59,45 @@ def redact(url: str) -> str:
             params.append(f"{name}={MASK}" if equals and _SECRET_NAME.search(name) else param)
         rest = f"{head}?{'&'.join(params)}"
     return f"{scheme}://{rest}"
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _secrets(url: str) -> list[str]:
+    """The secret parts of ``url`` that :func:`redact` hides: its userinfo's password
+    and the values of query parameters named like credentials."""
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return []
+    found = []
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        found.append(userinfo.partition(":")[2])
+    for param in rest.partition("?")[2].split("&"):
+        name, _, value = param.partition("=")
+        if _SECRET_NAME.search(name):
+            found.append(value)
+    return [secret for secret in found if secret]
+
+
+MIN_SCRUBBED = 4
+"""Shorter secrets are hidden where they stand in the URL, not wherever they occur (a
+one-letter password would otherwise blank out every instance of that letter)."""
+
+
+def scrub(message: str, url: str) -> str:
+    """``message`` (about ``url``, which it may quote whole or in part) with the URL's
+    secrets replaced by ``***``: the whole URL by its :func:`redact` form, its userinfo
+    by the redacted userinfo, and any other occurrence of a secret of
+    :data:`MIN_SCRUBBED` characters or more."""
+    message = message.replace(url, redact(url))
+    _, _, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0]
+    if ":" in userinfo:
+        message = message.replace(userinfo, f"{userinfo.partition(':')[0]}:{MASK}")
+    for secret in _secrets(url):
+        if len(secret) >= MIN_SCRUBBED:
+            message = message.replace(secret, MASK)
+    return message

@@ -49,7 +49,8 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str) -> str:
             lines.append(f"{where}: {path!r} is required but missing")
         else:
             hidden = model.model_config.get("hide_input_in_errors")  # e.g. secrets
-            shown = "" if hidden else f" (got {quote(err.get('input'))})"
+            given = quote(err.get("input"))
+            shown = "" if hidden or f"got {given}" in err["msg"] else f" (got {given})"
             lines.append(f"{where}: {path}: {shorten(err['msg'])}{shown}")
     return "\n".join(lines)
 

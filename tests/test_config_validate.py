@@ -40,6 +40,35 @@ BAD = {
         "'metadata_server' is required",
     ),
     "unknown codec": ({"url": "cpu://", "capacity": "1GiB", "codec": "int9"}, "unknown codec"),
+    # found by probing the s3 and mooncake options ("And then")
+    "s3 endpoint port 99999": (
+        {"url": "s3://bucket/p", "options": {"endpoint_url": "http://127.0.0.1:99999"}},
+        "Port out of range",
+    ),
+    "s3 region with spaces": (
+        {"url": "s3://bucket/p", "options": {"region": "us east 1"}},
+        "region must be a region name",
+    ),
+    "s3 CA bundle missing": (
+        {"url": "s3://bucket/p", "options": {"verify": "/nonexistent/ca.pem"}},
+        "is not a file",
+    ),
+    "mooncake local_hostname": (
+        {
+            "url": "mooncake://127.0.0.1",
+            "options": {"metadata_server": "P2PHANDSHAKE", "local_hostname": "no such host"},
+        },
+        "local_hostname must be an IP address or a host name",
+    ),
+    "mooncake admin_url port": (
+        {
+            "url": "mooncake://127.0.0.1",
+            "options": {"metadata_server": "P2PHANDSHAKE", "admin_url": "http://h:99999"},
+        },
+        "Port out of range",
+    ),
+    "unclosed IPv6 bracket": ({"url": "redis://[::1:6379/0"}, "is not a valid URL"),
+    "control character": ({"url": "file:///tmp/a\nb", "capacity": "1GiB"}, "control character"),
 }
 
 

@@ -98,3 +98,27 @@ def test_a_closed_backend_names_its_url_without_the_password() -> None:
     with pytest.raises(KVTierError) as info:
         asyncio.run(backend.get_many(["m.0123456789abcdef0123456789abcdef"]))
     assert not leaked(str(info.value)) and "***" in str(info.value)
+
+
+REFUSED_URLS = {  # a secret in a URL a backend refuses: its error quotes the URL
+    "s3 credentials in the URL": "s3://AKIAEXAMPLE:{secret}@bucket/p",
+    "s3 query": "s3://bucket/p?token={secret}",
+    "mooncake user": "mooncake://u:{secret}@127.0.0.1:50051",
+    "vineyard user": "vineyard://u:{secret}@127.0.0.1:9600",
+    "file host": "file://u:{secret}@/tmp/kv",
+    "nixl query": "nixl://group?secret={secret}",
+    "a short password": "file://u:{secret}@/tmp/kv",
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_URLS)
+def test_a_refused_url_is_quoted_without_its_secret(case: str, monkeypatch, capsys) -> None:
+    secret = "ab" if case == "a short password" else "Very$ecret/42"
+    url = REFUSED_URLS[case].format(secret=secret)
+    tier = {"url": url, "capacity": "1GiB", "options": {"metadata_server": "P2PHANDSHAKE"}}
+    with pytest.raises(KVTierError) as err:
+        KVTier.open({"tiers": [tier]}, model="m", layout=LAYOUT).close()
+    message = str(err.value)
+    assert "***" in message and f":{secret}@" not in message and f"={secret}" not in message
+    if len(secret) > 2:
+        assert secret not in message, message

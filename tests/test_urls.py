@@ -58,3 +58,8 @@ def test_no_part_of_a_password_survives(form: str, password: str) -> None:
 )
 def test_what_is_kept(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+def test_redact_escapes_control_characters_so_a_url_cannot_forge_log_lines() -> None:
+    assert redact("redis://:pw@h:1/0\nkvtier: all good") == "redis://:***@h:1/0\\nkvtier: all good"
+    assert redact("cpu://a\x00b") == "cpu://a\\x00b"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from kvtier.backends.file.chunkio import (
     read_all,
     write_all,
 )
+from kvtier.backends.file.expiry import Expiry, ages
 from kvtier.backends.file.folder import TEMP_DIR, Folder, RootState, Tree, new_temp, shard_of
 from kvtier.backends.file.index import ChunkIndex, Reservation
 from kvtier.backends.file.listing import keys_in, shards
@@ -40,6 +42,7 @@ from kvtier.core.errors import (
     StoreNotFoundError,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Wake = Callable[[], None]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
@@ -62,6 +65,9 @@ class FileBackend(Backend):
         self._mover = Mover(fsync=self.options.fsync)
         self._read_flags = READ_FLAGS | (os.O_DIRECT if self.options.o_direct else 0)
         self._indexed = False
+        ttl = self.options.ttl
+        self._expiry = None if ttl is None else Expiry(ttl, self.folder, self.index)
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- the hooks (on the event loop) -------------------------------------------------
 
@@ -71,8 +77,23 @@ class FileBackend(Backend):
         self._start_workers(self.options.threads)
         await self._blocking(partial(self._open_sync, self._waker()))
         self._indexed = True
+        if self._expiry is not None and not self.options.read_only:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        assert self._expiry is not None
+        while True:
+            await asyncio.sleep(self._expiry.period)
+            try:
+                await self._blocking(self._expiry.sweep)
+            except OSError as exc:
+                log.warning("%s: sweeping expired chunks failed: %s", self.safe_url, exc)
 
     async def _close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await asyncio.to_thread(self.folder.close)  # the event loop makes no syscall
 
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
@@ -107,6 +128,15 @@ class FileBackend(Backend):
         self._check_writable("delete_many")
         return await self._blocking(partial(self._delete_batch, keys, self._waker()))
 
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since each chunk was written, ``None`` where absent (for ``kvtier
+        purge --older-than``)."""
+        self._check_open()
+        try:
+            return await self._blocking(partial(ages, self.folder, keys))
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
+
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         folders = partial(self._listing, partial(self._shards, self._waker()))
         for shard in await self._blocking(folders):
@@ -125,6 +155,8 @@ class FileBackend(Backend):
             "reserved_bytes": reserved,
             **counts,
         }
+        if self._expiry is not None:
+            details["expired"] = self._expiry.expired
         return BackendStats(
             keys=keys,
             bytes_used=used,
@@ -256,6 +288,10 @@ class FileBackend(Backend):
                 return [False] * len(keys)
             if state is RootState.NEW:
                 found = self._contains(keys)
+            if self._expiry is not None:
+                with self.folder.use() as tree:
+                    fresh = self._expiry.fresh
+                    found = [hit and fresh(tree, k) for k, hit in zip(keys, found, strict=True)]
         except OSError as exc:
             raise self._error(exc, "stat") from exc
         return found
@@ -306,6 +342,10 @@ class FileBackend(Backend):
             self.index.missed(key)
             return None
         fd, st = opened
+        if self._expiry is not None and self._expiry.is_expired(st):
+            os.close(fd)
+            self._expiry.drop(key)
+            return None
         try:
             buf = read_all(fd, st.st_size, self.pool, direct=self.options.o_direct)
             try:

@@ -28,6 +28,9 @@ class FileOptions(BaseModel):
     rescan_interval: float = Field(default=2.0, ge=0, allow_inf_nan=False)
     """Seconds between rescans of the folder, made before a write, that count the
     chunks other processes wrote or deleted; 0 turns them off (see the package doc)."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a chunk lives after it was written (by any process); expired chunks are
+    misses, removed when met and by a sweep (see :mod:`kvtier.backends.file.expiry`)."""
     read_only: bool = False
     """Open an existing folder to read it and change nothing: ``open()`` makes no folder
     (a missing one is a :class:`ConfigError` naming it), evicts and removes nothing,

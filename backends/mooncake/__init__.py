@@ -20,6 +20,7 @@ the implementation (:mod:`kvtier.backends.mooncake.backend`) needs
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -34,6 +35,8 @@ DEFAULT_MASTER_PORT = 50051
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 """``metadata_server`` value for Mooncake's metadata exchange without a server."""
 _METADATA_SCHEMES = ("http", "https", "etcd")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]+")
+"""A host name or an IPv4/IPv6 address, as ``local_hostname`` is given to Mooncake."""
 
 
 class MooncakeOptions(BaseModel):
@@ -84,6 +87,17 @@ class MooncakeOptions(BaseModel):
                 "metadata_server must be http://host:port/metadata (mooncake_http_metadata_"
                 f"server), etcd://host:port or {P2P_HANDSHAKE}; got {value!r}"
             )
+        parts.port  # noqa: B018  ValueError for a port out of range
+        return value
+
+    @field_validator("local_hostname")
+    @classmethod
+    def _check_local_hostname(cls, value: str) -> str:
+        if not _HOST.fullmatch(value):
+            raise ValueError(
+                f"local_hostname must be an IP address or a host name (letters, digits, '-' "
+                f"and '.'), got {value!r}"
+            )
         return value
 
     @field_validator("admin_url")
@@ -96,6 +110,7 @@ class MooncakeOptions(BaseModel):
             raise ValueError(
                 f"admin_url must be http://host:port (the master's -metrics_port), got {value!r}"
             )
+        parts.port  # noqa: B018  ValueError for a port out of range
         return value.rstrip("/")
 
     @model_validator(mode="after")

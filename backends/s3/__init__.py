@@ -18,6 +18,7 @@ Example tier::
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,8 @@ MIN_PART_SIZE = 5 * MiB
 """S3's smallest multipart part (all but the last)."""
 MAX_PART_SIZE = 1 << 30
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+"""A region name as botocore accepts it (a DNS label)."""
 
 
 class S3Options(BaseModel):
@@ -72,6 +75,9 @@ class S3Options(BaseModel):
     connect_timeout: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     read_timeout: float = Field(default=15.0, gt=0, allow_inf_nan=False)
     """Seconds a request may wait for the next bytes from the store."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a chunk lives after it was written; older ones are misses and are
+    deleted when met and by a sweep (:mod:`kvtier.backends.s3.expiry`)."""
     conditional_put: Literal["auto", "native", "emulated"] = "auto"
     """How ``PutMode.CREATE`` works: ``native`` sends ``If-None-Match: *`` (atomic;
     AWS since 2024, MinIO, Ceph, SeaweedFS); ``emulated`` checks with HEAD first (not
@@ -91,6 +97,27 @@ class S3Options(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
                 f"endpoint_url must look like http://host:port or https://host, got {value!r}"
+            )
+        parts.port  # noqa: B018  ValueError for a port out of range
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str | None) -> str | None:
+        if value is not None and not _REGION.fullmatch(value):
+            raise ValueError(
+                f"region must be a region name like us-east-1 (letters, digits and '-'), "
+                f"got {value!r}"
+            )
+        return value
+
+    @field_validator("verify")
+    @classmethod
+    def _check_ca_bundle(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not Path(value).is_file():
+            raise ValueError(
+                f"verify names a CA bundle {value!r} that is not a file; give the path of "
+                "a PEM file, true (the system's CAs) or false"
             )
         return value
 

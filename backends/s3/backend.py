@@ -15,12 +15,16 @@
 * Malformed objects: an object larger than any blob is a miss and is deleted, unless
   it changed since it was read (:mod:`~kvtier.backends.s3.reads`); counted as
   ``malformed_removed``. Blobs that are damaged inside are the tier chain's to find.
-* Unbounded: capacity is the bucket's; expire old chunks with a lifecycle rule.
+* Unbounded: capacity is the bucket's; expire old chunks with ``ttl``
+  (:mod:`~kvtier.backends.s3.expiry`) or a lifecycle rule.
   ``stats()`` reports request counters, not key counts (a listing would be needed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -31,15 +35,19 @@ from kvtier.backends.s3 import S3Options, parse_s3_url
 from kvtier.backends.s3.bucket import Bucket
 from kvtier.backends.s3.calls import each
 from kvtier.backends.s3.errors import Place
+from kvtier.backends.s3.expiry import Expiry, age
 from kvtier.backends.s3.reads import Reader
 from kvtier.backends.s3.writes import Writer, native_create
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer
-from kvtier.core.errors import BackendUnavailableError, ConfigError
+from kvtier.core.errors import BackendUnavailableError, ConfigError, KVTierError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+
+log = logging.getLogger(__name__)
 
 
 def _release(buf: Buffer | None) -> None:
@@ -55,6 +63,7 @@ class _Connected:
     workers: BlockingPool
     reader: Reader
     writer: Writer
+    expiry: Expiry | None
 
 
 class S3Backend(Backend):
@@ -89,6 +98,7 @@ class S3Backend(Backend):
         self._place = Place(self.safe_url, self.bucket, endpoint)
         self._connected: _Connected | None = None
         self._counts: Counter[str] = Counter()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -101,17 +111,31 @@ class S3Backend(Backend):
             partial(Bucket.connect, self.options, self.bucket, self.prefix, self._place),
             orphan=Bucket.close,
         )
-        self._connected = _Connected(
-            bucket,
-            workers,
-            Reader(bucket, workers, self.pool, self.options.part_size, self._counts),
-            Writer(bucket, workers, self.options, self._counts),
-        )
+        ttl = self.options.ttl
+        expiry = None if ttl is None else Expiry(ttl, bucket)
+        expired = None if expiry is None else expiry.is_expired
+        reader = Reader(bucket, workers, self.pool, self.options.part_size, self._counts, expired)
+        writer = Writer(bucket, workers, self.options, self._counts)
+        self._connected = _Connected(bucket, workers, reader, writer, expiry)
+        if expiry is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(expiry))
         if native_create(self.options) is False:
             self.capabilities = replace(self.capabilities, create_mode=False)
 
+    async def _sweep_forever(self, expiry: Expiry) -> None:
+        while True:
+            await asyncio.sleep(expiry.period)
+            try:
+                self._counts["expired"] += await self._blocking(expiry.sweep)
+            except KVTierError as exc:
+                log.warning("%s: sweeping expired chunks failed: %s", self.safe_url, exc)
+
     async def _close(self) -> None:
         """Disconnect (the workers, and with them every request, have ended)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         connected, self._connected = self._connected, None
         if connected is not None:
             connected.bucket.close()
@@ -142,7 +166,19 @@ class S3Backend(Backend):
 
     async def _contains_unique(self, keys: list[str]) -> list[bool]:
         io = self._io()
+        if io.expiry is not None:
+            checked = await io.workers.run_all(
+                [partial(io.expiry.fresh, self.prefix + k) for k in keys]
+            )
+            self._counts["expired"] += sum(removed for _, removed in checked)
+            return [ok for ok, _ in checked]
         return await io.workers.run_all([partial(io.bucket.exists, self.prefix + k) for k in keys])
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since each chunk was written (``LastModified``, one HEAD each),
+        ``None`` where absent (for ``kvtier purge --older-than``)."""
+        io = self._io()
+        return await io.workers.run_all([partial(age, io.bucket, self.prefix + k) for k in keys])
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         io = self._io()
@@ -171,4 +207,6 @@ class S3Backend(Backend):
         }
         for name in ("multipart_uploads", "ranged_reads", "reads_retried", "malformed_removed"):
             details[name] = self._counts[name]
+        if self.options.ttl is not None:
+            details["expired"] = self._counts["expired"]
         return BackendStats(details=details)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,13 @@ class _Opened:
 
 
 @dataclass(frozen=True)
+class _Expired:
+    """An object past the tier's ``ttl`` (its body unread), and the ETag it had."""
+
+    etag: str
+
+
+@dataclass(frozen=True)
 class _Malformed:
     """An object that is no blob (its body unread): ``why``, and the ETag it had."""
 
@@ -72,7 +81,7 @@ class _Malformed:
     etag: str
 
 
-def _dispose(result: Buffer | _Opened | _Malformed | None) -> None:
+def _dispose(result: Buffer | _Opened | _Malformed | _Expired | None) -> None:
     """Free a first GET's result nobody will receive."""
     if isinstance(result, Buffer):
         result.release()
@@ -99,8 +108,11 @@ class Reader:
         pool: BufferPool,
         part_size: int,
         counts: Counter[str],
+        expired: Callable[[datetime], bool] | None = None,
     ) -> None:
         self.bucket = bucket
+        self.expired = expired
+        """Whether an object last modified then is past the tier's ``ttl`` (if any)."""
         self.workers = workers
         self.pool = pool
         self.part_size = part_size
@@ -117,6 +129,10 @@ class Reader:
                 first = await self.workers.run(partial(self._get_first, name), orphan=_dispose)
                 if isinstance(first, _Malformed):
                     await self._remove(name, first)
+                    return None
+                if isinstance(first, _Expired):
+                    delete = partial(self.bucket.delete_if_unchanged, name, first.etag)
+                    self.counts["expired"] += await self.workers.run(delete)
                     return None
                 if not isinstance(first, _Opened):
                     return first
@@ -166,7 +182,7 @@ class Reader:
         self.counts["ranged_reads"] += 1
         return buf
 
-    def _get_first(self, name: str) -> Buffer | _Opened | _Malformed | None:
+    def _get_first(self, name: str) -> Buffer | _Opened | _Malformed | _Expired | None:
         """GET the first ``part_size + FRAMING_SLACK`` bytes: the whole blob (read into a
         pool buffer), an :class:`_Opened` response for a larger one, ``None`` if there
         is none, or :class:`_Malformed` for an object that is no blob."""
@@ -183,6 +199,9 @@ class Reader:
                     response = bucket.client.get_object(Bucket=bucket.name, Key=name)
         except NotFound:
             return None
+        if self.expired is not None and self.expired(response["LastModified"]):
+            response["Body"].close()
+            return _Expired(response["ETag"])
         nbytes, total = response["ContentLength"], _total_size(response)
         if total > MAX_OBJECT_BYTES:
             response["Body"].close()

@@ -26,6 +26,7 @@ from kvtier.core.plugins import PluginRegistry
 
 if TYPE_CHECKING:
     from kvtier.core.codecs.pipeline import CodecPipeline
+    from kvtier.core.integrity import MacKeys
 
 
 def _corrupt(what: str) -> ChunkCorruptedError:
@@ -166,9 +167,16 @@ def decode_blob(
     return header, out
 
 
-def recode(blob: Blob, pipeline: CodecPipeline, registry: PluginRegistry, pool: BufferPool) -> Blob:
+def recode(
+    blob: Blob,
+    pipeline: CodecPipeline,
+    registry: PluginRegistry,
+    pool: BufferPool,
+    keys: MacKeys | None = None,
+) -> Blob:
     """``blob`` in ``pipeline``'s encoding: another reference to the same bytes when it
-    already is (its checksum is passed along, not recomputed), else encoded anew."""
+    already is (its checksum is passed along, not recomputed), else encoded anew (and
+    signed with ``keys`` when given)."""
     if blob.header.pipeline == pipeline.name:
         return blob.retain()
-    return pipeline.encode(blob.key, chunk_of(blob, registry), pool)
+    return pipeline.encode(blob.key, chunk_of(blob, registry), pool, keys=keys)

@@ -11,6 +11,7 @@ from kvtier.core import blob as fmt
 from kvtier.core.buffers import Buffer, BufferPool, BytesLike
 from kvtier.core.codec import ByteCodec, Codec, Params, TensorCodec
 from kvtier.core.errors import ConfigError, PluginError
+from kvtier.core.integrity import MacKeys
 from kvtier.core.layout import dtype_name
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.validation import validate_model
@@ -111,16 +112,24 @@ class CodecPipeline:
             raise PluginError(f"pipeline {self.name!r}: parameters are not JSON: {exc}") from exc
 
     def encode(
-        self, key: str, chunk: torch.Tensor, pool: BufferPool, *, sealed: bool = True
+        self,
+        key: str,
+        chunk: torch.Tensor,
+        pool: BufferPool,
+        *,
+        sealed: bool = True,
+        keys: MacKeys | None = None,
     ) -> fmt.Blob:
-        """Encode ``chunk`` (``[L, 2, T, H, D]``, any strides) into a blob.
+        """Encode ``chunk`` (``[L, 2, T, H, D]``, any strides) into a blob, signed with
+        ``keys`` when given (:mod:`kvtier.core.integrity`).
 
         The blob lives in a buffer leased from ``pool``; the caller owns (and
         releases) it. With a tensor codec alone the payload is written in place, so
         ``raw`` costs one copy plus the checksum. ``sealed=False`` leaves the checksum
-        out: the caller seals the blob (:meth:`Blob.ensure_sealed`) before its bytes
-        leave the process, and only then.
+        (and MAC) out: the caller seals the blob (:meth:`Blob.ensure_sealed`) before its
+        bytes leave the process, and only then.
         """
+        flags = fmt.signing_flags(keys)
         dtype_name(chunk.dtype)  # ConfigError for dtypes a blob cannot name
         if chunk.dim() != 5:
             raise ConfigError(f"a chunk is [L, 2, T, H, D]; got shape {tuple(chunk.shape)}")
@@ -130,7 +139,7 @@ class CodecPipeline:
             )
         payload_len = self.tensor_codec.encoded_nbytes(chunk.shape, chunk.dtype)
         if not self.byte_codecs:
-            blob = self._encode_in_place(key, chunk, payload_len, pool)
+            blob = self._encode_in_place(key, chunk, payload_len, pool, flags)
         else:
             with pool.acquire(payload_len) as first:
                 params = [self.tensor_codec.encode_into(chunk, first.view)]
@@ -142,26 +151,26 @@ class CodecPipeline:
                     params.append(stage_params)
                     sizes.append(memoryview(data).nbytes)
                 header = self._header(key, chunk, params, sizes)
-                blob = self._assemble(header, memoryview(data).cast("B"), pool)
+                blob = self._assemble(header, memoryview(data).cast("B"), pool, flags)
         if sealed:
-            blob.ensure_sealed()
+            blob.ensure_sealed(keys)
         return blob
 
     def _encode_in_place(
-        self, key: str, chunk: torch.Tensor, payload_len: int, pool: BufferPool
+        self, key: str, chunk: torch.Tensor, payload_len: int, pool: BufferPool, flags: int
     ) -> fmt.Blob:
         guess = self._header(key, chunk, [{}], [payload_len])
         header_len = min(fmt.padded_header_len(len(guess) + _PARAMS_SLACK), fmt.MAX_PADDED_HEADER)
         start = fmt.payload_start(header_len)
-        buf = pool.acquire(fmt.OVERHEAD + header_len + payload_len)
+        buf = pool.acquire(start + payload_len + fmt.trailer_bytes(bool(flags)))
         try:
             payload = buf.view[start : start + payload_len]
             params = self.tensor_codec.encode_into(chunk, payload)
             header = self._header(key, chunk, [params], [payload_len])
             if len(header) <= header_len:
-                fmt.frame(buf.view, header, header_len, payload_len)
+                fmt.frame(buf.view, header, header_len, payload_len, flags)
                 return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
-            relocated = self._assemble(header, payload, pool)
+            relocated = self._assemble(header, payload, pool, flags)
         except BaseException:
             buf.release()
             raise
@@ -169,10 +178,10 @@ class CodecPipeline:
         return relocated
 
     @staticmethod
-    def _assemble(header: bytes, payload: memoryview, pool: BufferPool) -> fmt.Blob:
+    def _assemble(header: bytes, payload: memoryview, pool: BufferPool, flags: int) -> fmt.Blob:
         header_len = fmt.padded_header_len(len(header))
-        buf: Buffer = pool.acquire(fmt.OVERHEAD + header_len + payload.nbytes)
         start = fmt.payload_start(header_len)
+        buf: Buffer = pool.acquire(start + payload.nbytes + fmt.trailer_bytes(bool(flags)))
         buf.view[start : start + payload.nbytes] = payload
-        fmt.frame(buf.view, header, header_len, payload.nbytes)
+        fmt.frame(buf.view, header, header_len, payload.nbytes, flags)
         return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)

@@ -1,0 +1,32 @@
+"""Pinning: chunks a bounded tier never evicts, up to the tier's pinned-bytes budget.
+
+A tier supports pins when its backend has ``pin_many(keys)`` and ``unpin_many(keys)``
+(coroutines answering one bool per key): the ``cpu`` tier does, within its
+``options.pinned_bytes``. :func:`pin` pins (or unpins) given keys, or every chunk of a
+namespace (a model and tenant) that a tier holds now, in every tier that supports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.core.chain import TierChain
+
+
+async def pin(
+    chain: TierChain, keys: Sequence[str] | None, namespace: str, *, unpin: bool = False
+) -> dict[str, int]:
+    """Pin (or unpin) ``keys`` (``None``: every chunk of ``namespace`` a tier holds) in
+    each tier that supports pins; the chunks pinned (unpinned) per tier name. A tier
+    that fails is skipped like any tier operation."""
+    done: dict[str, int] = {}
+    for tier in chain.tiers:
+        call = getattr(tier.backend, "unpin_many" if unpin else "pin_many", None)
+        if call is None:
+            continue
+        asked = list(keys) if keys is not None else [
+            key async for key in tier.backend.iter_keys(f"{namespace}.")
+        ]  # fmt: skip
+        result = await tier.guarded("unpin" if unpin else "pin", call, asked) if asked else []
+        done[tier.name] = sum(result or ())
+    return done

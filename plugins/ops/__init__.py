@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, the ``kvtier serve`` control service, ``kvtier top``."""
