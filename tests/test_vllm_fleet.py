@@ -5,7 +5,9 @@ model: a baseline without kvtier, a ``kv_producer`` (prefill: cpu and file tiers
 KV events published by vLLM's own ZMQ publisher) and a ``kv_consumer`` (decode: the
 same file tier). Six prompts are handed off (the producer prefills with
 ``max_tokens`` 1, the consumer starts at once with the producer's transfer params);
-then a decode request whose prefill never happened.
+then a decode request whose prefill never happened, one whose producer stored only
+part of the prompt (as a producer killed mid-store leaves the shared tier), and an
+engine whose kvtier events endpoint cannot be bound.
 
 Skipped when vLLM is not installed.
 """
@@ -38,6 +40,7 @@ CHUNK = 128  # vLLM's CPU block size
 _rng = random.Random(13)
 PROMPTS = [[_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)] for _ in range(6)]
 NEVER = [_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)]  # never prefilled
+KILLED = [_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)]  # its producer "died"
 WAIT_MS = 1500
 
 
@@ -60,14 +63,27 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "events": {"publisher": "none", "media": "vllm-router"},
     }
     consumer = {"chunk_tokens": CHUNK, "tiers": [file], "handoff_wait_ms": WAIT_MS}
+    busy = socket.socket()  # held until the app is done: kvtier cannot bind its port
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    broken = {
+        "chunk_tokens": CHUNK,
+        "tiers": [{"url": "cpu://", "capacity": "64MiB"}],
+        "events": {"endpoint": f"tcp://127.0.0.1:{busy.getsockname()[1]}"},
+    }
     spec = {
         "engines": {
             "single": {"kvtier": None},
             "prefill": {"kvtier": producer, "role": "kv_producer", "events": events},
             "decode": {"kvtier": consumer, "role": "kv_consumer"},
+            "broken": {  # in this process, so that its error reaches the app
+                "kvtier": broken,
+                "lazy": True,
+                "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            },
         },
         "steps": [
-            {"generate": "single", "prompts": [*PROMPTS, NEVER], "max_tokens": 8},
+            {"generate": "single", "prompts": [*PROMPTS, NEVER, KILLED], "max_tokens": 8},
             {"handoff": ["prefill", "decode"], "prompts": PROMPTS, "max_tokens": 8},
             {
                 "generate": "decode",
@@ -75,20 +91,35 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "max_tokens": 8,
                 "params": [{"kvtier": {"tokens": len(NEVER)}}],
             },
+            {"generate": "prefill", "prompts": [KILLED], "max_tokens": 1},
+            {"report": "prefill"},
+            {"drop": "decode", "prompt": KILLED, "chunks": [2, 3]},
+            {
+                "generate": "decode",
+                "prompts": [KILLED],
+                "max_tokens": 8,
+                "params": [{"kvtier": {"tokens": len(KILLED)}}],
+            },
             {"generate": "prefill", "prompts": PROMPTS[:1], "max_tokens": 8},
             {"report": "prefill"},
             {"report": "decode"},
             {"replay": "prefill"},
             {"lookup": "prefill", "prompts": PROMPTS},
+            {"start": "broken"},
         ],
     }
     try:
         result = run_app("fleet_app.py", model, spec, root / "fleet.json")
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
+    finally:
+        busy.close()
     return dict(
         zip(
-            ("single", "handoff", "never", "again", "prefill", "decode", "replay", "lookup"),
+            (
+                *("single", "handoff", "never", "killed_prefill", "flushed", "dropped"),
+                *("killed", "again", "prefill", "decode", "replay", "lookup", "broken"),
+            ),
             result["steps"],
             strict=True,
         )
@@ -107,8 +138,19 @@ def test_decode_outputs_equal_a_single_server(fleet):
 
 def test_a_decode_whose_prefill_never_happened_recomputes_within_the_wait(fleet):
     never = fleet["never"]
-    assert never["outputs"] == [fleet["single"]["outputs"][-1]]
-    assert never["totals"]["load_tokens"] == fleet["decode"]["totals"]["load_tokens"]
+    assert never["outputs"] == [fleet["single"]["outputs"][len(PROMPTS)]]
+    assert never["totals"]["load_tokens"] == sum(len(p) for p in PROMPTS), "nothing loaded"
+
+
+def test_a_producer_that_died_mid_store_costs_the_wait_and_a_recompute(fleet):
+    """Its params announce the whole prompt; chunks 2 and 3 never arrived (a file tier
+    writes atomically: a killed writer leaves a temp file, never a torn chunk)."""
+    assert len(fleet["dropped"]["dropped"]) == 2
+    killed = fleet["killed"]
+    assert killed["outputs"] == [fleet["single"]["outputs"][-1]]
+    loaded = killed["totals"]["load_tokens"] - fleet["never"]["totals"]["load_tokens"]
+    assert loaded == 2 * CHUNK, "the chunks that arrived, then the rest computed"
+    assert killed["totals"]["load_error_blocks"] == 0
 
 
 def test_the_producer_never_loads_and_the_consumer_never_stores(fleet):
@@ -116,9 +158,14 @@ def test_the_producer_never_loads_and_the_consumer_never_stores(fleet):
     assert prefill["loads"] == 0 and prefill["load_tokens"] == 0
     assert fleet["again"]["cached"] == [0]  # stored, yet computed again: a producer
     # every prompt with its tail, and PROMPTS[0] again (a producer does not look up)
-    assert prefill["save_tokens"] == sum(len(p) for p in PROMPTS) + len(PROMPTS[0])
+    assert prefill["save_tokens"] == sum(len(p) for p in [*PROMPTS, KILLED, PROMPTS[0]])
     assert decode["saves"] == 0 and decode["save_tokens"] == 0
-    assert decode["load_tokens"] == sum(len(p) for p in PROMPTS)
+    assert decode["load_tokens"] == sum(len(p) for p in PROMPTS) + 2 * CHUNK
+
+
+def test_an_events_endpoint_that_cannot_bind_fails_the_engine_clearly(fleet):
+    error = fleet["broken"]["error"]
+    assert error is not None and "events.endpoint: cannot bind" in error, error
 
 
 def test_vllms_publisher_carries_kvtiers_tier_events(fleet):

@@ -19,7 +19,12 @@ started first, in order. ``spec["steps"]`` run in order:
 * ``{"replay": NAME}``: every batch vLLM's publisher has sent (from its replay
   socket, as hex), after one more engine step (a 1-token prompt) so that events of
   stores that finished after the last step are taken too;
-* ``{"lookup": NAME, "prompts": [...]}``: the worker's ``KVTier.lookup`` of each.
+* ``{"lookup": NAME, "prompts": [...]}``: the worker's ``KVTier.lookup`` of each;
+* ``{"drop": NAME, "prompt": [...], "chunks": [2, 3]}``: deletes those chunks of the
+  prompt from the worker's first ``file://`` tier and leaves a stale temp file there,
+  as a producer killed mid-store leaves it (file tiers write atomically);
+* ``{"start": NAME}``: starts an engine marked ``"lazy": true``; records the error
+  if it fails.
 
 Used by ``tests/test_vllm_fleet.py``.
 """
@@ -150,6 +155,44 @@ def replay(llms: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
     return {"batches": batches}
 
 
+def _drop(worker: Any, prompt: list[int], chunks: list[int]) -> list[str]:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    kv = get_kv_transfer_group().kvtier
+    keys = kv.hasher.keys(prompt, partial=kv.config.store_partial_chunks)
+    root = Path(next(t.url for t in kv.config.tiers if t.url.startswith("file://"))[7:])
+    dropped = []
+    for i in chunks:
+        for path in root.rglob(str(keys[i])):
+            path.unlink()
+            dropped.append(str(path))
+    (root / ".tmp" / "999999-killed.tmp").write_bytes(b"half a chunk")
+    return dropped
+
+
+def drop(llms: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    args = (step["prompt"], step["chunks"])
+    return {"dropped": llms[step["drop"]].collective_rpc(_drop, args=args)[0]}
+
+
+def start_engine(llms: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    name = step["start"]
+    engine = SPEC["engines"][name]
+    saved = {k: os.environ.get(k) for k in engine.get("env", {})}
+    os.environ.update(engine.get("env", {}))  # e.g. the engine in this process
+    try:
+        llms[name] = make_llm(MODEL[0], engine, SPEC.get("max_model_len", 1024))
+    except Exception as exc:  # the test checks the message
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"error": None}
+
+
 def lookup(llms: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
     llm = llms[step["lookup"]]
     return {"lookup": llm.collective_rpc(_lookup, args=(step["prompts"],))[0]}
@@ -161,16 +204,21 @@ STEPS = {
     "report": report,
     "replay": replay,
     "lookup": lookup,
+    "drop": drop,
+    "start": start_engine,
 }
 SPEC: dict[str, Any] = {}
+MODEL: list[str] = []
 
 
 def main() -> None:
     model, spec_path, out_path = sys.argv[1:4]
     SPEC.update(json.loads(Path(spec_path).read_text()))
+    MODEL.append(model)
     llms = {
         name: make_llm(model, engine, SPEC.get("max_model_len", 1024))
         for name, engine in SPEC["engines"].items()
+        if not engine.get("lazy")
     }
     steps = []
     for step in SPEC["steps"]:
