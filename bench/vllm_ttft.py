@@ -16,10 +16,12 @@ prefix cache off:
 * ``hit cpu``: the first set again; ``hit file``: the second set, its chunks removed
   from the cpu tier and the page cache dropped before each prompt (as root; else the
   row says WARM); ``hit redis``: the third set, removed from the cpu and file tiers.
-  Loads from file and redis are asynchronous (``load_async: auto``);
-* ``stream``: the token gaps of a 160-token greedy stream alone, then while another
-  request (2k tokens, stored only in redis, or only in the file tier) is looked up
-  and loaded: p50, p99 and worst gap.
+  Loads from file and redis are asynchronous (``--load-async auto``, the default;
+  ``never`` loads them inside the step, for comparison);
+* ``stream``: the token gaps of a 160-token greedy stream alone, while another
+  request of ``--tokens`` tokens is computed in full (a miss: what the stream sees
+  without kvtier), and while such a request stored only in redis, or only in the
+  file tier, is looked up and loaded: p50, p99 and worst gap.
 
 TTFT is the time to the first streamed output of ``max_tokens=1``; each case prints
 the median and its ratio to the cold median. The first token of every hit must
@@ -128,7 +130,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def run(model: Path, folder: Path, redis_url: str, tokens: int, reps: int) -> dict:
+async def run(
+    model: Path, folder: Path, redis_url: str, tokens: int, reps: int, load_async: str
+) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -137,12 +141,14 @@ async def run(model: Path, folder: Path, redis_url: str, tokens: int, reps: int)
         {"url": f"file://{folder}/kv", "capacity": "8GiB"},
         {"url": redis_url, "capacity": "4GiB"},
     ]
-    kwargs = engine_kwargs(str(model), {"tiers": tiers}, 2 * tokens + STREAM_TOKENS)
+    kvtier = {"tiers": tiers, "load_async": load_async}
+    kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
     new = lambda: [rng.randrange(4, 512) for _ in range(tokens)]  # noqa: E731
     sets = {case: [new() for _ in range(reps)] for case in ("cpu", "file", "redis")}
     side = {"redis": new(), "file": new()}  # the concurrent stream's slow loads
+    computed = new()  # a miss the concurrent stream runs beside, computed in full
     stream_prompt = [rng.randrange(4, 512) for _ in range(32)]
     rows: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
@@ -173,6 +179,12 @@ async def run(model: Path, folder: Path, redis_url: str, tokens: int, reps: int)
                 "" if dropped else " (WARM: page cache not dropped, not root)"
             )
         streams = {"stream alone": await generate(llm, "s0", stream_prompt, STREAM_TOKENS)}
+        task = asyncio.create_task(generate(llm, "s-miss", stream_prompt, STREAM_TOKENS))
+        await asyncio.sleep(0.5)
+        other = await generate(llm, "side-miss", computed, 1)
+        label = f"stream while a {tokens}-token miss is computed"
+        streams[label] = await task
+        notes[label] = f"the other request: TTFT {other['ttft'] * 1e3:.0f} ms (no kvtier hit)"
         for case, p in side.items():
             if case == "file":
                 drop_page_cache()
@@ -210,7 +222,7 @@ async def run(model: Path, folder: Path, redis_url: str, tokens: int, reps: int)
         }
         for case, r in streams.items()
     ]
-    return {"tokens": tokens, "reps": reps, "ttft": ttft, "stream": gaps}
+    return {"tokens": tokens, "reps": reps, "load_async": load_async, "ttft": ttft, "stream": gaps}
 
 
 def main(argv: list[str]) -> int:
@@ -219,17 +231,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", help="a folder on the disk for the model and file tier")
     parser.add_argument("--reps", type=int, default=3, help="prompts per case (median)")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length")
+    parser.add_argument(
+        "--load-async",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="the connector's load_async (auto: loads from file and redis are async)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         model = build_model(Path(tmp) / "model", vocab=512, max_positions=4 * args.tokens, **MODEL)
         valkey, url = start_valkey(Path(tmp))
         try:
-            result = asyncio.run(run(model, Path(tmp), url, args.tokens, args.reps))
+            result = asyncio.run(
+                run(model, Path(tmp), url, args.tokens, args.reps, args.load_async)
+            )
         finally:
             valkey.terminate()
             valkey.wait()
     mib = args.tokens * KV_BYTES_PER_TOKEN / 2**20
-    print(f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}")
+    print(
+        f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
+        f"load_async={args.load_async}"
+    )
     print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
     for r in result["ttft"]:
         print(f"{r['case']:22} {r['median_ms']:10.1f} {r['speedup_vs_cold']:7.2f}x  {r['note']}")

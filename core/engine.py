@@ -378,12 +378,14 @@ class KVTier:
         limits: Sequence[float | None] | None,
     ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
-        counts = await self.chain.lookup_by_tier(keys, limits) if keys else []
-        ends = [bounds[n - 1][1] if n else 0 for n in counts] or [0] * len(self.chain.tiers)
-        self._reads[0] += 1
-        self._reads[1] += len(tokens)
-        self._reads[2] += ends[-1] if ends else 0
-        return ends
+        counts: list[int] = []
+
+        async def by_tier() -> int:
+            counts.extend(await self.chain.lookup_by_tier(keys, limits))
+            return counts[-1] if counts else 0
+
+        await self._counted(0, len(tokens), by_tier, bounds)
+        return [bounds[n - 1][1] if n else 0 for n in counts] or [0] * len(self.chain.tiers)
 
     async def _counted(
         self,

@@ -675,19 +675,19 @@ def test_a_hung_tier_never_stalls_a_lookup(hung_valkey, engine: str) -> None:
         os.kill(hung_valkey.proc.pid, signal.SIGSTOP)
         worst = 0.0
         answer = None
-        for req in range(200):
+        local_answer = None
+        for _ in range(200):  # vLLM asks again at each step until there is an answer
             start = time.perf_counter()
-            answer = sched.match(f"r{req}", tokens, (), 0)
-            local_answer = local.match(f"r{req}", tokens, (), 0)
+            answer = sched.match("r", tokens, (), 0)
+            local_answer = local.match("r", tokens, (), 0)
             worst = max(worst, time.perf_counter() - start)
-            if answer is not None:
+            if answer is not None and local_answer is not None:
                 break
             time.sleep(0.005)
         # Waiting on the tier would take its 2 s timeout; 0.5 s leaves room for a
         # busy machine descheduling this process.
         assert worst < 0.5, f"a lookup call blocked the scheduler for {worst:.3f}s"
-        assert answer == 2 * CHUNK, "the smaller hit of the cpu tier"
-        assert local_answer in (None, 2 * CHUNK)
+        assert answer == local_answer == 2 * CHUNK, "the smaller hit of the cpu tier"
         redis_tier = kv.chain.tiers[1]
         deadline = time.monotonic() + 5
         while redis_tier.breaker.closed and time.monotonic() < deadline:

@@ -64,8 +64,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
     store = root / "kv"
     file = {"url": f"file://{store}", "capacity": "256MiB"}
-    kvtier = {"chunk_tokens": CHUNK, "tiers": [file]}
-    with_cpu = {"chunk_tokens": CHUNK, "tiers": [{"url": "cpu://", "capacity": "64MiB"}, file]}
+    # Generous lookup deadlines: on a busy test machine no lookup may count as a miss
+    # (tests/test_vllm_stall.py is about the deadlines).
+    budget = {"lookup_local_ms": 1000, "lookup_remote_ms": 2000}
+    kvtier = {"chunk_tokens": CHUNK, "tiers": [file], **budget}
+    cpu = {"url": "cpu://", "capacity": "64MiB"}
+    with_cpu = {"chunk_tokens": CHUNK, "tiers": [cpu, file], **budget}
     gen = lambda *prompts: {"generate": list(prompts), "max_tokens": 8}  # noqa: E731
     baseline, a = _run(
         model,
@@ -169,6 +173,7 @@ def test_tensor_parallel_ranks_each_serve_their_shard(tmp_path_factory):
     model = root / "model"
     subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
     kvtier = {"chunk_tokens": CHUNK, "tiers": [{"url": "cpu://", "capacity": "64MiB"}]}
+    kvtier["lookup_local_ms"] = 1000
     gen = {"generate": [PLAIN], "max_tokens": 8}
     spec = {
         "engines": [

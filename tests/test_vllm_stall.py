@@ -65,7 +65,7 @@ def test_a_hung_redis_tier_never_stalls_an_unrelated_stream(tmp_path: Path, valk
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
     gaps = result["stream"]["gaps"]
-    assert len(gaps) == spec["stream_tokens"] - 1
+    assert len(result["stream"]["tokens"]) == spec["stream_tokens"]  # (outputs may merge)
     assert max(gaps) < 0.5, f"the stream stalled {max(gaps):.2f}s (gaps {sorted(gaps)[-5:]})"
     *new, again = result["others"]
     assert [o["cached"] for o in new] == [0, 0, 0]

@@ -30,7 +30,7 @@ try:  # both come with vLLM
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from kvtier.core.errors import MissingExtraError
 
-    raise MissingExtraError("kvtier's vLLM lookup servers", "vllm") from exc
+    raise MissingExtraError("kvtier's vLLM lookup servers", "vllm", exc) from exc
 
 from kvtier.core.engine import KVTier
 from kvtier.core.keys import ExtraKeys

@@ -26,7 +26,7 @@ if "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ:
     raise SystemExit("run without VLLM_ENABLE_V1_MULTIPROCESSING: this app tests vLLM's default")
 import kvtier_app
 
-del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]  # back to vLLM's default: multi-process
+os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: multi-process
 
 
 def main() -> None:
