@@ -91,6 +91,20 @@ def test_the_producer_saves_the_whole_prompt_and_the_consumer_loads_it(pair):
     assert role_for("kv_consumer").finished_params(0) is None
 
 
+def test_a_prompt_shorter_than_a_chunk_is_handed_off_too(pair):
+    producer_kv, consumer_kv = pair
+    prompt = tokens(BS + 3, seed=2)
+    producer = scheduler(producer_kv, "kv_producer")
+    producer.allocated("r", prompt, (), [1, 2], 0)
+    (save,) = producer.build([Scheduled("r", [1, 2], True, 0, len(prompt))]).saves
+    assert (save.start, save.end) == (0, len(prompt))
+    producer_kv.store(prompt, torch.randn(LAYOUT.chunk_shape(len(prompt))))
+    producer_kv.flush()
+    consumer = scheduler(consumer_kv, "kv_consumer")
+    assert consumer.match("d", prompt, (), 0) == len(prompt) and consumer.is_async("d")
+    assert scheduler(consumer_kv, "kv_both").match("e", prompt, (), 0) == 0
+
+
 def test_kv_both_moves_whole_chunks_only(pair):
     producer_kv, _ = pair
     prompt = tokens(3 * CHUNK + 5, seed=1)

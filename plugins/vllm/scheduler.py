@@ -143,7 +143,7 @@ class SchedulerSide:
         limit = self.role.match_limit(len(tokens))
         state = self._state(req_id, tokens, extra_keys)
         got = NO_HIT
-        if limit >= self.chunk_tokens:
+        if limit >= (1 if self.role.partial else self.chunk_tokens):  # partial: any length
             answer = self._answer(req_id, state, tokens[:limit])
             if answer is None:
                 return None
