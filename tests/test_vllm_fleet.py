@@ -38,7 +38,7 @@ pytestmark = pytest.mark.vllm
 APPS = Path(__file__).parent / "vllm_apps"
 CHUNK = 128  # vLLM's CPU block size
 _rng = random.Random(13)
-PROMPTS = [[_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)] for _ in range(6)]
+PROMPTS = [[_rng.randrange(4, 512) for _ in range(10 * CHUNK + 66)] for _ in range(6)]
 NEVER = [_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)]  # never prefilled
 KILLED = [_rng.randrange(4, 512) for _ in range(3 * CHUNK + 66)]  # its producer "died"
 WAIT_MS = 1500
@@ -55,7 +55,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fleet")
     model = root / "model"
     subprocess.run([sys.executable, str(APPS / "tiny_model.py"), str(model)], check=True)
-    file = {"url": f"file://{root / 'shared'}", "capacity": "256MiB"}
+    # fsync makes the producer's writes slow enough that a consumer without the hand-off
+    # wait loads part of the prompt, or none: [256, 128, 0, 0, 0, 0] tokens here
+    file = {"url": f"file://{root / 'shared'}", "capacity": "256MiB", "options": {"fsync": True}}
     events = {"endpoint": f"tcp://*:{free_port()}", "replay_endpoint": f"tcp://*:{free_port()}"}
     producer = {
         "chunk_tokens": CHUNK,
@@ -72,6 +74,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "events": {"endpoint": f"tcp://127.0.0.1:{busy.getsockname()[1]}"},
     }
     spec = {
+        "max_model_len": 2048,
         "engines": {
             "single": {"kvtier": None},
             "prefill": {"kvtier": producer, "role": "kv_producer", "events": events},
