@@ -10,14 +10,18 @@ Layout (integers little-endian)::
     20               header: UTF-8 JSON, header_len bytes
                      {"key": str, "dtype": "float16", "shape": [L, 2, T, H, D],
                       "stages": [{"name": "int8", "params": {...}}, ...],
-                      "sizes": [n0, n1, ...]}
+                      "sizes": [n0, n1, ...],
+                      "segment": {"start": s}}      (only in segment chunks)
     20+header_len    payload, payload_len bytes
     end-8            xxh3_64 of every byte before it, u64
                      or, in a signed blob (flags 1, see kvtier.core.integrity):
     end-48           xxh3_128 of every byte before it, 16 bytes
     end-32           keyed BLAKE2b-256 of the prefix, the header and that checksum
 
-``sizes[i]`` is the payload size after stage ``i``; the last equals payload_len. The
+``sizes[i]`` is the payload size after stage ``i``; the last equals payload_len.
+``segment`` marks a chunk of a position-independent segment: its keys are rotated to
+canonical positions ``s .. s+T-1`` (``s``, its offset in the segment, is the canonical
+start). Blobs written before segments existed have no ``segment`` and read as before. The
 encoder pads the JSON with spaces so that the payload starts at a multiple of 64
 bytes. Everything read from a blob is validated before it is used: lengths first
 (so a lying header cannot make the reader allocate), then the checksum, then the
@@ -86,6 +90,7 @@ def _digest(body: memoryview, flags: int) -> bytes:
 
 _PAYLOAD_ALIGN = 64
 _HEADER_KEYS = frozenset({"key", "dtype", "shape", "stages", "sizes"})
+_OPTIONAL_KEYS = frozenset({"segment"})
 _STAGE_KEYS = frozenset({"name", "params"})
 
 
@@ -102,6 +107,9 @@ class BlobHeader:
     nbytes: int
     signed: bool = False
     """The blob carries a MAC (:mod:`kvtier.core.integrity`)."""
+    segment_start: int | None = None
+    """Canonical position of the first token of a segment chunk; ``None`` for a prefix
+    chunk (whose keys sit at their absolute positions)."""
 
     @property
     def payload_offset(self) -> int:
@@ -180,15 +188,21 @@ def header_json(
     shape: tuple[int, ...],
     stages: list[tuple[str, dict[str, Any]]],
     sizes: list[int],
+    segment_start: int | None = None,
 ) -> bytes:
-    """The header's JSON text; :class:`ConfigError` if it would exceed the limit."""
-    header = {
+    """The header's JSON text; :class:`ConfigError` if it would exceed the limit.
+    ``segment_start`` marks a segment chunk and records its canonical start."""
+    header: dict[str, Any] = {
         "key": key,
         "dtype": dtype_name(dtype),
         "shape": list(shape),
         "stages": [{"name": name, "params": params} for name, params in stages],
         "sizes": sizes,
     }
+    if segment_start is not None:
+        if not _is_count(segment_start):
+            raise ConfigError(f"segment_start must be a non-negative int, got {segment_start!r}")
+        header["segment"] = {"start": segment_start}
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if padded_header_len(len(text)) > MAX_PADDED_HEADER:
         raise ConfigError(
@@ -270,9 +284,12 @@ def _parse_header(text: bytes, payload_len: int, nbytes: int, signed: bool) -> B
         obj = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise _corrupt(f"header is not UTF-8 JSON ({exc})") from None
-    if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
+    if not isinstance(obj, dict) or not _HEADER_KEYS <= set(obj) <= _HEADER_KEYS | _OPTIONAL_KEYS:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise _corrupt(f"header must be an object with keys {sorted(_HEADER_KEYS)}, got {keys}")
+        raise _corrupt(
+            f"header must be an object with keys {sorted(_HEADER_KEYS)} (and optionally "
+            f"{sorted(_OPTIONAL_KEYS)}), got {keys}"
+        )
     key, dtype, shape, stages, sizes = (
         obj[k] for k in ("key", "dtype", "shape", "stages", "sizes")
     )
@@ -303,8 +320,23 @@ def _parse_header(text: bytes, payload_len: int, nbytes: int, signed: bool) -> B
         raise _corrupt(f"a stage size exceeds {MAX_STAGE_BYTES} bytes: {sizes}")
     if sizes[-1] != payload_len:
         raise _corrupt(f"last stage size {sizes[-1]} != payload length {payload_len}")
+    segment = obj.get("segment")
+    if segment is not None and (
+        not isinstance(segment, dict)
+        or set(segment) != {"start"}
+        or not _is_count(segment["start"])
+    ):
+        raise _corrupt(f"segment must be {{start: non-negative int}}, got {segment!r:.120}")
     return BlobHeader(
-        key, torch_dtype, tuple(shape), tuple(parsed), tuple(sizes), payload_len, nbytes, signed
+        key,
+        torch_dtype,
+        tuple(shape),
+        tuple(parsed),
+        tuple(sizes),
+        payload_len,
+        nbytes,
+        signed,
+        segment_start=None if segment is None else segment["start"],
     )
 
 

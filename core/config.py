@@ -11,6 +11,8 @@ Example (``kvtier.yaml``)::
         codec: int8+zstd
       - url: s3://bucket/prefix
         write_policy: back
+    segments: {min_tokens: 64, separator: " # # "}   # reuse text at any position
+    blend: {strategy: cacheblend, recompute_ratio: 0.15, check_layers: [1]}
 
 Every key is checked: an unknown key is an error naming the closest valid one, sizes
 read as ``20GiB`` / ``500 GB`` / integers, and a tier missing a setting its backend
@@ -117,6 +119,48 @@ class PluginsConfig(_Strict):
     """Plugin names (as ``kvtier plugins`` lists them) not to load."""
 
 
+class SegmentsConfig(_Strict):
+    """Position-independent segments (see :mod:`kvtier.core.segments`)."""
+
+    min_tokens: int = Field(default=64, ge=1)
+    """Segments shorter than this are never stored or looked up (computed instead)."""
+    separator: str | None = None
+    """Text that splits a flat prompt into segments (e.g. ``" # # "``), tokenised once
+    by the integration without special tokens; ``None``: prompts are never split."""
+
+    @model_validator(mode="after")
+    def _check_separator(self) -> SegmentsConfig:
+        if self.separator is not None and not self.separator:
+            raise ValueError("segments.separator must be non-empty text or null")
+        return self
+
+
+class BlendConfig(_Strict):
+    """How reused segments are fused into one prompt: which tokens are recomputed."""
+
+    strategy: Literal["none", "cacheblend", "epic"] = "cacheblend"
+    """``none``: reused KV as it is; ``cacheblend``: recompute the tokens whose KV
+    deviates most at the check layers; ``epic``: recompute each segment's first tokens."""
+    recompute_ratio: float = Field(default=0.15, ge=0.0, le=1.0)
+    """cacheblend: share of the reused tokens recomputed after the check layers."""
+    check_layers: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    """cacheblend: layers (from 0) where the running tokens' fresh KV is compared with
+    the reused KV; the choice narrows at each, the last keeping ``recompute_ratio``."""
+    epic_k: int = Field(default=16, ge=0)
+    """epic: leading tokens of each reused segment that are recomputed."""
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> BlendConfig:
+        if any(layer < 0 for layer in self.check_layers) or self.check_layers != sorted(
+            set(self.check_layers)
+        ):
+            raise ValueError(
+                f"blend.check_layers must be distinct layer indexes >= 0 in increasing "
+                f"order, got {self.check_layers}"
+            )
+        return self
+
+
 class KVTierConfig(_Strict):
     """Top-level configuration."""
 
@@ -138,6 +182,8 @@ class KVTierConfig(_Strict):
     tenant: str | None = None
     """Tenant salt: chunks of different tenants never mix."""
     tiers: list[TierConfig] = Field(min_length=1)
+    segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+    blend: BlendConfig = Field(default_factory=BlendConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     integrity: IntegrityConfig | None = None
     """Sign blobs with keyed MACs and refuse forged ones (see docs/security.md)."""

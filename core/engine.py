@@ -55,8 +55,10 @@ from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.quotas import ledgers, quota_for
 from kvtier.core.runtime import LoopThread
+from kvtier.core.segments import Chunk, SegmentAPI, SegmentKeys
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import TierStats
+from kvtier.kernels.rope import RotaryConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,9 @@ class _Queued:
     tokens: int
 
 
-class KVTier:
-    """A model's view of the tier chain. Build it with :meth:`open`."""
+class KVTier(SegmentAPI):
+    """A model's view of the tier chain. Build it with :meth:`open`. Position-independent
+    segments (:mod:`kvtier.core.segments`) need the model's ``rotary`` encoding."""
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class KVTier:
         *,
         registry: PluginRegistry,
         pool: BufferPool,
+        rotary: RotaryConfig | None = None,
     ) -> None:
         self.config = config
         self.model = fingerprint.model
@@ -95,6 +99,7 @@ class KVTier:
             algorithm=config.hash,
             seed=config.hash_seed,
         )
+        self._segment_keys = SegmentKeys(fingerprint, rotary, config) if rotary else None
         self._raw = CodecPipeline.from_config("raw", registry)
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
         quotas = ledgers(config)
@@ -144,19 +149,21 @@ class KVTier:
         revision: str | None = None,
         pool: BufferPool | None = None,
         registry: PluginRegistry | None = None,
+        rotary: RotaryConfig | None = None,
     ) -> KVTier:
         """Open the tier chain of ``config`` (a YAML path, a mapping, or ``None`` for the
         embedded default) for one model. ``tenant`` overrides the config's tenant;
         ``registry`` replaces the process-wide plugin registry (and the config's
         ``plugins.disable``); ``revision`` (the weights revision) is part of the
-        namespace, so a redeployed model never reuses the old weights' KV."""
+        namespace, so a redeployed model never reuses the old weights' KV; ``rotary``
+        (the model's RoPE) enables segments."""
         cfg = load_config(config)
         if tenant is not None:
             cfg = cfg.model_copy(update={"tenant": tenant})
         registry = registry or get_registry(frozenset(cfg.plugins.disable))
         registry.pm.hook.kvtier_configure(config=cfg)
         fingerprint = ModelFingerprint(model, layout, tp_rank, tp_size, revision)
-        return cls(cfg, fingerprint, registry=registry, pool=pool or default_pool())
+        return cls(cfg, fingerprint, registry=registry, pool=pool or default_pool(), rotary=rotary)
 
     async def _start(self) -> None:
         self._jobs = asyncio.Queue()
@@ -248,10 +255,22 @@ class KVTier:
         if not isinstance(kv, torch.Tensor):
             raise ConfigError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
         self.layout.check(kv, len(tokens) - start)
-        parts: list[tuple[str, torch.Tensor]] = []
-        accepted = start
-        for i, (key, (chunk_start, end)) in enumerate(zip(keys, bounds, strict=True)):
-            nbytes = (end - chunk_start) * self.layout.bytes_per_token()
+        chunks = [
+            (key, kv[:, :, a - start : b - start], None)
+            for key, (a, b) in zip(keys, bounds, strict=True)
+        ]
+        n = self._queue(chunks)
+        return bounds[n - 1][1] if n else start
+
+    def _queue(self, chunks: Sequence[Chunk]) -> int:
+        """Copy ``(key, chunk, segment_start)`` items into blobs and queue them for the
+        write-through tiers, in order, until the store queue's byte budget is full (the
+        rest are dropped and counted); keys already queued are skipped. Returns how many
+        leading items were accepted."""
+        parts: list[Chunk] = []
+        accepted = tokens = 0
+        for i, (key, chunk, _) in enumerate(chunks):
+            nbytes = chunk.shape[2] * self.layout.bytes_per_token()
             with self._budget:
                 queued = key in self._inflight
                 full = not queued and self._queue_bytes + nbytes > self.config.store_queue_bytes
@@ -259,22 +278,22 @@ class KVTier:
                     self._queue_bytes += nbytes
                     self._inflight[key] = nbytes
             if full:
-                self._drop(keys[i:])
+                self._drop([k for k, _, _ in chunks[i:]])
                 break
             if not queued:
-                parts.append((key, kv[:, :, chunk_start - start : end - start]))
-            accepted = end
+                parts.append(chunks[i])
+            accepted, tokens = i + 1, tokens + chunk.shape[2]
         if parts:
-            job = _Queued(self._encode(parts), accepted - start)
+            job = _Queued(self._encode(parts), tokens)
             self._io.loop.call_soon_threadsafe(self._enqueue, job)
         return accepted
 
-    def _encode(self, parts: list[tuple[str, torch.Tensor]]) -> list[Blob]:
+    def _encode(self, parts: list[Chunk]) -> list[Blob]:
         """Unsealed raw blobs of ``parts``, copied by the codec threads in parallel
         (the caller waits) when there is enough to share, else by the caller."""
-        if len(parts) < 2 or sum(p.nbytes for _, p in parts) < PARALLEL_COPY_BYTES:
-            return [self._copy(key, part) for key, part in parts]
-        futures = [self._codec.submit(partial(self._copy, key, part)) for key, part in parts]
+        if len(parts) < 2 or sum(p.nbytes for _, p, _ in parts) < PARALLEL_COPY_BYTES:
+            return [self._copy(*part) for part in parts]
+        futures = [self._codec.submit(partial(self._copy, *part)) for part in parts]
         concurrent.futures.wait(futures)
         blobs = [f.result() for f in futures if f.exception() is None]
         failed = next((f.exception() for f in futures if f.exception() is not None), None)
@@ -284,9 +303,11 @@ class KVTier:
             raise failed
         return blobs
 
-    def _copy(self, key: str, part: torch.Tensor) -> Blob:
+    def _copy(self, key: str, part: torch.Tensor, segment_start: int | None) -> Blob:
         with torch.no_grad():  # autograd is per thread: never record history on blobs
-            return self._raw.encode(key, part, self.pool, sealed=False, keys=self.integrity)
+            return self._raw.encode(
+                key, part, self.pool, sealed=False, keys=self.integrity, segment_start=segment_start
+            )
 
     def _drop(self, keys: list[str]) -> None:
         event = TierEvent(EventKind.DROPPED, "-", len(keys), keys=tuple(keys))

@@ -15,6 +15,11 @@ equal keys mean equal prefixes. Two algorithms:
 The seed is fixed and configurable; it is never random per process, so processes and
 restarts agree on keys. The namespace (model fingerprint and tenant) is part of every
 key's string form, so two models or tenants never share a chunk.
+
+Position-independent segments (:mod:`kvtier.core.segments`) are a second key domain:
+their chunks chain from a segment root over the segment's own tokens only, in a
+namespace that also fingerprints the model's rotary encoding and ends in ``-seg``
+(before the tenant tag), which no prefix namespace can (those end in hex digits).
 """
 
 from __future__ import annotations
@@ -119,6 +124,22 @@ def namespace_for(fingerprint: ModelFingerprint, tenant: str | None = None) -> s
     return ns if tenant is None else f"{ns}-{tenant_tag(tenant)}"
 
 
+def segment_namespace_for(
+    fingerprint: ModelFingerprint, positional: str, tenant: str | None = None
+) -> str:
+    """Namespace of a model's position-independent segments:
+    ``<model slug>-<hash>-seg[-<tenant tag>]``, the hash covering the fingerprint, the
+    positional encoding's canonical text (``positional``, e.g. the RoPE parameters) and
+    the tenant. It never equals a prefix namespace (:func:`namespace_for`)."""
+    if tenant == "":
+        raise ConfigError("tenant must be a non-empty string or None")
+    canonical = f"{fingerprint.canonical()};segments;{positional}" + (
+        f";tenant={tenant}" if tenant is not None else ""
+    )
+    ns = f"{model_slug(fingerprint.model)}-{_tag(canonical, 16)}-seg"
+    return ns if tenant is None else f"{ns}-{tenant_tag(tenant)}"
+
+
 def sha256_cbor(obj: Any) -> bytes:
     """vLLM's ``sha256_cbor``: SHA-256 of the canonical CBOR encoding of ``obj``."""
     return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
@@ -149,7 +170,10 @@ def _as_int64(tokens: Tokens) -> np.ndarray[Any, np.dtype[np.int64]]:
 
 
 class ChunkHasher:
-    """Splits token sequences into chunks and computes their chained keys."""
+    """Splits token sequences into chunks and computes their chained keys.
+
+    ``segments=True`` starts the chain from the segment root instead of the prefix
+    root, so a segment's chunks never share a digest with a prefix's."""
 
     def __init__(
         self,
@@ -158,6 +182,7 @@ class ChunkHasher:
         chunk_tokens: int = 256,
         algorithm: HashAlgorithm = "xxh3_128",
         seed: str = DEFAULT_SEED,
+        segments: bool = False,
     ) -> None:
         if chunk_tokens <= 0:
             raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -170,9 +195,10 @@ class ChunkHasher:
         self.algorithm = algorithm
         self.seed = seed
         if algorithm == "sha256_cbor":
-            self.root = sha256_cbor(seed)
+            self.root = sha256_cbor(("kvtier-segment", seed) if segments else seed)
         else:
-            self.root = xxhash.xxh3_128_digest(b"kvtier-root\0" + seed.encode())
+            label = b"kvtier-segment\0" if segments else b"kvtier-root\0"
+            self.root = xxhash.xxh3_128_digest(label + seed.encode())
 
     def chunk_bounds(self, num_tokens: int, *, partial: bool = False) -> list[tuple[int, int]]:
         """``(start, end)`` of each chunk; the trailing partial chunk only if ``partial``."""

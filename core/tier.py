@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -88,13 +89,16 @@ class KVTierStats:
 
 
 class CircuitBreaker:
-    """Skips a failing tier for ``retry_after`` seconds, doubling up to a minute."""
+    """Skips a failing tier for ``retry_after`` seconds, doubling (up to a minute) each
+    time a try after the wait fails. Calls already in flight when the tier failed belong
+    to the same outage: their failures neither double nor extend the wait."""
 
     def __init__(self, retry_after: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.base = retry_after
         self.clock = clock
         self.delay = retry_after
         self.open_until: float | None = None
+        self._opened_at = -math.inf
 
     @property
     def closed(self) -> bool:
@@ -108,10 +112,15 @@ class CircuitBreaker:
         self.open_until = None
         self.delay = self.base
 
-    def failure(self) -> None:
+    def failure(self, started: float) -> None:
+        """A call begun at ``started`` (this breaker's clock) failed."""
+        if started < self._opened_at:
+            return  # in flight when the breaker opened: the same outage
+        now = self.clock()
         if self.open_until is not None:
             self.delay = min(self.delay * 2, MAX_RETRY_AFTER)
-        self.open_until = self.clock() + self.delay
+        self._opened_at = now
+        self.open_until = now + self.delay
 
 
 class Tier:
@@ -140,7 +149,7 @@ class Tier:
     def mark_unopened(self, exc: Exception) -> None:
         """The backend could not be opened; the next allowed operation opens it first."""
         self._opened = False
-        self._failed("open", exc, 0)
+        self._failed("open", exc, 0, self.breaker.clock())
 
     async def guarded(
         self, op: str, call: Callable[..., Awaitable[T]], *args: Any, count: int = 0
@@ -155,6 +164,7 @@ class Tier:
         if not self.breaker.allow():
             self.stats.skipped += 1
             return None
+        began = self.breaker.clock()
         start = time.perf_counter()
         try:
             if not self._opened:
@@ -162,10 +172,10 @@ class Tier:
                 self._opened = True
             result = await asyncio.wait_for(call(*args), self.config.timeout)
         except (KVTierError, asyncio.TimeoutError) as exc:
-            self._failed(op, exc, count)
+            self._failed(op, exc, count, began)
             return None
         except Exception as exc:
-            self._failed(op, exc, count)
+            self._failed(op, exc, count, began)
             if STRICT:
                 raise
             return None
@@ -185,10 +195,10 @@ class Tier:
         log.error("tier %s: encoding %d chunks failed: %s", self.name, count, exc)
         self.emit(TierEvent(EventKind.FAILED, self.name, count, detail=f"encode failed: {exc}"))
 
-    def _failed(self, op: str, exc: Exception, count: int) -> None:
+    def _failed(self, op: str, exc: Exception, count: int, began: float) -> None:
         self.stats.errors += 1
         self.stats.available = False
-        self.breaker.failure()
+        self.breaker.failure(began)
         if isinstance(exc, asyncio.TimeoutError):
             detail = f"{op} timed out after {self.config.timeout}s"
         elif isinstance(exc, KVTierError):

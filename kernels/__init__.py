@@ -1,7 +1,8 @@
 """Compute kernels behind kvtier's codecs and engine integrations.
 
-:mod:`kvtier.kernels.quant` holds the pure-torch reference quantisation kernels and
-:mod:`kvtier.kernels.paged` the reference gather and scatter of paged KV caches; an
+:mod:`kvtier.kernels.quant` holds the pure-torch reference quantisation kernels,
+:mod:`kvtier.kernels.paged` the reference gather and scatter of paged KV caches and
+:mod:`kvtier.kernels.rope` the re-rotation of RoPE keys to new positions; an
 accelerated kernel must reproduce their output byte for byte. Integrations call the
 paged-KV functions through this package, so an accelerated implementation replaces
 the reference here without touching them.

@@ -116,10 +116,12 @@ def test_demo_runs_on_the_default_chain(tmp_path):
     assert (tmp_path / "kvtier" / "chunks").is_dir() and plot.is_file()
 
 
-@pytest.mark.parametrize("missing", ["transformers", "matplotlib"])
-def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missing):
+@pytest.mark.parametrize(
+    ("missing", "args"), [("transformers", []), ("matplotlib", ["--plot", "p.png"])]
+)
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missing, args):
     monkeypatch.setitem(sys.modules, missing, None)  # importing it fails
-    code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny")
+    code, out, err = run(monkeypatch, capsys, "demo", "--model", "tiny", *args)
     assert code == 2 and out == ""
     assert err == (
         "kvtier: error: kvtier demo needs optional dependencies: pip install 'kvtier[demo]'\n"
@@ -128,7 +130,7 @@ def test_demo_without_its_extra_says_what_to_install(monkeypatch, capsys, missin
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--contexts", "1k"], "--contexts '1k'"), (["--model", "7b"], "unknown model size '7b'")],
+    [(["--contexts", "1k"], "--contexts '1k'"), (["--model", "7b"], "unknown model '7b'")],
 )
 def test_demo_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

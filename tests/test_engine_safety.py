@@ -302,9 +302,9 @@ def test_a_big_store_is_copied_by_the_codec_threads(
     copiers: list[str] = []
     copy = engine.KVTier._copy
 
-    def recording(self: KVTier, key: str, part: torch.Tensor) -> Any:
+    def recording(self: KVTier, *chunk: Any) -> Any:
         copiers.append(threading.current_thread().name)
-        return copy(self, key, part)
+        return copy(self, *chunk)
 
     monkeypatch.setattr(engine.KVTier, "_copy", recording)
     tokens, kv = prompt(4 * CHUNK)
@@ -320,3 +320,25 @@ def test_a_big_store_is_copied_by_the_codec_threads(
         n, got = cache.retrieve(tokens)
     assert n == 4 * CHUNK and torch.equal(got, kv.detach()) and not got.requires_grad
     assert len(copiers) == 4 and all(name.startswith("kvtier-codec") for name in copiers)
+
+
+def test_failures_of_one_outage_open_the_breaker_once() -> None:
+    """Calls in flight when a tier fails (a burst of lookups against a hung tier) count
+    as one failure: the wait doubles only when a try after the wait fails too."""
+    now = [100.0]
+    breaker = tier_module.CircuitBreaker(5.0, clock=lambda: now[0])
+    in_flight = [now[0]] * 8  # eight calls began while the tier was fine
+    now[0] += 10  # ... and all time out
+    for began in in_flight:
+        breaker.failure(began)
+    assert (breaker.delay, breaker.open_until) == (5.0, 115.0)
+    assert not breaker.allow()
+    now[0] = 115.0
+    assert breaker.allow()
+    probes = [now[0], now[0]]
+    now[0] += 10
+    for began in probes:  # the first try after the wait fails: doubled once
+        breaker.failure(began)
+    assert (breaker.delay, breaker.open_until) == (10.0, 135.0)
+    breaker.success()
+    assert breaker.closed and breaker.delay == 5.0

@@ -179,4 +179,7 @@ def recode(
     signed with ``keys`` when given)."""
     if blob.header.pipeline == pipeline.name:
         return blob.retain()
-    return pipeline.encode(blob.key, chunk_of(blob, registry), pool, keys=keys)
+    chunk = chunk_of(blob, registry)
+    return pipeline.encode(
+        blob.key, chunk, pool, keys=keys, segment_start=blob.header.segment_start
+    )

@@ -98,14 +98,21 @@ class CodecPipeline:
         return f"CodecPipeline({self.name!r})"
 
     def _header(
-        self, key: str, chunk: torch.Tensor, params: list[Params], sizes: list[int]
+        self,
+        key: str,
+        chunk: torch.Tensor,
+        params: list[Params],
+        sizes: list[int],
+        segment_start: int | None = None,
     ) -> bytes:
         for codec, p in zip(self.stages, params, strict=True):
             if not isinstance(p, dict):
                 raise PluginError(f"codec {codec.name!r} returned parameters {p!r}, not a dict")
         stages = [(codec.name, p) for codec, p in zip(self.stages, params, strict=True)]
         try:
-            return fmt.header_json(key, chunk.dtype, tuple(chunk.shape), stages, sizes)
+            return fmt.header_json(
+                key, chunk.dtype, tuple(chunk.shape), stages, sizes, segment_start
+            )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -119,6 +126,7 @@ class CodecPipeline:
         *,
         sealed: bool = True,
         keys: MacKeys | None = None,
+        segment_start: int | None = None,
     ) -> fmt.Blob:
         """Encode ``chunk`` (``[L, 2, T, H, D]``, any strides) into a blob, signed with
         ``keys`` when given (:mod:`kvtier.core.integrity`).
@@ -127,7 +135,8 @@ class CodecPipeline:
         releases) it. With a tensor codec alone the payload is written in place, so
         ``raw`` costs one copy plus the checksum. ``sealed=False`` leaves the checksum
         (and MAC) out: the caller seals the blob (:meth:`Blob.ensure_sealed`) before its
-        bytes leave the process, and only then.
+        bytes leave the process, and only then. ``segment_start`` marks a chunk of a
+        position-independent segment (see :mod:`kvtier.core.blob`).
         """
         flags = fmt.signing_flags(keys)
         dtype_name(chunk.dtype)  # ConfigError for dtypes a blob cannot name
@@ -139,7 +148,7 @@ class CodecPipeline:
             )
         payload_len = self.tensor_codec.encoded_nbytes(chunk.shape, chunk.dtype)
         if not self.byte_codecs:
-            blob = self._encode_in_place(key, chunk, payload_len, pool, flags)
+            blob = self._encode_in_place(key, chunk, payload_len, pool, flags, segment_start)
         else:
             with pool.acquire(payload_len) as first:
                 params = [self.tensor_codec.encode_into(chunk, first.view)]
@@ -150,23 +159,29 @@ class CodecPipeline:
                     data, stage_params = codec.encode(memoryview(data).cast("B"), itemsize)
                     params.append(stage_params)
                     sizes.append(memoryview(data).nbytes)
-                header = self._header(key, chunk, params, sizes)
+                header = self._header(key, chunk, params, sizes, segment_start)
                 blob = self._assemble(header, memoryview(data).cast("B"), pool, flags)
         if sealed:
             blob.ensure_sealed(keys)
         return blob
 
     def _encode_in_place(
-        self, key: str, chunk: torch.Tensor, payload_len: int, pool: BufferPool, flags: int
+        self,
+        key: str,
+        chunk: torch.Tensor,
+        payload_len: int,
+        pool: BufferPool,
+        flags: int,
+        segment_start: int | None,
     ) -> fmt.Blob:
-        guess = self._header(key, chunk, [{}], [payload_len])
+        guess = self._header(key, chunk, [{}], [payload_len], segment_start)
         header_len = min(fmt.padded_header_len(len(guess) + _PARAMS_SLACK), fmt.MAX_PADDED_HEADER)
         start = fmt.payload_start(header_len)
         buf = pool.acquire(start + payload_len + fmt.trailer_bytes(bool(flags)))
         try:
             payload = buf.view[start : start + payload_len]
             params = self.tensor_codec.encode_into(chunk, payload)
-            header = self._header(key, chunk, [params], [payload_len])
+            header = self._header(key, chunk, [params], [payload_len], segment_start)
             if len(header) <= header_len:
                 fmt.frame(buf.view, header, header_len, payload_len, flags)
                 return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)

@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
-from kvtier.core.config import KVTierConfig
+from kvtier.core.config import KVTierConfig, load_config
 from kvtier.core.engine import KVTier
 from kvtier.core.errors import ConfigError
+from kvtier.core.keys import Tokens
 from kvtier.core.layout import KVLayout
+from kvtier.kernels.rope import RotaryConfig
 from kvtier.plugins.transformers.compat import CACHE_ARGUMENT
+from kvtier.plugins.transformers.layers import dynamic_layers, fill
+from kvtier.plugins.transformers.segments import SegmentReuse
 
 
 def layout_for(model: PreTrainedModel) -> KVLayout:
@@ -76,24 +79,43 @@ class Prefix:
         return {CACHE_ARGUMENT: self.cache}
 
 
-class PrefixCache:
+def rotary_for(model: PreTrainedModel) -> tuple[RotaryConfig | None, str | None]:
+    """The model's rotary encoding, or why segments cannot be re-rotated for it."""
+    try:
+        return RotaryConfig.from_config(model.config), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+class PrefixCache(SegmentReuse):
     """A transformers causal LM's KV cache, kept in a kvtier tier chain.
 
     Batch size 1, full-attention layers (``DynamicLayer``; GQA included). Not thread
     safe: use one per thread. Prompts of any length work: chunks are whole
     ``chunk_tokens`` runs (plus a trailing partial one with ``store_partial_chunks``),
-    and the tokens past the last stored chunk are computed.
+    and the tokens past the last stored chunk are computed. Prompts given as segments
+    reuse text at any position (:mod:`~kvtier.plugins.transformers.segments`).
     """
 
-    def __init__(self, model: PreTrainedModel, kv: KVTier, *, close_kv: bool = False) -> None:
-        """Use ``kv`` (opened with :func:`layout_for` of ``model``) for ``model``;
-        ``close_kv`` makes :meth:`close` close it too."""
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        kv: KVTier,
+        *,
+        close_kv: bool = False,
+        separator: Sequence[int] | None = None,
+    ) -> None:
+        """Use ``kv`` (opened with :func:`layout_for` of ``model``, and ``rotary=`` its
+        :func:`rotary_for` for segments) for ``model``; ``close_kv`` makes :meth:`close`
+        close it too; ``separator`` (token ids) splits flat prompts into segments."""
         layout = layout_for(model)
         if kv.layout != layout:
             raise ConfigError(f"the KVTier was opened for {kv.layout}, but the model has {layout}")
         self.model = model
         self.kv = kv
         self.layout = layout
+        self.separator = list(separator) if separator is not None else None
+        self.rotary_error = rotary_for(model)[1] if kv.rotary is None else None
         self._close_kv = close_kv
         self._buffer = self._allocate(0)
         self._lent: weakref.ref[DynamicCache] | None = None
@@ -107,12 +129,14 @@ class PrefixCache:
         *,
         model_id: str | None = None,
         tenant: str | None = None,
+        tokenizer: Any = None,
     ) -> PrefixCache:
         """Open the tier chain of ``config`` (as :meth:`KVTier.open`) for ``model``.
 
         ``model_id`` names the weights; it defaults to the model's ``name_or_path`` and
         must be given for a model built from a config, so that chunks of different
-        weights never mix.
+        weights never mix. ``tokenizer`` tokenises the config's ``segments.separator``
+        (without special tokens); it is needed only when the config names one.
         """
         model_id = model_id or getattr(model.config, "name_or_path", "")
         if not model_id:
@@ -121,9 +145,12 @@ class PrefixCache:
                 "naming its weights, so that KV of different weights never mixes"
             )
         with torch.inference_mode(False):  # see _allocate
-            kv = KVTier.open(config, model=model_id, layout=layout_for(model), tenant=tenant)
+            cfg = load_config(config)
+            separator = _separator_ids(cfg, tokenizer)
+            layout, rotary = layout_for(model), rotary_for(model)[0]
+            kv = KVTier.open(cfg, model=model_id, layout=layout, tenant=tenant, rotary=rotary)
         try:
-            return cls(model, kv, close_kv=True)
+            return cls(model, kv, close_kv=True, separator=separator)
         except BaseException:
             kv.close()
             raise
@@ -131,7 +158,7 @@ class PrefixCache:
     def new_cache(self) -> DynamicCache:
         """An empty ``DynamicCache`` for the model."""
         cache = DynamicCache(config=self.model.config)
-        if len(_layers(cache)) != self.layout.num_layers:
+        if len(dynamic_layers(cache)) != self.layout.num_layers:
             raise ConfigError(
                 f"the model's cache has {len(cache.layers)} layers, its config "
                 f"{self.layout.num_layers}; layers sharing KV are not supported"
@@ -157,11 +184,8 @@ class PrefixCache:
             n, kv = self.kv.retrieve(wanted, out=self._free_buffer(len(wanted)))
         if n:
             device = self.model.device
-            for i, layer in enumerate(_layers(cache)):
-                keys = kv[i, 0].permute(1, 0, 2).unsqueeze(0).to(device)
-                values = kv[i, 1].permute(1, 0, 2).unsqueeze(0).to(device)
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
+            views = [kv[i].permute(0, 2, 1, 3).unsqueeze(1).to(device) for i in range(len(kv))]
+            fill(cache, [v[0] for v in views], [v[1] for v in views])
             self._lent = weakref.ref(cache)
         return Prefix(n, cache)
 
@@ -185,7 +209,7 @@ class PrefixCache:
             return 0
         end = bounds[-1][1]
         staged = self._free_buffer(end)[:, :, :end]
-        for i, layer in enumerate(_layers(cache)):
+        for i, layer in enumerate(dynamic_layers(cache)):
             assert layer.keys is not None and layer.values is not None
             if layer.keys.shape[0] != 1:
                 raise ConfigError(f"the cache has batch size {layer.keys.shape[0]}; only 1 works")
@@ -197,16 +221,28 @@ class PrefixCache:
     # -- model calls ------------------------------------------------------------------
 
     def forward(
-        self, input_ids: torch.Tensor | Sequence[int], *, store: bool = True, **kwargs: Any
+        self,
+        input_ids: torch.Tensor | Sequence[int] | None = None,
+        *,
+        segments: Sequence[Tokens] | None = None,
+        store: bool = True,
+        **kwargs: Any,
     ) -> tuple[Any, int]:
         """``model(input_ids, **kwargs)`` computing only the tokens after the stored
         prefix; returns ``(outputs, reused)``.
 
         ``outputs.logits`` covers the computed tokens ``input_ids[:, reused:]`` only;
         the outputs' cache (``outputs.cache``, ``outputs.past_key_values`` before
-        transformers 5.24) holds the whole prompt. ``store`` queues its KV.
+        transformers 5.24) holds the whole prompt. ``store`` queues its KV. A prompt
+        given as ``segments`` (or split at the config's separator) reuses stored
+        segments at any position instead: ``outputs.logits`` then covers the last
+        segment (see :mod:`~kvtier.plugins.transformers.segments`).
         """
         _no_cache_given(kwargs)
+        segments = _segments_or_ids(self, input_ids, segments)
+        if segments is not None:
+            return self._forward_segments(segments, store, kwargs)
+        assert input_ids is not None
         ids = _one_row(input_ids)[None]
         prefix = self.prefix(ids)
         out = self.model(ids[:, prefix.tokens :], use_cache=True, **prefix.model_kwargs(), **kwargs)
@@ -215,14 +251,25 @@ class PrefixCache:
         return out, prefix.tokens
 
     def generate(
-        self, input_ids: torch.Tensor | Sequence[int], *, store: bool = True, **kwargs: Any
+        self,
+        input_ids: torch.Tensor | Sequence[int] | None = None,
+        *,
+        segments: Sequence[Tokens] | None = None,
+        store: bool = True,
+        **kwargs: Any,
     ) -> tuple[Any, int]:
         """``model.generate(input_ids, **kwargs)`` starting from the stored prefix; returns
         ``(what generate returned, reused)``. ``store`` queues the KV of the prompt and
-        the generated tokens (all but the last, whose KV is never computed)."""
+        the generated tokens (all but the last, whose KV is never computed). With
+        ``segments`` (or a separator in the prompt) it starts from the fused segments
+        and stores only the segments computed anew."""
         _no_cache_given(kwargs)
         if not isinstance(self.model, GenerationMixin):
             raise ConfigError(f"{type(self.model).__name__} cannot generate (no GenerationMixin)")
+        segments = _segments_or_ids(self, input_ids, segments)
+        if segments is not None:
+            return self._generate_segments(segments, store, kwargs)
+        assert input_ids is not None
         ids = _one_row(input_ids)[None]
         prefix = self.prefix(ids)
         # Before 5.24 transformers types generate's self as a protocol its own models do
@@ -264,7 +311,7 @@ class PrefixCache:
         storage = self._buffer.untyped_storage().data_ptr()
         return any(
             layer.keys is not None and layer.keys.untyped_storage().data_ptr() == storage
-            for layer in _layers(cache)
+            for layer in dynamic_layers(cache)
         )
 
     def close(self) -> None:
@@ -284,20 +331,37 @@ class PrefixCache:
         self.close()
 
 
+def _separator_ids(config: KVTierConfig, tokenizer: Any) -> list[int] | None:
+    text = config.segments.separator
+    if text is None:
+        return None
+    if tokenizer is None:
+        raise ConfigError(
+            f"segments.separator is {text!r}: pass tokenizer=... to PrefixCache.open so "
+            "that it can be tokenised"
+        )
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ConfigError(f"segments.separator {text!r} tokenises to no tokens")
+    return ids
+
+
+def _segments_or_ids(
+    cache: PrefixCache,
+    input_ids: torch.Tensor | Sequence[int] | None,
+    segments: Sequence[Tokens] | None,
+) -> Sequence[Tokens] | None:
+    """The segments of a call: given, or ``input_ids`` split at the separator; ``None``
+    for an ordinary prompt."""
+    if (input_ids is None) == (segments is None):
+        raise ConfigError("give either input_ids or segments=[...], not both or neither")
+    if segments is not None:
+        return segments
+    assert input_ids is not None
+    return cache.split(_one_row(input_ids))
+
+
 def _no_cache_given(kwargs: Mapping[str, Any]) -> None:
     given = sorted({"cache", "past_key_values"} & kwargs.keys())
     if given:
         raise ConfigError(f"do not pass {' or '.join(given)}: PrefixCache builds the cache")
-
-
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers; :class:`ConfigError` unless all are plain ``DynamicLayer``."""
-    layers = []
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is not DynamicLayer:
-            raise ConfigError(
-                f"cache layer {i} is a {type(layer).__name__}; kvtier.plugins.transformers "
-                "supports full-attention layers (DynamicLayer) only"
-            )
-        layers.append(layer)
-    return layers

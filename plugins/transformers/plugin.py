@@ -35,21 +35,26 @@ def demo(
         Path | None, typer.Option(help="Tier-chain YAML (default: embedded).")
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Random-weight Llama: 125m, or tiny for a quick check.")
-    ] = "125m",
+        str,
+        typer.Option(
+            help="smollm2 (pretrained SmolLM2-135M-Instruct, text in and out), or a "
+            "random-weight Llama: 125m, or tiny for a quick check."
+        ),
+    ] = "smollm2",
     users: Annotated[int, typer.Option(min=1, help="Chat users.")] = 3,
     turns: Annotated[int, typer.Option(min=1, help="Chat turns per user.")] = 4,
     contexts: Annotated[
         str, typer.Option(help="Context lengths of the TTFT sweep, comma-separated.")
     ] = "1024,2048,4096",
     plot: Annotated[
-        Path, typer.Option(help="Where to write the PNG plot of TTFT vs context.")
-    ] = Path("kvtier-demo-ttft.png"),
+        Path | None,
+        typer.Option(help="Write a PNG plot of TTFT vs context to this file (default: none)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights and prompts.")] = 0,
 ) -> int:
     """Run chat and RAG workloads on a real model with and without kvtier; print TTFT."""
     counts = _token_counts(contexts)
-    require_extra("kvtier demo", "transformers", "matplotlib")
+    require_extra("kvtier demo", "transformers", *(("matplotlib",) if plot else ()))
     from kvtier.core.cli import console
     from kvtier.plugins.transformers.demo import DemoSettings, run_demo
 
