@@ -86,9 +86,10 @@ class KVTierKVEvents(vllm_events.KVConnectorKVEvents):  # type: ignore[misc]
 
 def worker_events(kv: KVTier) -> KVTierKVEvents | None:
     """For ``get_kv_connector_kv_cache_events()``: this worker's events since the last
-    call, or ``None`` (no ``events:`` section, or nothing new)."""
-    if kv.events is None:
-        return None
+    call, or ``None`` (no ``events:`` section, ``publisher: zmq`` (kvtier publishes
+    them itself), or nothing new)."""
+    if kv.events is None or kv.events.publisher is not None:
+        return None  # no events, or kvtier's own publisher sends them
     events = kv.events.drain()
     if not events:
         return None

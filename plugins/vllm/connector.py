@@ -31,10 +31,12 @@ from kvtier.core.engine import KVTier
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
 from kvtier.core.layout import KVLayout
+from kvtier.plugins.events.vllm import SchedulerEvents, worker_events
 from kvtier.plugins.vllm import shared
 from kvtier.plugins.vllm.logs import route_to_vllm
 from kvtier.plugins.vllm.lookup import LocalLookups, Lookups, Pending, tier_limits
 from kvtier.plugins.vllm.metadata import StepPlan
+from kvtier.plugins.vllm.roles import Handoff, role_for
 from kvtier.plugins.vllm.rpc import LookupServer, RemoteLookups, lookup_address
 from kvtier.plugins.vllm.scheduler import Scheduled, SchedulerSide, check_chunk_size
 from kvtier.plugins.vllm.settings import load_settings
@@ -88,6 +90,7 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         route_to_vllm()
+        self.kv_role = role_for(self._kv_transfer_config.kv_role)
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         parallel = vllm_config.parallel_config
         _check_parallelism(parallel)
@@ -118,6 +121,10 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._worker: WorkerSide | None = None
         self._server: LookupServer | None = None
         self._lookups: Lookups | None = None
+        self._events = SchedulerEvents(workers=tp_size)
+        """The workers' KV events until vLLM publishes them (``take_events``)."""
+        self._handoff = Handoff(settings.lookup.handoff_wait)
+        """Requests waiting for the chunks their prefill instance announced."""
         if role == KVConnectorRole.SCHEDULER:
             budget = settings.lookup
             self._scheduler = SchedulerSide(
@@ -127,10 +134,15 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 wait=budget.wait,
                 give_up=budget.give_up,
                 load_async=settings.load_async,
+                role=self.kv_role,
             )
         else:
             self.kvtier = shared.acquire(
-                settings.config, model=model, layout=layout, tp_rank=tp_rank, tp_size=tp_size
+                self.kv_role.kvtier_config(settings.config),
+                model=model,
+                layout=layout,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
             )
             self._worker = WorkerSide(self.kvtier, self.layer_names)
             limits = tier_limits(self.kvtier, settings.lookup.local, settings.lookup.remote)
@@ -178,11 +190,18 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if not _cacheable(request):
+        if not _cacheable(request) or not self.kv_role.loads:
             return 0, False
+        tokens = request.all_token_ids
         n = self.scheduler.match(
-            request.request_id, request.all_token_ids, _extra_keys(request), num_computed_tokens
+            request.request_id, tokens, _extra_keys(request), num_computed_tokens
         )
+        loadable = self.kv_role.loadable(len(tokens), self.settings.config.chunk_tokens)
+        params = request.kv_transfer_params
+        if n is not None and not self._handoff.ready(
+            request.request_id, params, num_computed_tokens + n, loadable
+        ):
+            return None, False  # a hand-off whose chunks are on their way: ask again
         return n, bool(n) and self.scheduler.is_async(request.request_id)
 
     def update_state_after_alloc(
@@ -222,12 +241,20 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if connector_output.invalid_block_ids:
             self.scheduler.load_failed(set(connector_output.invalid_block_ids))
         self.scheduler.step_done(connector_output.finished_recving or ())
+        self._events.update(connector_output)
+
+    def take_events(self) -> list[Any]:
+        return self._events.take()
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        stored = self.scheduler.stored(request.request_id)
         self.scheduler.finished(request.request_id)
-        return False, None  # saves copied the blocks during the step
+        self._handoff.forget(request.request_id)
+        # Saves copied the blocks during the step: none is held. A producer tells the
+        # decode instance what it stored (see :mod:`.roles`).
+        return False, self.kv_role.finished_params(stored)
 
     # -- worker side ------------------------------------------------------------------
 
@@ -267,6 +294,9 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
+
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        return worker_events(self.kvtier) if self.kvtier is not None else None
 
     def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
         data = self._worker.take_stats() if self._worker else None

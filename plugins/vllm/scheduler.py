@@ -25,6 +25,7 @@ from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ExtraKeys
 from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Lookups, Pending
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
+from kvtier.plugins.vllm.roles import KV_BOTH, Role
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class _Request:
     tokens: Sequence[int]
     extra_keys: tuple[ExtraKeys, ...]
     block_ids: list[int]
+    prompt: int = 0  # tokens of the prompt (the token list at the first call)
     stored: int = 0
     local: int = 0
     matched: int = 0
@@ -96,12 +98,15 @@ class SchedulerSide:
         wait: float = 0.002,
         give_up: float = 2.0,
         load_async: str = "auto",
+        role: Role = KV_BOTH,
     ) -> None:
         check_chunk_size(chunk_tokens, block_size)
         if load_async not in LOAD_ASYNC:
             raise ConfigError(f"load_async must be one of {', '.join(LOAD_ASYNC)}")
         self.load_async = load_async
         """When loads run between engine steps (see :data:`LOAD_ASYNC`)."""
+        self.role = role
+        """What this instance loads and saves (:mod:`.roles`)."""
         self.lookups = lookups
         self.wait = wait
         """Seconds one :meth:`match` waits for a lookup's answer."""
@@ -135,10 +140,10 @@ class SchedulerSide:
         then) answers within :attr:`wait`. Touches no store; calling it again for
         the same request replaces the answer.
         """
-        limit = len(tokens) - 1
+        limit = self.role.match_limit(len(tokens))
         state = self._state(req_id, tokens, extra_keys)
         got = NO_HIT
-        if limit >= self.chunk_tokens:
+        if limit >= (1 if self.role.partial else self.chunk_tokens):  # partial: any length
             answer = self._answer(req_id, state, tokens[:limit])
             if answer is None:
                 return None
@@ -147,7 +152,9 @@ class SchedulerSide:
         n = max(0, got.hit - num_computed_tokens)
         slow = got.hit > max(got.fast, num_computed_tokens)
         state.load_async = n > 0 and (
-            self.load_async == "always" or (self.load_async == "auto" and slow)
+            self.load_async == "always"
+            or (self.load_async == "auto" and slow)
+            or got.hit >= len(tokens)  # vLLM recomputes the last token after the load
         )
         return n
 
@@ -229,7 +236,7 @@ class SchedulerSide:
                 plan.loads.append(state.loading)
                 state.load = None
             computed = min(item.num_computed_tokens + item.num_scheduled_tokens, len(state.tokens))
-            end = computed - computed % self.chunk_tokens
+            end = self.role.save_end(computed, state.prompt, self.chunk_tokens)
             if end > state.stored:
                 plan.saves.append(self._transfer(item.req_id, state, state.stored, end))
                 state.stored = end
@@ -262,6 +269,11 @@ class SchedulerSide:
                 state.loading = None
                 state.load_async = state.load_async and req_id not in done
 
+    def stored(self, req_id: str) -> int:
+        """The token up to which kvtier holds (or is being sent) the request's chunks."""
+        state = self._requests.get(req_id)
+        return state.stored if state is not None else 0
+
     def finished(self, req_id: str) -> None:
         """Drop the request's state."""
         state = self._requests.pop(req_id, None)
@@ -273,7 +285,7 @@ class SchedulerSide:
     ) -> _Request:
         state = self._requests.get(req_id)
         if state is None:
-            state = self._requests[req_id] = _Request(tokens, extra_keys, [])
+            state = self._requests[req_id] = _Request(tokens, extra_keys, [], len(tokens))
         return state
 
     def _transfer(self, req_id: str, state: _Request, start: int, end: int) -> Transfer:

@@ -24,6 +24,8 @@ CONNECTOR_KEYS = {
     "lookup_remote_ms": "how long a lookup waits for any other tier before counting it as a "
     "miss (default 50)",
     "lookup_give_up_ms": "a lookup still unanswered after this long is a miss (default 2000)",
+    "handoff_wait_ms": "how long a request whose kv_transfer_params announce chunks from a "
+    "prefill instance waits for them before computing what is missing (default 5000)",
     "load_async": "when loads run between engine steps while other requests run: 'auto' "
     "(when part of the hit is outside the worker's cpu tier), 'always', 'never'",
 }
@@ -36,6 +38,7 @@ LOOKUP_DEFAULTS_MS = {
     "lookup_local_ms": 5.0,
     "lookup_remote_ms": 50.0,
     "lookup_give_up_ms": 2000.0,
+    "handoff_wait_ms": 5000.0,
 }
 
 
@@ -49,6 +52,8 @@ class LookupBudget:
     local: float = LOOKUP_DEFAULTS_MS["lookup_local_ms"] / 1000
     remote: float = LOOKUP_DEFAULTS_MS["lookup_remote_ms"] / 1000
     give_up: float = LOOKUP_DEFAULTS_MS["lookup_give_up_ms"] / 1000
+    handoff_wait: float = LOOKUP_DEFAULTS_MS["handoff_wait_ms"] / 1000
+    """Seconds a hand-off waits for its announced chunks (:mod:`.roles`)."""
 
 
 @dataclass(frozen=True)

