@@ -1,7 +1,7 @@
 """Pinning: chunks a bounded tier never evicts, up to the tier's pinned-bytes budget.
 
 A tier supports pins when its backend has ``pin_many(keys)`` and ``unpin_many(keys)``
-(coroutines answering one bool per key): the ``cpu`` tier does, within its
+(coroutines answering one bool per key): the ``cpu`` and ``file`` tiers do, within their
 ``options.pinned_bytes``. :func:`pin` pins (or unpins) given keys, or every chunk of a
 namespace (a model and tenant) that a tier holds now, in every tier that supports it.
 """
