@@ -20,7 +20,6 @@ in a backend's bases; the backend's options say the TTL (``chunk_ttl()``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -45,6 +44,17 @@ SWEEP_LIMIT = 256
 """Most expired chunks one sweep removes."""
 MAX_TIMES = 1 << 20
 """Most chunks whose times one backend keeps."""
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it ended, cancelling it again every 0.1 s: a
+    client library may swallow one cancellation (a sweep cancelled inside an index
+    write once kept sweeping, and its backend's close waited for it for ever)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("sweep task ended with %r", task.exception())
 
 
 class WriteTimes:
@@ -139,9 +149,7 @@ class ChunkExpiry(_Base):
 
     async def _close(self) -> None:
         if self._expiry_sweeper is not None:
-            self._expiry_sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_sweeper
+            await stop(self._expiry_sweeper)
             self._expiry_sweeper = None
         await super()._close()
 

@@ -49,7 +49,7 @@ def test_pins_stay_within_the_budget_and_a_namespace_can_be_pinned():
         assert kv.pin(unpin=True) == {"cpu": 2}
     with open_cpu() as kv:
         store(kv, prompt(1))
-        assert kv.pin() == {"cpu": 0}  # no budget, no pins
+        assert kv.pin() == {}  # no budget: the tier takes no part
     with pytest.raises(ConfigError, match="pinned_bytes"):
         open_cpu(pinned_bytes="1MiB")
 
@@ -121,7 +121,7 @@ def test_file_tier_pins_stay_within_the_budget(tmp_path):
         assert kv.pin(unpin=True) == {"file": 2}
     with open_file(tmp_path / "kv2") as kv:
         store(kv, prompt(1))
-        assert kv.pin() == {"file": 0}  # no budget, no pins
+        assert kv.pin() == {}  # no budget: the tier takes no part
     with pytest.raises(ConfigError, match="pinned_bytes"):
         open_file(tmp_path / "kv3", pinned_bytes="1MiB")
 

@@ -23,7 +23,6 @@ is unreachable (the chain then skips the tier for a while); local hits need no i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -31,6 +30,7 @@ import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
+from kvtier.backends.expiring import stop
 from kvtier.backends.nixl import NixlOptions, group_from_url
 from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
@@ -161,9 +161,7 @@ class NixlBackend(Backend):
         """Withdraw from the index (best effort: entries expire anyway), release every
         stored buffer, deregister the pool and drop the agent (no read is running)."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await stop(self._sweeper)
             self._sweeper = None
         await self._publisher.close()
         self.store.clear()
