@@ -174,9 +174,9 @@ class ChunkExpiry(_Base):
         keys = [key for key in keys if self.expiry.known_stale(key)]
         if not keys:
             return 0
-        await self._delete_unique(keys)
-        self.expiry.expired += len(keys)
-        return len(keys)
+        gone = sum(await self._delete_unique(keys))  # not those evicted meanwhile
+        self.expiry.expired += gone
+        return gone
 
     async def _drop_met(self, keys: list[str]) -> None:
         """Remove expired chunks met by a read (best effort: the sweep retries)."""
