@@ -1,9 +1,10 @@
 """Pinning: chunks a bounded tier never evicts, up to the tier's pinned-bytes budget.
 
 A tier supports pins when its backend has ``pin_many(keys)`` and ``unpin_many(keys)``
-(coroutines answering one bool per key): the ``cpu`` tier does, within its
-``options.pinned_bytes``. :func:`pin` pins (or unpins) given keys, or every chunk of a
-namespace (a model and tenant) that a tier holds now, in every tier that supports it.
+(coroutines answering one bool per key) and a pinned-bytes budget: the ``cpu`` and
+``file`` tiers do, within their ``options.pinned_bytes`` (a tier without that budget
+takes no part). :func:`pin` pins (or unpins) given keys, or every chunk of a namespace
+(a model and tenant) that a tier holds now, in every tier that supports it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ async def pin(
     done: dict[str, int] = {}
     for tier in chain.tiers:
         call = getattr(tier.backend, "unpin_many" if unpin else "pin_many", None)
-        if call is None:
-            continue
+        if call is None or not getattr(tier.backend.options, "pinned_bytes", 0):
+            continue  # cannot pin, or no budget to pin with
         asked = list(keys) if keys is not None else [
             key async for key in tier.backend.iter_keys(f"{namespace}.")
         ]  # fmt: skip

@@ -1,9 +1,13 @@
-"""Pinning in the cpu tier: pinned chunks are never evicted nor expired, within the
+"""Pinning in the cpu and file tiers: pinned chunks are never evicted nor expired, within the
 pinned-bytes budget; unpinning releases them."""
 
 from __future__ import annotations
 
+import os
 import random
+import time
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,29 +33,13 @@ def store(kv: KVTier, tokens: list[int]) -> None:
     kv.flush()
 
 
-def open_cpu(**options) -> KVTier:
-    cfg = {
-        "chunk_tokens": CHUNK,
-        "tiers": [{"url": "cpu://", "capacity": "64KiB", "options": options}],
-    }
+def open_tier(tier: dict) -> KVTier:
+    cfg = {"chunk_tokens": CHUNK, "tiers": [tier]}
     return KVTier.open(cfg, model="m", layout=LAYOUT, tenant="alice")
 
 
-def test_pinned_chunks_survive_a_flood_until_unpinned():
-    with open_cpu(pinned_bytes="24KiB") as kv:
-        kept, other = prompt(1), prompt(2)
-        store(kv, kept)
-        store(kv, other)
-        assert kv.pin(kept) == {"cpu": 4}
-        for seed in range(10, 40):  # 30 x 16 KiB through a 64 KiB tier
-            store(kv, prompt(seed))
-        assert kv.retrieve(kept)[0] == len(kept)
-        assert kv.retrieve(other)[0] == 0
-        assert kv.pin(prompt(3)) == {"cpu": 0}  # not stored: nothing to pin
-        assert kv.pin(kept, unpin=True) == {"cpu": 4}
-        for seed in range(40, 60):
-            store(kv, prompt(seed))
-        assert kv.retrieve(kept)[0] == 0
+def open_cpu(**options) -> KVTier:
+    return open_tier({"url": "cpu://", "capacity": "64KiB", "options": options})
 
 
 def test_pins_stay_within_the_budget_and_a_namespace_can_be_pinned():
@@ -61,7 +49,7 @@ def test_pins_stay_within_the_budget_and_a_namespace_can_be_pinned():
         assert kv.pin(unpin=True) == {"cpu": 2}
     with open_cpu() as kv:
         store(kv, prompt(1))
-        assert kv.pin() == {"cpu": 0}  # no budget, no pins
+        assert kv.pin() == {}  # no budget: the tier takes no part
     with pytest.raises(ConfigError, match="pinned_bytes"):
         open_cpu(pinned_bytes="1MiB")
 
@@ -86,3 +74,69 @@ def test_pinned_blobs_never_expire_and_are_never_victims():
     assert store_.contains_many(["a", "b"]) == [False, True]
     for buf in bufs:
         buf.release()
+
+
+# -- the file tier --------------------------------------------------------------------
+
+
+def open_file(root: Path, **options) -> KVTier:
+    options = {"rescan_interval": 0, **options}
+    return open_tier(
+        {"name": "file", "url": f"file://{root}", "capacity": "64KiB", "options": options}
+    )
+
+
+def backdate(root: Path, seconds: float) -> None:
+    """Make every file under ``root`` look written ``seconds`` ago."""
+    then = time.time() - seconds
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("tier", ["cpu", "file"])
+def test_pinned_chunks_survive_a_flood_until_unpinned(tier, tmp_path):
+    opened = open_cpu if tier == "cpu" else partial(open_file, tmp_path / "kv")
+    with opened(pinned_bytes="24KiB") as kv:
+        kept, other = prompt(1), prompt(2)
+        store(kv, kept)
+        store(kv, other)
+        assert kv.pin(kept) == {tier: 4}
+        for seed in range(10, 40):  # 30 x 16 KiB through a 64 KiB tier
+            store(kv, prompt(seed))
+        assert kv.retrieve(kept)[0] == len(kept)
+        assert kv.retrieve(other)[0] == 0
+        assert kv.pin(prompt(3)) == {tier: 0}  # not stored: nothing to pin
+        assert kv.pin(kept, unpin=True) == {tier: 4}
+        assert kv.pin(kept, unpin=True) == {tier: 0}  # no longer pinned
+        for seed in range(40, 60):
+            store(kv, prompt(seed))
+        assert kv.retrieve(kept)[0] == 0
+
+
+def test_file_tier_pins_stay_within_the_budget(tmp_path):
+    with open_file(tmp_path / "kv", pinned_bytes="10KiB") as kv:
+        store(kv, prompt(1))
+        assert kv.pin() == {"file": 2}  # two 4 KiB chunks (and headers) fit 10 KiB
+        assert kv.pin(unpin=True) == {"file": 2}
+    with open_file(tmp_path / "kv2") as kv:
+        store(kv, prompt(1))
+        assert kv.pin() == {}  # no budget: the tier takes no part
+    with pytest.raises(ConfigError, match="pinned_bytes"):
+        open_file(tmp_path / "kv3", pinned_bytes="1MiB")
+
+
+def test_file_tier_pinned_chunks_never_expire(tmp_path):
+    root = tmp_path / "kv"
+    with open_file(root, pinned_bytes="24KiB", ttl=60) as kv:
+        kept, other = prompt(1), prompt(2)
+        store(kv, kept)
+        store(kv, other)
+        assert kv.pin(kept) == {"file": 4}
+        backdate(root, 120)  # both written two ttls ago
+        assert kv.retrieve(kept)[0] == len(kept)
+        assert kv.retrieve(other)[0] == 0
+        assert kv.pin(kept, unpin=True) == {"file": 4}
+        assert kv.retrieve(kept)[0] == len(kept)  # its ttl started again at the unpin
+        backdate(root, 120)
+        assert kv.retrieve(kept)[0] == 0

@@ -62,6 +62,12 @@ class FileBackend(Backend):
         self.folder = Folder(root_from_url(self.url), writable=not self.options.read_only)
         policy = self.registry.eviction_policy(self.options.eviction).load()()
         self.index = ChunkIndex(self.folder, self.capacity, policy, self.options.rescan_interval)
+        if self.options.pinned_bytes > self.capacity:
+            raise ConfigError(
+                f"tier {self.safe_url!r}: pinned_bytes ({self.options.pinned_bytes}) exceeds "
+                f"the capacity ({self.capacity})"
+            )
+        self.index.pinned_budget = self.options.pinned_bytes
         self._mover = Mover(fsync=self.options.fsync)
         self._read_flags = READ_FLAGS | (os.O_DIRECT if self.options.o_direct else 0)
         self._indexed = False
@@ -137,6 +143,43 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._error(exc, "stat") from exc
 
+    async def pin_many(self, keys: list[str]) -> list[bool]:
+        """Pin stored chunks within ``pinned_bytes``: this process never evicts nor
+        expires them (other processes sharing the folder do not know the pins)."""
+        self._check_open()
+        try:
+            return await self._blocking(partial(self._pin_batch, keys))
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
+
+    def _pin_batch(self, keys: list[str]) -> list[bool]:
+        for key, known in zip(keys, self.index.knows(keys), strict=True):
+            if not known:
+                self.index.probe(key)  # written by another process: adopt it
+        return self.index.pin(keys)
+
+    async def unpin_many(self, keys: list[str]) -> list[bool]:
+        """Unpin chunks; ``True`` where one was pinned. It is then most recently used,
+        and its ``ttl`` starts again."""
+        self._check_open()
+        done = self.index.unpin(keys)
+        if self._expiry is not None and not self.options.read_only:
+            again = [key for key, was in zip(keys, done, strict=True) if was]
+            try:
+                await self._blocking(partial(self._restart_ttl, again))
+            except OSError as exc:
+                raise self._error(exc, "utime") from exc
+        return done
+
+    def _restart_ttl(self, keys: list[str]) -> None:
+        """Set the files' modification time to now (their ``ttl`` starts again)."""
+        with self.folder.use() as tree:
+            for key in keys:
+                shard = tree.dir(shard_of(key))
+                if shard is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(key, dir_fd=shard, follow_symlinks=False)
+
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         folders = partial(self._listing, partial(self._shards, self._waker()))
         for shard in await self._blocking(folders):
@@ -157,6 +200,8 @@ class FileBackend(Backend):
         }
         if self._expiry is not None:
             details["expired"] = self._expiry.expired
+        if self.options.pinned_bytes:
+            details["pinned_bytes"] = self.index.pinned_bytes
         return BackendStats(
             keys=keys,
             bytes_used=used,
@@ -342,7 +387,7 @@ class FileBackend(Backend):
             self.index.missed(key)
             return None
         fd, st = opened
-        if self._expiry is not None and self._expiry.is_expired(st):
+        if self._expiry is not None and self._expiry.is_expired(key, st):
             os.close(fd)
             self._expiry.drop(key)
             return None

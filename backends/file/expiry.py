@@ -59,8 +59,11 @@ class Expiry:
         """Seconds between two sweeps."""
         return min(max(self.ttl / 4, 0.05), 60.0)
 
-    def is_expired(self, st: os.stat_result) -> bool:
-        return time.time_ns() - st.st_mtime_ns >= self.ttl * 1e9
+    def is_expired(self, key: str, st: os.stat_result) -> bool:
+        """Whether ``key``'s file (``st``) is past the ``ttl`` (a pinned chunk never is)."""
+        if time.time_ns() - st.st_mtime_ns < self.ttl * 1e9:
+            return False
+        return not self.index.is_pinned(key)
 
     def drop(self, key: str) -> None:
         """Remove expired ``key`` (nothing in a read-only folder) and count it."""
@@ -73,7 +76,7 @@ class Expiry:
         st = stat_chunk(tree, key)
         if st is None:
             return False
-        if self.is_expired(st):
+        if self.is_expired(key, st):
             self.drop(key)
             return False
         return True

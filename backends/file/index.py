@@ -105,6 +105,11 @@ class ChunkIndex:
         self._evicted: Evicted = []
         """Evicted and not yet taken by :meth:`take_evicted`, in eviction order."""
         self._counts: Counter[str] = Counter()
+        self.pinned_budget = 0
+        """Bytes :meth:`pin` may pin (the tier's ``pinned_bytes``)."""
+        self._pinned: dict[str, int] = {}
+        """Pinned key -> its size; pinned keys are not in the eviction policy."""
+        self._pinned_bytes = 0
 
     # -- reading the index (any thread) ------------------------------------------------
 
@@ -126,6 +131,46 @@ class ChunkIndex:
         with self.lock:
             evicted, self._evicted = self._evicted, []
             return evicted
+
+    def is_pinned(self, key: str) -> bool:
+        with self.lock:
+            return key in self._pinned
+
+    @property
+    def pinned_bytes(self) -> int:
+        with self.lock:
+            return self._pinned_bytes
+
+    def pin(self, keys: Sequence[str]) -> list[bool]:
+        """Pin each known key while the pinned bytes stay within :attr:`pinned_budget`:
+        it is then never evicted (nor expired); ``True`` where it is pinned now."""
+        out = []
+        with self.lock:
+            for key in keys:
+                nbytes = self._sizes.get(key)
+                if key in self._pinned:
+                    out.append(True)
+                elif nbytes is None or self._pinned_bytes + nbytes > self.pinned_budget:
+                    out.append(False)
+                else:
+                    self._pinned[key] = nbytes
+                    self._pinned_bytes += nbytes
+                    self._policy.remove(key)
+                    out.append(True)
+        return out
+
+    def unpin(self, keys: Sequence[str]) -> list[bool]:
+        """Unpin each key; ``True`` where it was pinned. It is then most recently used."""
+        out = []
+        with self.lock:
+            for key in keys:
+                nbytes = self._pinned.pop(key, None)
+                out.append(nbytes is not None)
+                if nbytes is not None:
+                    self._pinned_bytes -= nbytes
+                    if key in self._sizes:
+                        self._policy.insert(key)
+        return out
 
     def snapshot(self) -> tuple[int, int, int, int, dict[str, int]]:
         """``(keys, bytes used, bytes reserved, evictions, counters)``."""
@@ -306,12 +351,17 @@ class ChunkIndex:
     def _remember(self, key: str, nbytes: int) -> None:
         self._used += nbytes - self._sizes.get(key, 0)
         self._sizes[key] = nbytes
-        self._policy.insert(key)
+        if key in self._pinned:  # rewritten while pinned: stays pinned, at its new size
+            self._pinned_bytes += nbytes - self._pinned[key]
+            self._pinned[key] = nbytes
+        else:
+            self._policy.insert(key)
 
     def _forget(self, key: str) -> int:
         nbytes = self._sizes.pop(key, 0)
         self._used -= nbytes
         self._policy.remove(key)
+        self._pinned_bytes -= self._pinned.pop(key, 0)
         return nbytes
 
     def _found(self, key: str, nbytes: int) -> None:

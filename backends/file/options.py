@@ -7,6 +7,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvtier.core.config import ByteSize
 from kvtier.core.errors import ConfigError
 
 
@@ -31,6 +32,9 @@ class FileOptions(BaseModel):
     ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a chunk lives after it was written (by any process); expired chunks are
     misses, removed when met and by a sweep (see :mod:`kvtier.backends.file.expiry`)."""
+    pinned_bytes: ByteSize = 0
+    """Bytes of chunks ``pin_many`` may pin (never evicted nor expired by this process);
+    at most the capacity."""
     read_only: bool = False
     """Open an existing folder to read it and change nothing: ``open()`` makes no folder
     (a missing one is a :class:`ConfigError` naming it), evicts and removes nothing,

@@ -34,6 +34,7 @@ from typing import Any
 
 from mooncake.store import ReplicateConfig, SoftPinAction
 
+from kvtier.backends.expiring import ChunkExpiry
 from kvtier.backends.mooncake import MooncakeOptions, parse_mooncake_url
 from kvtier.backends.mooncake.clients import (
     PoolRegistrar,
@@ -51,7 +52,7 @@ from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.keys import is_valid_key
 
 
-class MooncakeBackend(Backend):
+class MooncakeStoreBackend(Backend):
     """A Mooncake Store tier (see the module docstring for the semantics)."""
 
     capabilities = Capabilities(
@@ -228,3 +229,8 @@ def _release_found(found: Sequence[Buffer | None]) -> None:
     for buf in found:
         if buf is not None:
             buf.release()
+
+
+class MooncakeBackend(ChunkExpiry, MooncakeStoreBackend):
+    """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
+    by a bounded sweep (:mod:`kvtier.backends.expiring`)."""

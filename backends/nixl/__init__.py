@@ -49,9 +49,14 @@ class NixlOptions(BaseModel):
     ``rediss://...`` (TLS) or ``unix:///path/redis.sock``."""
     eviction: str = "lru"
     """Eviction policy of the local store: ``lru``, ``lfu`` or one a plugin registers."""
-    ttl: float = Field(default=10.0, ge=0.5, le=3600, allow_inf_nan=False)
+    ttl: float = Field(default=10.0, le=3600, allow_inf_nan=False)
     """Seconds this agent's index entries outlive its last heartbeat (sent every
-    ``ttl / 3``): peers stop asking a dead process after at most this long."""
+    ``ttl / 3``): peers stop asking a dead process after at most this long. Not the
+    chunks' lifetime: that is ``chunk_ttl``."""
+    chunk_ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a chunk of this process's store lives after it was written: then a
+    miss, removed when met and by a sweep (:mod:`kvtier.backends.expiring`); ``None``:
+    until evicted. (``ttl`` is the index heartbeat's, not the chunks'.)"""
     transfer_timeout: float = Field(default=2.0, gt=0, le=600, allow_inf_nan=False)
     """Seconds a batch of peer reads may take; slower reads are misses. Keep it below
     the tier's ``timeout``."""
@@ -68,6 +73,16 @@ class NixlOptions(BaseModel):
     """UCX network devices of the agent (``UCX_NET_DEVICES`` while it is created):
     ``lo`` (default) keeps it on loopback, for peers on this host; name the NIC
     (``mlx5_0:1``, ``eth0``) or ``all`` for peers on other hosts."""
+
+    @field_validator("ttl")
+    @classmethod
+    def _check_heartbeat(cls, value: float) -> float:
+        if value < 0.5:
+            raise ValueError(
+                f"ttl is the index heartbeat's lifetime (at least 0.5 s), got {value}; "
+                "for how long chunks live, set chunk_ttl"
+            )
+        return value
 
     @field_validator("index")
     @classmethod

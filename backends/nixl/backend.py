@@ -23,12 +23,14 @@ is unreachable (the chain then skips the tier for a while); local hits need no i
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
+from kvtier.backends.expiring import stop
 from kvtier.backends.nixl import NixlOptions, group_from_url
 from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
@@ -38,8 +40,10 @@ from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool, release_all
-from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.errors import BackendError, BackendUnavailableError
 from kvtier.core.urls import redact
+
+log = logging.getLogger(__name__)
 
 _COUNTERS = (
     "remote_hits",
@@ -82,11 +86,14 @@ class NixlBackend(Backend):
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._publisher = Publisher(self.url, self._counts)
         policy = self.registry.eviction_policy(self.options.eviction).load()()
-        self.store = RamStore(self.capacity, policy, self._evicted, changed=self._changed)
+        self.store = RamStore(
+            self.capacity, policy, self._evicted, changed=self._changed, ttl=self.options.chunk_ttl
+        )
         """This process's chunks; :attr:`RamStore.blobs` is the mapping itself."""
         self._agent: PeerAgent | None = None
         self._index: PeerIndex | None = None
         self._reader: PeerReader | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -124,10 +131,38 @@ class NixlBackend(Backend):
         await self._publisher.open(
             self._index, partial(self._blocking, self._agent.metadata), self.options.ttl
         )
+        if self.options.chunk_ttl is not None and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Every ``chunk_ttl / 4`` s (at most 1 min), remove the oldest expired chunks."""
+        assert self.options.chunk_ttl is not None
+        while True:
+            await asyncio.sleep(min(max(self.options.chunk_ttl / 4, 0.05), 60.0))
+            await self.sweep_expired()
+
+    async def sweep_expired(self) -> int:
+        """Remove up to 256 of the oldest expired chunks and withdraw them from the
+        index; how many went."""
+        gone = self.store.sweep()
+        await self._flush_dropped()
+        return gone
+
+    async def _flush_dropped(self) -> None:
+        """Publish what expiry changed (expired chunks leave the index); if the index
+        fails, the changes stay pending for the next flush or heartbeat."""
+        if self.options.chunk_ttl is not None and self._publisher.unpublished:
+            try:
+                await self._publisher.flush()
+            except BackendError as exc:
+                log.info("%s: publishing expired chunks failed: %s", self.safe_url, exc)
 
     async def _close(self) -> None:
         """Withdraw from the index (best effort: entries expire anyway), release every
         stored buffer, deregister the pool and drop the agent (no read is running)."""
+        if self._sweeper is not None:
+            await stop(self._sweeper)
+            self._sweeper = None
         await self._publisher.close()
         self.store.clear()
         agent, self._agent = self._agent, None
@@ -144,6 +179,7 @@ class NixlBackend(Backend):
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         _, reader, _ = self._ready()
         out = self.store.get_many(keys)
+        await self._flush_dropped()
         missing = [key for key, buf in zip(keys, out, strict=True) if buf is None]
         if not missing:
             return out
@@ -172,6 +208,7 @@ class NixlBackend(Backend):
         """Whether each key is stored here or, as far as this process knows, by a peer."""
         _, reader, _ = self._ready()
         found = self.store.contains_many(keys)
+        await self._flush_dropped()
         unknown = [i for i, hit in enumerate(found) if not hit]
         if unknown:
             where = await reader.locate([keys[i] for i in unknown])

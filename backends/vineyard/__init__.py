@@ -57,6 +57,9 @@ class VineyardOptions(BaseModel):
     reclaim_after: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds after which a chunk object no name reaches (a writer died between writing
     and naming it) is deleted by the next sweep."""
+    ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds a chunk lives after this process wrote or first met it: then a miss,
+    removed when met and by a sweep (:mod:`kvtier.backends.expiring`); ``None``: forever."""
     rpc_compression: bool = False
     """Let vineyard compress bytes sent over RPC (KV data compresses poorly)."""
 

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+from kvtier.backends.expiring import ChunkExpiry
 from kvtier.backends.vineyard import VineyardOptions
 from kvtier.backends.vineyard import objects as obj
 from kvtier.backends.vineyard import reclaim as rec
@@ -40,7 +41,7 @@ T = TypeVar("T")
 Read = list[Buffer | None]
 
 
-class VineyardBackend(Backend):
+class VineyardStoreBackend(Backend):
     """A tier in a vineyardd's shared memory; see the module doc.
 
     Capabilities, and why:
@@ -370,3 +371,8 @@ class VineyardBackend(Backend):
                 "swept_at_open": dict(self.swept),
             },
         )
+
+
+class VineyardBackend(ChunkExpiry, VineyardStoreBackend):
+    """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
+    by a bounded sweep (:mod:`kvtier.backends.expiring`)."""
