@@ -1,11 +1,12 @@
 """TTL of the ``s3`` tier (``options: {ttl: SECONDS}``).
 
 An object older than ``ttl`` (by its ``LastModified``, the store's clock against this
-host's: keep clocks in sync) is a miss for ``get_many`` and ``contains_many`` and is
-deleted when met, unless it changed since (``If-Match`` on its ETag). A sweep lists one
-page of the prefix every ``ttl / 4`` seconds (at most a minute), resuming where the
-last one stopped, and deletes the expired objects on it the same way. (A bucket
-lifecycle rule, whole days only, can still expire what no process meets.)
+host's: keep clocks in sync; whole seconds, so up to one second late) is a miss for
+``get_many`` and ``contains_many`` and is deleted when met, unless it changed since
+(``If-Match`` on its ETag). A sweep lists one page of the prefix every ``ttl / 4``
+seconds (at most a minute), resuming where the last one stopped, and deletes the
+expired objects on it the same way. (A bucket lifecycle rule, whole days only, can
+still expire what no process meets.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from kvtier.core.keys import is_valid_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import ListObjectsV2RequestTypeDef
+
+TIMESTAMP_RESOLUTION = 1.0
+"""Seconds: S3's ``LastModified`` (an HTTP date) has whole seconds only."""
 
 
 def head(bucket: Bucket, name: str) -> tuple[datetime, str] | None:
@@ -51,7 +55,12 @@ class Expiry:
         return min(max(self.ttl / 4, 0.05), 60.0)
 
     def is_expired(self, last_modified: datetime) -> bool:
-        return (datetime.now(timezone.utc) - last_modified).total_seconds() >= self.ttl
+        """Whether an object last modified then is past ``ttl``. ``LastModified`` is
+        truncated to whole seconds, so an object may be up to one second younger than
+        it looks: it expires :data:`TIMESTAMP_RESOLUTION` late, never early (a chunk
+        written again just after its old copy expired must read back)."""
+        age = (datetime.now(timezone.utc) - last_modified).total_seconds()
+        return age >= self.ttl + TIMESTAMP_RESOLUTION
 
     def fresh(self, name: str) -> tuple[bool, bool]:
         """``(present and not expired, an expired object was deleted)`` for object
