@@ -346,14 +346,25 @@ def fleet(
             s.process.stop()
 
 
+def logged_totals(servers: list[Server], cached: int, wait: float = 30.0) -> list[dict[str, float]]:
+    """The servers' connector counters once their logs account for ``cached`` loaded
+    tokens (vLLM logs them every second, later on a busy host), or after ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        totals = [s.connector_totals() for s in servers]
+        loaded = sum(t.get("load_tokens", 0) for t in totals)
+        if loaded >= cached or time.monotonic() > deadline:
+            return totals
+        time.sleep(0.2)
+
+
 def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload) -> dict:
     with fleet(model, folder, router, setup) as (url, servers, _):
         total = load.run(url, str(model))
-        time.sleep(2.5)  # vLLM logs the connector's counters every second
-        totals = [s.connector_totals() for s in servers]
+        cached = sum(r.cached_tokens for r in load.results)
+        totals = logged_totals(servers, cached)
     results = load.results
     prompt = sum(r.prompt_tokens for r in results)
-    cached = sum(r.cached_tokens for r in results)
     ttfts = [r.ttft for r in results]
     policy, tiers, _ = SETUPS[setup]
     return {
