@@ -18,9 +18,10 @@ KVTIER = Path(sys.executable).with_name("kvtier")
 """The console script, installed beside this interpreter."""
 
 
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+def run(monkeypatch, capsys, *args: str, columns: int = 200) -> tuple[int, str, str]:
+    """Run ``kvtier *args`` in this process; its exit code, stdout and stderr."""
     monkeypatch.setattr(sys, "argv", ["kvtier", *args])
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", str(columns))
     try:
         main()
         code = 0

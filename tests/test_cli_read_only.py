@@ -4,28 +4,20 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run
 
 from kvtier.core import KVLayout, KVTier
-from kvtier.core.cli import main
 from kvtier.core.errors import ConfigError
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["kvtier", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run(monkeypatch, capsys, *args)
     return code, out + err
 
 

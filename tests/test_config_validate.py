@@ -4,14 +4,12 @@ connecting: what it calls valid opens, what open refuses it refuses, in one line
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import yaml
+from test_cli import run
 
 from kvtier.core import KVLayout, KVTier
-from kvtier.core.cli import main
 from kvtier.core.errors import ConfigError
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=15, dtype=torch.float16)
@@ -75,14 +73,7 @@ BAD = {
 def validate(tmp_path, monkeypatch, capsys, config: dict, *args: str) -> tuple[int, str]:
     path = tmp_path / "kvtier.yaml"
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(sys, "argv", ["kvtier", "config", "validate", str(path), *args])
-    monkeypatch.setenv("COLUMNS", "300")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run(monkeypatch, capsys, "config", "validate", str(path), *args, columns=300)
     return code, out + err
 
 

@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from test_cli import run as cli
 
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend
 from kvtier.core.blob import verify
 from kvtier.core.buffers import default_pool
-from kvtier.core.cli import main
 from kvtier.core.codecs.decode import decode_blob
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.factory import build_backend
@@ -408,18 +408,6 @@ def test_a_bad_write_is_caught_by_the_read_back_and_undone(tmp_path, fake_dist):
 
 
 # -- the command line -------------------------------------------------------------------
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["kvtier", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def table_rows(out: str) -> dict[str, str]:

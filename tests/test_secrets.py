@@ -4,14 +4,13 @@ not in errors, whatever characters it holds (issue 11, item 5)."""
 from __future__ import annotations
 
 import json
-import sys
 from urllib.parse import quote
 
 import pytest
 import torch
+from test_cli import run
 
 from kvtier.core import KVLayout, KVTier
-from kvtier.core.cli import main
 from kvtier.core.errors import KVTierError
 
 PASSWORD = "S3cr#t/p@ss:w0rd"
@@ -31,14 +30,7 @@ def leaked(text: str) -> bool:
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["kvtier", *args])
-    monkeypatch.setenv("COLUMNS", "300")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run(monkeypatch, capsys, *args, columns=300)
     return code, out + err
 
 
