@@ -1,18 +1,28 @@
-"""The worker side: copies KV between vLLM's paged cache and kvtier.
+"""The worker side: copies KV between vLLM's paged cache and kvtier, once each way.
 
 Free of vLLM imports. Each step, for the plan the scheduler side built:
 
 * loads: :meth:`WorkerSide.start_load` fetches the chunks from kvtier on a
-  background thread; :meth:`WorkerSide.wait_layer`, called before each attention
-  layer runs, waits for them and scatters that layer into the paged cache. Tokens
-  kvtier could not deliver (evicted, corrupt, a tier down) are reported by
-  :meth:`WorkerSide.take_load_errors` as block ids, which vLLM recomputes.
+  background thread with :meth:`KVTier.retrieve_to`, which hands each verified
+  chunk (for the raw codec, the blob's own bytes) to a sink that scatters it
+  straight into the paged cache: one copy, no staging tensor.
+  :meth:`WorkerSide.wait_layer`, called before each attention layer runs, waits
+  until the fetch is done. Tokens kvtier could not deliver (evicted, corrupt, a tier
+  down) are reported by :meth:`WorkerSide.take_load_errors` as block ids, which vLLM
+  recomputes.
 * saves: :meth:`WorkerSide.save_layer`, called after each attention layer, gathers
-  the layer's new KV out of the paged cache; :meth:`WorkerSide.finish_step` hands the
-  chunks to kvtier, which copies them and writes them in the background, so no
-  block is read after the step ends.
+  the layer's new KV out of the paged cache straight into the pooled blobs kvtier
+  will queue (:meth:`KVTier.begin_store`); :meth:`WorkerSide.finish_step` commits
+  them, and kvtier writes them in the background, so no block is read after the
+  step ends.
 
-All copies go through :mod:`kvtier.kernels`.
+Why the load thread may write the paged cache while vLLM's forward runs: the
+blocks a load fills were allocated to that load's request alone (vLLM never shares
+a block it has not computed), the forward writes only the slots of the tokens it
+computes, and it reads the loaded blocks only in attention, after
+``wait_for_layer_load`` of that layer, which returns once the whole fetch (every
+copy into the cache) is done. Copies into a cache on another device synchronize
+before the sink returns. All copies go through :mod:`kvtier.kernels`.
 """
 
 from __future__ import annotations
@@ -25,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.core.engine import KVTier
+from kvtier.core.engine import KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.kernels import PagedLayout, gather_paged_layer, paged_view, scatter_paged_layer
+from kvtier.kernels import PagedLayout, gather_paged_layer, paged_view, scatter_paged
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
@@ -61,11 +71,17 @@ def layout_for_backend(backend: str, ndim: int) -> PagedLayout:
 class _Load:
     transfer: Transfer
     fetch_start: int  # ``transfer.start`` rounded down to a chunk
-    staging: torch.Tensor  # KV of tokens [fetch_start, transfer.end)
     slots: torch.Tensor  # slot of each token in [transfer.start, transfer.end)
     block_size: int
     loaded: int = 0  # end of the tokens kvtier delivered
     layers_done: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Save:
+    transfer: Transfer
+    pending: PendingStore  # the pooled blobs the layers are gathered into
+    parts: list[tuple[torch.Tensor, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
 
 
 class WorkerSide:
@@ -81,9 +97,8 @@ class WorkerSide:
         self._errors: set[int] = set()
         self._loads: list[_Load] = []
         self._fetching: Future[None] | None = None
-        self._saves: list[tuple[Transfer, torch.Tensor, torch.Tensor]] = []
+        self._saves: list[_Save] = []
         self._saved_layers: set[int] = set()
-        self._buffers: dict[str, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
         self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-vllm-async-load")
         self._received: set[str] = set()
@@ -109,61 +124,78 @@ class WorkerSide:
     # -- loads ------------------------------------------------------------------------
 
     def start_load(self, plan: StepPlan) -> None:
-        """Start fetching the plan's loads; layers are scattered by :meth:`wait_layer`.
-        The plan's async loads run in the background, fetched and scattered whole;
+        """Start fetching the plan's loads into the paged cache (:meth:`wait_layer`
+        waits for them). The plan's async loads run in the background;
         :meth:`take_received` reports them when done."""
         for transfer in plan.async_loads:
             self._async_pool.submit(self._load_async, transfer, plan.block_size)
         if not plan.loads:
             return
         chunk = self.kv.config.chunk_tokens
-        starts = [t.start - t.start % chunk for t in plan.loads]
-        total = sum(t.end - s for t, s in zip(plan.loads, starts, strict=True))
-        staging = self._buffer("load", total)
-        offset = 0
-        for transfer, fetch_start in zip(plan.loads, starts, strict=True):
-            n = transfer.end - fetch_start
-            part = staging[:, :, offset : offset + n]
-            slots = transfer.slot_mapping(plan.block_size)
-            self._loads.append(_Load(transfer, fetch_start, part, slots, plan.block_size))
-            offset += n
+        for t in plan.loads:
+            fetch_start = t.start - t.start % chunk
+            slots = t.slot_mapping(plan.block_size)
+            self._loads.append(_Load(t, fetch_start, slots, plan.block_size))
         self._fetching = self._pool.submit(self._fetch, list(self._loads))
 
     def _fetch(self, loads: list[_Load]) -> None:
         for load in loads:
-            t = load.transfer
-            try:
-                load.loaded, _ = self.kv.retrieve(
-                    t.token_ids, extra_keys=t.extra_keys, out=load.staging, start=load.fetch_start
-                )
-            except Exception:
-                log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
-                load.loaded = load.fetch_start
+            load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
+
+    def _retrieve(self, t: Transfer, fetch_start: int, slots: torch.Tensor) -> int:
+        """Fetch ``t`` from ``fetch_start`` and scatter each chunk that arrives into
+        every layer's cache at ``slots`` (those of tokens ``[t.start, t.end)``);
+        returns the end of the tokens kvtier delivered (``fetch_start`` on failure).
+        Chunks past that end may have been scattered: their blocks are load errors,
+        which vLLM recomputes, overwriting them."""
+
+        def scatter(first: int, chunk: torch.Tensor) -> None:
+            lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
+            if hi > lo:
+                part = chunk[:, :, lo - first : hi - first]
+                self._scatter(part, slots[lo - t.start : hi - t.start])
+
+        try:
+            return self.kv.retrieve_to(
+                t.token_ids, scatter, extra_keys=t.extra_keys, start=fetch_start
+            )
+        except Exception:
+            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+            return fetch_start
+
+    def _scatter(self, part: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy ``part`` (``[L, 2, T, H, D]``, host memory valid during the call) into
+        every layer's cache at ``slots``; done when this returns."""
+        device = self.caches[0].device
+        with torch.inference_mode(self.caches[0].is_inference()):
+            if device.type == "cpu":
+                scatter_paged(part, self.caches, slots, self.layout)
+                return
+            # One host-to-device copy per chunk, then copies between the device's
+            # blocks; synchronized, as the chunk's memory is gone after the call.
+            moved = part.to(device)
+            scatter_paged(moved, self.caches, slots.to(device), self.layout)
+            torch.cuda.current_stream(device).synchronize()
 
     def wait_layer(self, layer_name: str) -> None:
-        """Block until the plan's loads have arrived, then scatter layer ``layer_name``."""
+        """Block until the plan's loads are in the paged cache (layer ``layer_name``
+        may then be read)."""
         layer = self.layer_index.get(layer_name)
         if self._fetching is None or layer is None:
             return
         self._fetching.result()
         for load in self._loads:
-            t = load.transfer
-            n = min(load.loaded, t.end) - t.start
-            if n > 0 and layer not in load.layers_done:
-                skip = t.start - load.fetch_start
-                part = load.staging[layer, :, skip : skip + n]
-                scatter_paged_layer(part, self.caches[layer], load.slots[:n], self.layout)
             load.layers_done.add(layer)
 
     def _finish_loads(self) -> None:
-        """Account for the step's loads: tokens not delivered to every layer before
+        """Account for the step's loads: tokens not waited for by every layer before
         the forward used them are reported as load errors."""
         if self._fetching is None:
             return
         self._fetching.result()
         for load in self._loads:
             t = load.transfer
-            good = min(load.loaded, t.end)
+            good = max(min(load.loaded, t.end), t.start)
             if len(load.layers_done) < len(self.caches):
                 good = t.start
             self._settle(t, good, load.block_size)
@@ -171,29 +203,12 @@ class WorkerSide:
         self._fetching = None
 
     def _load_async(self, t: Transfer, block_size: int) -> None:
-        """Fetch ``t`` and scatter every layer (its blocks belong to a request vLLM
-        does not run until :meth:`take_received` names it), then report it."""
+        """Fetch ``t`` straight into the paged cache (its blocks belong to a request
+        vLLM does not run until :meth:`take_received` names it), then report it."""
         chunk = self.kv.config.chunk_tokens
         fetch_start = t.start - t.start % chunk
-        good = t.start
-        try:
-            with torch.inference_mode(False):
-                staging = torch.empty(
-                    self.kv.layout.chunk_shape(t.end - fetch_start), dtype=self.kv.layout.dtype
-                )
-            loaded, _ = self.kv.retrieve(
-                t.token_ids, extra_keys=t.extra_keys, out=staging, start=fetch_start
-            )
-            n = min(loaded, t.end) - t.start
-            if n > 0:
-                slots = t.slot_mapping(block_size)[:n]
-                skip = t.start - fetch_start
-                for layer, cache in enumerate(self.caches):
-                    part = staging[layer, :, skip : skip + n]
-                    scatter_paged_layer(part, cache, slots, self.layout)
-                good = t.start + n
-        except Exception:
-            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+        loaded = self._retrieve(t, fetch_start, t.slot_mapping(block_size))
+        good = max(min(loaded, t.end), t.start)
         with self._received_lock:  # the errors are reported no later than the request
             self._settle(t, good, block_size)
             self._received.add(t.req_id)
@@ -227,40 +242,54 @@ class WorkerSide:
     # -- saves ------------------------------------------------------------------------
 
     def save_layer(self, layer_name: str, plan: StepPlan) -> None:
-        """Gather layer ``layer_name``'s KV of the plan's saves out of the paged cache."""
+        """Gather layer ``layer_name``'s KV of the plan's saves out of the paged cache,
+        straight into the blobs kvtier will queue."""
         layer = self.layer_index.get(layer_name)
         if layer is None or not plan.saves or layer in self._saved_layers:
             return
-        if not self._saves:
+        if not self._saved_layers:
             self._prepare_saves(plan)
-        for _, slots, staging in self._saves:
-            gather_paged_layer(self.caches[layer], slots, self.layout, out=staging[layer])
+        cache = self.caches[layer]
+        for save in self._saves:
+            for slots, view in save.parts:
+                if cache.device.type == "cpu":
+                    gather_paged_layer(cache, slots, self.layout, out=view[layer])
+                else:  # gathered on the device, then one copy to the host blob
+                    gathered = gather_paged_layer(cache, slots.to(cache.device), self.layout)
+                    view[layer].copy_(gathered)
         self._saved_layers.add(layer)
 
     def _prepare_saves(self, plan: StepPlan) -> None:
-        total = sum(t.end - t.start for t in plan.saves)
-        staging = self._buffer("save", total)
-        offset = 0
+        """Reserve kvtier's store queue for the plan's saves (chunks that do not fit
+        are dropped and counted by kvtier, chunks already queued skipped)."""
         for t in plan.saves:
-            n = t.end - t.start
+            pending = self.kv.begin_store(t.token_ids, extra_keys=t.extra_keys, start=t.start)
             slots = t.slot_mapping(plan.block_size)
-            self._saves.append((t, slots, staging[:, :, offset : offset + n]))
-            offset += n
+            parts = [
+                (slots[first - t.start : end - t.start], view)
+                for first, end, view in pending.chunks
+            ]
+            self._saves.append(_Save(t, pending, parts))
 
     def finish_step(self, plan: StepPlan) -> None:
         """End of the step: settle the loads and hand the saves to kvtier."""
         self._finish_loads()
         if plan.saves:
-            for name in self.layer_index:
-                self.save_layer(name, plan)
-            for transfer, _, staging in self._saves:
-                self.kv.store(
-                    transfer.token_ids,
-                    staging,
-                    extra_keys=transfer.extra_keys,
-                    start=transfer.start,
-                )
-                self._count(saves=1, save_tokens=transfer.end - transfer.start)
+            try:
+                for name in self.layer_index:
+                    self.save_layer(name, plan)
+            except BaseException:
+                self._abort_saves()
+                raise
+            for save in self._saves:
+                save.pending.commit()
+                self._count(saves=1, save_tokens=save.transfer.end - save.transfer.start)
+        self._saves = []
+        self._saved_layers = set()
+
+    def _abort_saves(self) -> None:
+        for save in self._saves:
+            save.pending.abort()
         self._saves = []
         self._saved_layers = set()
 
@@ -278,21 +307,8 @@ class WorkerSide:
                 self._stats[name] += delta
                 self.totals[name] += delta
 
-    def _buffer(self, name: str, tokens: int) -> torch.Tensor:
-        """A reusable host staging tensor with room for ``tokens`` tokens (grown as
-        needed; pinned when the caches live on a GPU). It is a normal tensor even when
-        vLLM calls in inference mode, so that the load thread may write it."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[2] < tokens:
-            shape = self.kv.layout.chunk_shape(tokens)
-            pin = bool(self.caches) and self.caches[0].is_cuda
-            with torch.inference_mode(False):
-                buf = torch.empty(shape, dtype=self.kv.layout.dtype, pin_memory=pin)
-            self._buffers[name] = buf
-        return buf[:, :, :tokens]
-
     def close(self) -> None:
-        """Stop the load thread and drop the staging buffers."""
+        """Stop the load threads; give back the queue space of saves never committed."""
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
-        self._buffers.clear()
+        self._abort_saves()
