@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 from kvtier.plugins.vllm.worker import WorkerSide
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import Case, Contender, Timed, kvtier_revision, table
+from engine import Case, Contender, Timed, kvtier_revision, spread, table
 from tiers import write_json
 
 LAYOUT = KVLayout(num_layers=28, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
@@ -73,14 +75,22 @@ class Setup:
                 worker.save_layer(name, plan)
             worker.finish_step(plan)
 
-    def load_new(self, worker: WorkerSide) -> None:
+    def load_new(self, worker: WorkerSide, layer: Callable[[], object] = lambda: None) -> float:
+        """One step that loads the request, running ``layer()`` (the layer's compute)
+        after each ``wait_layer``; returns the seconds until layer 0 could run."""
         plan = StepPlan(BLOCK, loads=[self.load])
+        began = time.perf_counter()
+        first = 0.0
         with torch.inference_mode():
             worker.start_load(plan)
-            for name in NAMES:
+            for i, name in enumerate(NAMES):
                 worker.wait_layer(name)
+                if i == 0:
+                    first = time.perf_counter() - began
+                layer()
             worker.finish_step(plan)
         assert worker.take_load_errors() == set()
+        return first
 
     # -- the old path, done explicitly (two copies each way) ---------------------------
 
@@ -106,24 +116,41 @@ class Setup:
         assert torch.equal(got, want), "the loaded blocks differ from the saved ones"
 
 
-def run(folder: str, tokens: int, reps: int) -> list[Case]:
+def layer_compute(ms: float) -> Callable[[], object]:
+    """A stand-in for one layer's forward: matrix products for about ``ms``."""
+    a = torch.randn(256, 256)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    each = (time.perf_counter() - start) / 20
+    count = max(1, round(ms / 1e3 / each))
+    return lambda: [a @ a for _ in range(count)]
+
+
+def run(folder: str, tokens: int, reps: int, layer_ms: float) -> tuple[list[Case], dict]:
     setup = Setup(tokens)
     cpu = {"url": "cpu://", "capacity": "2GiB"}
     file = {"url": f"file://{folder}/kv", "capacity": "4GiB"}
+    firsts: dict[str, dict] = {}
     try:
-        return measure(setup, "cpu", cpu, reps) + measure(setup, "file", file, reps)
+        cases = measure(setup, "cpu", cpu, reps, layer_ms, firsts)
+        return cases + measure(setup, "file", file, reps, layer_ms, firsts), firsts
     finally:
         setup.fetcher.shutdown()
 
 
-def measure(setup: Setup, tier_name: str, tier: dict[str, str], reps: int) -> list[Case]:
-    """The save case (into the cpu tier only: saves never wait for a tier) and the
-    load case from ``tier``."""
+def measure(
+    setup: Setup, tier_name: str, tier: dict[str, str], reps: int, layer_ms: float, firsts: dict
+) -> list[Case]:
+    """The save case (into the cpu tier only: saves never wait for a tier), the load
+    case from ``tier``, and a step loading from it with a simulated forward of
+    ``layer_ms`` per layer, layer-wise against whole; ``firsts`` gets the seconds
+    until layer 0 could run."""
     nbytes = len(setup.tokens) * LAYOUT.bytes_per_token()
     cases = []
     config = {"chunk_tokens": CHUNK, "tiers": [tier]}
     with KVTier.open(config, model="bench", layout=LAYOUT) as kv:
-        worker = WorkerSide(kv, NAMES)
+        worker = WorkerSide(kv, NAMES, layerwise=False)
         worker.register(setup.caches, "CPU_ATTN")
         if tier_name == "cpu":
             save = {
@@ -145,7 +172,7 @@ def measure(setup: Setup, tier_name: str, tier: dict[str, str], reps: int) -> li
         load = {
             "one copy": Contender(
                 "kvtier",
-                "start_load + wait_layer x28, scattered from the blobs",
+                "start_load + wait_layer x28, chunks scattered from the blobs",
                 Timed(lambda rep: setup.load_new(worker)),
             ),
             "two copies": Contender(
@@ -157,6 +184,28 @@ def measure(setup: Setup, tier_name: str, tier: dict[str, str], reps: int) -> li
         note = "page cache warm" if tier_name == "file" else ""
         cases.append(Case.measure(f"load from {tier_name}", reps, load, nbytes=nbytes, note=note))
         setup.check_load()
+        layerwise = WorkerSide(kv, NAMES)
+        layerwise.register(setup.caches, "CPU_ATTN")
+        compute = layer_compute(layer_ms)
+        seen: dict[str, list[float]] = {"layer-wise": [], "whole": []}
+        step = {
+            "layer-wise": Contender(
+                "kvtier",
+                "wait_layer(i) returns once layer i is in place",
+                Timed(lambda rep: seen["layer-wise"].append(setup.load_new(layerwise, compute))),
+            ),
+            "whole": Contender(
+                "plain",
+                "wait_layer waits for every chunk, scattered whole",
+                Timed(lambda rep: seen["whole"].append(setup.load_new(worker, compute))),
+            ),
+        }
+        note = f"forward simulated: {layer_ms:g} ms per layer"
+        name = f"step loading from {tier_name}"
+        cases.append(Case.measure(name, reps, step, nbytes=nbytes, note=note))
+        setup.check_load()
+        firsts[name] = {k: spread([x * 1e3 for x in v[1:]], 1) for k, v in seen.items()}
+        layerwise.close()
         worker.close()
     return cases
 
@@ -167,16 +216,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", default="/var/tmp", help="a folder for the file tier")
     parser.add_argument("--reps", type=int, default=9, help="timed rounds per case (>= 7)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens (x 256)")
+    parser.add_argument(
+        "--layer-ms", type=float, default=2.0, help="simulated forward time per layer"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     revision = kvtier_revision()
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-", dir=args.dir) as folder:
-        cases = run(folder, args.tokens, args.reps)
+        cases, firsts = run(folder, args.tokens, args.reps, args.layer_ms)
     mib = args.tokens * LAYOUT.bytes_per_token() / 2**20
     print(f"vLLM worker copies; {args.tokens} tokens of Qwen2-7B-shaped KV ({mib:.0f} MiB), "
           f"CPU_ATTN blocks of {BLOCK}; medians [min-max] of {args.reps} rounds; "
           "torch threads 1; ratio: one copy / two copies (higher is better)")  # fmt: skip
     print(table(cases))
+    print("ms until layer 0 may run, median [min-max]:")
+    for name, by in firsts.items():
+        print(
+            f"  {name}: "
+            + ", ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in by.items())
+        )
     if args.json:
         write_json(
             args.json,
@@ -185,7 +243,8 @@ def main(argv: list[str]) -> int:
             shape={"layers": LAYOUT.num_layers, "kv_heads": LAYOUT.num_kv_heads,
                    "head_dim": LAYOUT.head_dim, "dtype": "bfloat16", "block_size": BLOCK,
                    "chunk_tokens": CHUNK, "tokens": args.tokens},
-            reps=args.reps, torch_threads=torch.get_num_threads(),
+            reps=args.reps, torch_threads=torch.get_num_threads(), layer_ms=args.layer_ms,
+            ms_until_layer_0=firsts,
         )  # fmt: skip
     return 0
 

@@ -48,7 +48,7 @@ from kvtier.core import pins
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import BufferPool, default_pool
+from kvtier.core.buffers import Buffer, BufferPool, default_pool, release_all
 from kvtier.core.chain import TierChain
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
@@ -85,6 +85,36 @@ class _Queued:
 
     blobs: list[Blob]
     tokens: int
+
+
+class HeldChunks:
+    """The chunks :meth:`KVTier.retrieve_held` delivered: ``chunks`` lists ``(first,
+    kv)`` in token order, ``kv`` the KV of ``tokens[first:first + T]`` (read only;
+    valid until :meth:`release`); ``end`` is the end of the run. A context manager
+    that releases on exit."""
+
+    def __init__(
+        self, end: int, chunks: list[tuple[int, torch.Tensor]], buffers: list[Buffer | None]
+    ) -> None:
+        self.end = end
+        self.chunks = chunks
+        self._buffers = buffers
+
+    def release(self) -> None:
+        """Let go of the blobs (once; the chunk tensors are then invalid)."""
+        buffers, self._buffers, self.chunks = self._buffers, [], []
+        release_all(buffers)
+
+    def __enter__(self) -> HeldChunks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 class PendingStore:
@@ -631,10 +661,52 @@ class KVTier(SegmentAPI):
         self._check_open()
         if not callable(sink):
             raise ConfigError(f"sink must be callable as sink(first, chunk), got {sink!r}")
+        return self._fetch_to(tokens, extra_keys, start, lambda first, chunk, _: sink(first, chunk))
+
+    def retrieve_held(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        start: int = 0,
+    ) -> HeldChunks:
+        """:meth:`retrieve_to`, keeping the chunks instead of handing them over one at
+        a time: for a caller that copies them out in another order (layer by layer).
+        With the raw codec each chunk stays a zero-copy view of its verified blob, kept
+        alive until :meth:`HeldChunks.release`; other codecs' chunks are decoded into
+        new tensors. Only the leading run that was delivered is held."""
+        self._check_open()
+        kept: list[tuple[int, torch.Tensor, Buffer | None]] = []
+        lock = threading.Lock()
+
+        def keep(first: int, chunk: torch.Tensor, buf: Buffer | None) -> None:
+            item = (first, chunk, buf.retain()) if buf is not None else (first, chunk.clone(), None)
+            with lock:
+                kept.append(item)
+
+        try:
+            end = self._fetch_to(tokens, extra_keys, start, keep)
+        except BaseException:
+            release_all(buf for _, _, buf in kept)
+            raise
+        kept.sort(key=lambda item: item[0])
+        release_all(buf for first, _, buf in kept if first >= end)
+        held = [item for item in kept if item[0] < end]
+        return HeldChunks(end, [(first, chunk) for first, chunk, _ in held], [b for *_, b in held])
+
+    def _fetch_to(
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        start: int,
+        deliver: Callable[[int, torch.Tensor, Buffer | None], None],
+    ) -> int:
+        """Fetch the chunks of ``tokens[start:]`` into sinks calling ``deliver(first,
+        chunk, buffer)`` (see :class:`~kvtier.core.codecs.decode.Sink`)."""
         keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
         dtype = self.layout.dtype
         targets = [
-            decoding.Sink(self.layout.chunk_shape(e - s), dtype, partial(sink, s))
+            decoding.Sink(self.layout.chunk_shape(e - s), dtype, partial(deliver, s))
             for s, e in bounds
         ]
         return self._fetch(keys, targets, bounds, start, len(tokens) - start)

@@ -180,3 +180,39 @@ def test_begin_store_budget_abort_and_queued_chunks(tmp_path):
         with pytest.raises(ConfigError, match="start must be a multiple"):
             cache.begin_store(tokens, start=5)
         assert cache.stats().queue_bytes == 0
+
+
+def test_retrieve_held_keeps_the_blobs_until_released(tmp_path):
+    tokens, kv = prompt(3 * CHUNK)
+    with open_kv(
+        {"chunk_tokens": CHUNK, "tiers": [{"url": "cpu://", "capacity": "8MiB"}]}
+    ) as cache:
+        cache.store(tokens, kv)
+        cache.flush()
+        blobs = cache.chain.tiers[0].backend.store.blobs
+        keys = [str(k) for k in cache.hasher.keys(tokens)]
+        with cache.retrieve_held(tokens, start=CHUNK) as held:
+            assert held.end == 3 * CHUNK and [f for f, _ in held.chunks] == [CHUNK, 2 * CHUNK]
+            assert [blobs[k].refcount for k in keys] == [1, 2, 2], "the tier's own buffers"
+            for first, chunk in held.chunks:
+                assert torch.equal(chunk, kv[:, :, first : first + CHUNK])
+        assert [blobs[k].refcount for k in keys] == [1, 1, 1]
+        assert held.chunks == []
+        del blobs[keys[1]]  # a gap: only the leading run is held, the rest let go
+        with cache.retrieve_held(tokens) as held:
+            assert held.end == CHUNK and [f for f, _ in held.chunks] == [0]
+            assert blobs[keys[2]].refcount == 1 and blobs[keys[0]].refcount == 2
+
+
+def test_retrieve_held_decodes_other_codecs_into_new_tensors(tmp_path):
+    tokens, kv = prompt(2 * CHUNK)
+    cfg = file_only(tmp_path, capacity="64MiB", codec="int8")
+    with open_kv(cfg) as cache:
+        cache.store(tokens, kv)
+    with open_kv(cfg) as cache:
+        n, want = cache.retrieve(tokens)
+        with cache.retrieve_held(tokens) as held:
+            assert held.end == n == 2 * CHUNK
+            got = torch.cat([chunk for _, chunk in held.chunks], dim=2)
+            assert torch.equal(got, want)
+            assert held.chunks[0][1].data_ptr() != held.chunks[1][1].data_ptr()

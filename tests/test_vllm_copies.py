@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vllm_connector import BS, CHUNK, LAYOUT, NAMES, config, cpu_caches, prompt, run_step
+from test_vllm_connector import (
+    BS,
+    CHUNK,
+    LAYOUT,
+    NAMES,
+    config,
+    cpu_caches,
+    prompt,
+    run_step,
+)
 
 from kvtier.core import KVTier
 from kvtier.core.codecs.raw import RawCodec
 from kvtier.kernels import gather_paged
+from kvtier.kernels.paged import PagedSlots
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 from kvtier.plugins.vllm.worker import WorkerSide
 
@@ -56,8 +66,11 @@ def copies(monkeypatch) -> Iterator[Copies]:
     yield seen
 
 
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
 @pytest.mark.parametrize("tier", ["cpu", "file"])
-def test_raw_loads_and_saves_copy_once(tmp_path: Path, copies: Copies, tier: str) -> None:
+def test_raw_loads_and_saves_copy_once(
+    tmp_path: Path, copies: Copies, tier: str, layerwise: bool
+) -> None:
     cfg = config(tmp_path)
     if tier == "file":
         del cfg["tiers"][0]
@@ -76,7 +89,7 @@ def test_raw_loads_and_saves_copy_once(tmp_path: Path, copies: Copies, tier: str
         saver.close()
 
         dst = cpu_caches()
-        loader = WorkerSide(kv, NAMES)
+        loader = WorkerSide(kv, NAMES, layerwise=layerwise)
         loader.register(dst, "CPU_ATTN")
         load = Transfer("r", tokens[: 3 * CHUNK], (), BS, 3 * CHUNK, [0, 3, 4, 6, 8, 9])
         copies.reset()
@@ -104,3 +117,49 @@ def test_a_step_that_fails_gives_back_the_store_queue(tmp_path: Path) -> None:
         assert kv.stats().queue_bytes == 0
         kv.flush()
         assert kv.lookup(tokens) == 0, "half-gathered chunks are never written"
+
+
+def test_wait_layer_returns_once_its_layer_is_in_place(tmp_path: Path, monkeypatch) -> None:
+    """Layer-wise: the forward may run layer 0 while layer 1 is still being copied."""
+    with KVTier.open(config(tmp_path), model="tiny", layout=LAYOUT) as kv:
+        tokens = prompt(2 * CHUNK)
+        saver = WorkerSide(kv, NAMES)
+        src = cpu_caches(seed=2)
+        saver.register(src, "CPU_ATTN")
+        run_step(saver, StepPlan(BS, saves=[Transfer("w", tokens, (), 0, 2 * CHUNK, [1, 2, 3, 4])]))
+        kv.flush()
+        gate = threading.Event()
+        scatter = PagedSlots.scatter_layer
+
+        def held_back(self, layer, src):
+            if layer == 1:
+                assert gate.wait(10), "the test never opened the gate"
+            scatter(self, layer, src)
+
+        monkeypatch.setattr(PagedSlots, "scatter_layer", held_back)
+        dst = cpu_caches()
+        loader = WorkerSide(kv, NAMES)
+        loader.register(dst, "CPU_ATTN")
+        load = Transfer("r", tokens, (), 0, 2 * CHUNK, [5, 6, 7, 8])
+        plan = StepPlan(BS, loads=[load])
+        with torch.inference_mode():
+            loader.start_load(plan)
+            loader.wait_layer(NAMES[0])  # returns although layer 1 is held back
+            layer0 = gather_paged([dst[NAMES[0]]], load.slot_mapping(BS), "cpu")
+            assert not dst[NAMES[1]].any(), "layer 1 is not copied yet"
+            gate.set()
+            for name in NAMES[1:]:
+                loader.wait_layer(name)
+            loader.finish_step(plan)
+        assert loader.take_load_errors() == set()
+        want = gather_paged(
+            [src[n] for n in NAMES],
+            Transfer("w", tokens, (), 0, 2 * CHUNK, [1, 2, 3, 4]).slot_mapping(BS),
+            "cpu",
+        )
+        assert torch.equal(layer0, want[:1])
+        assert torch.equal(
+            gather_paged([dst[n] for n in NAMES], load.slot_mapping(BS), "cpu"), want
+        )
+        loader.close()
+        saver.close()

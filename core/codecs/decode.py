@@ -34,16 +34,19 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Sink:
     """Where :func:`decode_to` hands a chunk instead of writing a tensor: ``deliver``
-    is called once with the chunk, shaped ``shape`` with ``dtype``.
+    is called once with the chunk, shaped ``shape`` with ``dtype``, and the buffer
+    the chunk lives in.
 
-    The tensor passed to ``deliver`` is only valid during the call and must not be
-    written: for a ``raw`` blob it is a zero-copy view of the blob's bytes (which a
-    process-local tier may share), for other codecs a per-thread scratch tensor that
-    the thread's next decode overwrites. Copy out of it what is needed."""
+    The tensor passed to ``deliver`` must not be written and is only valid during the
+    call: for a ``raw`` blob it is a zero-copy view of the blob's bytes (which a
+    process-local tier may share) and the buffer is the blob's, which ``deliver`` may
+    :meth:`~kvtier.core.buffers.Buffer.retain` (and release later) to keep the view
+    valid; for other codecs it is a per-thread scratch tensor that the thread's next
+    decode overwrites, and the buffer is ``None``. Copy out of it what is needed."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    deliver: Callable[[torch.Tensor], None]
+    deliver: Callable[[torch.Tensor, Buffer | None], None]
 
 
 _scratch = ThreadScratch()
@@ -176,7 +179,7 @@ def chunk_of(blob: Blob, registry: PluginRegistry) -> torch.Tensor:
 
 
 def decode_to(
-    blob: BytesLike | Buffer | Blob,
+    blob: Buffer,
     header: BlobHeader,
     registry: PluginRegistry,
     target: torch.Tensor | Sink,
@@ -196,13 +199,13 @@ def decode_to(
             f"blob holds {header.shape} {header.dtype}, expected {target.shape} {target.dtype}"
         )
     if header.pipeline == "raw" and header.payload_nbytes:
-        chunk = _raw_view(blob, header)
-    else:
-        count = math.prod(header.shape)
-        memory = _scratch.get(count * header.dtype.itemsize)
-        chunk = tensor_view(memory, header.dtype, count).view(header.shape)
-        decode_into(blob, header, registry, chunk)
-    target.deliver(chunk)
+        target.deliver(_raw_view(blob, header), blob)
+        return
+    count = math.prod(header.shape)
+    memory = _scratch.get(count * header.dtype.itemsize)
+    chunk = tensor_view(memory, header.dtype, count).view(header.shape)
+    decode_into(blob, header, registry, chunk)
+    target.deliver(chunk, None)
 
 
 def decode_blob(

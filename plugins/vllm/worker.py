@@ -3,13 +3,15 @@
 Free of vLLM imports. Each step, for the plan the scheduler side built:
 
 * loads: :meth:`WorkerSide.start_load` fetches the chunks from kvtier on a
-  background thread with :meth:`KVTier.retrieve_to`, which hands each verified
-  chunk (for the raw codec, the blob's own bytes) to a sink that scatters it
-  straight into the paged cache: one copy, no staging tensor.
-  :meth:`WorkerSide.wait_layer`, called before each attention layer runs, waits
-  until the fetch is done. Tokens kvtier could not deliver (evicted, corrupt, a tier
-  down) are reported by :meth:`WorkerSide.take_load_errors` as block ids, which vLLM
-  recomputes.
+  background thread. Layer-wise (the default), :meth:`KVTier.retrieve_held` keeps
+  every verified chunk in its blob (for the raw codec, the blob's own bytes) and the
+  thread copies them into the paged cache layer by layer; :meth:`WorkerSide.wait_layer`,
+  called before each attention layer runs, returns as soon as its layer is in place.
+  Whole (``layerwise=False``), :meth:`KVTier.retrieve_to` hands each chunk to a sink
+  that scatters it into every layer as it arrives, and :meth:`WorkerSide.wait_layer`
+  waits for the whole fetch. Either way one copy, no staging tensor. Tokens kvtier
+  could not deliver (evicted, corrupt, a tier down) are reported by
+  :meth:`WorkerSide.take_load_errors` as block ids, which vLLM recomputes.
 * saves: :meth:`WorkerSide.save_layer`, called after each attention layer, gathers
   the layer's new KV out of the paged cache straight into the pooled blobs kvtier
   will queue (:meth:`KVTier.begin_store`); :meth:`WorkerSide.finish_step` commits
@@ -20,9 +22,10 @@ Why the load thread may write the paged cache while vLLM's forward runs: the
 blocks a load fills were allocated to that load's request alone (vLLM never shares
 a block it has not computed), the forward writes only the slots of the tokens it
 computes, and it reads the loaded blocks only in attention, after
-``wait_for_layer_load`` of that layer, which returns once the whole fetch (every
-copy into the cache) is done. Copies into a cache on another device synchronize
-before the sink returns. All copies go through :mod:`kvtier.kernels`.
+``wait_for_layer_load`` of that layer, which returns once that layer's copies (or
+all copies) into the cache are done. Copies into a cache on another device are
+synchronized before a layer is reported in place. All copies go through
+:mod:`kvtier.kernels`.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.core.engine import KVTier, PendingStore
+from kvtier.core.engine import HeldChunks, KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.kernels import PagedLayout, gather_paged_layer, paged_view, scatter_paged
+from kvtier.kernels import PagedLayout, paged_view, scatter_paged
+from kvtier.kernels.paged import PagedSlots
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
@@ -81,14 +85,19 @@ class _Load:
 class _Save:
     transfer: Transfer
     pending: PendingStore  # the pooled blobs the layers are gathered into
-    parts: list[tuple[torch.Tensor, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
+    parts: list[tuple[PagedSlots, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
 
 
 class WorkerSide:
     """Loads and saves of one worker (one tensor-parallel rank)."""
 
-    def __init__(self, kv: KVTier, layer_names: Sequence[str]) -> None:
+    def __init__(self, kv: KVTier, layer_names: Sequence[str], *, layerwise: bool = True) -> None:
         self.kv = kv
+        self.layerwise = layerwise
+        """Loads inside a step are copied into the paged cache layer by layer once their
+        blobs have arrived, and :meth:`wait_layer` returns as soon as its layer is in
+        place (else each chunk is copied whole as it arrives, and :meth:`wait_layer`
+        waits for the whole fetch)."""
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.caches: list[torch.Tensor] = []
         self.layout = PagedLayout.CPU  # the real one is set by register()
@@ -97,6 +106,7 @@ class WorkerSide:
         self._errors: set[int] = set()
         self._loads: list[_Load] = []
         self._fetching: Future[None] | None = None
+        self._ready: list[threading.Event] = []  # per layer: every load's layer is in place
         self._saves: list[_Save] = []
         self._saved_layers: set[int] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
@@ -136,11 +146,74 @@ class WorkerSide:
             fetch_start = t.start - t.start % chunk
             slots = t.slot_mapping(plan.block_size)
             self._loads.append(_Load(t, fetch_start, slots, plan.block_size))
-        self._fetching = self._pool.submit(self._fetch, list(self._loads))
+        self._ready = [threading.Event() for _ in self.caches]
+        self._fetching = self._pool.submit(self._fetch, list(self._loads), self._ready)
 
-    def _fetch(self, loads: list[_Load]) -> None:
-        for load in loads:
-            load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
+    def _fetch(self, loads: list[_Load], ready: list[threading.Event]) -> None:
+        if not self.layerwise:
+            for load in loads:
+                load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
+            return
+        held: list[HeldChunks | None] = []
+        try:
+            for load in loads:
+                held.append(self._hold(load))
+            self._scatter_layers(loads, held, ready)
+        except Exception:
+            log.exception("kvtier: copying %d loads into the paged cache failed", len(loads))
+            for load in loads:
+                load.loaded = load.fetch_start
+        finally:
+            for chunks in held:
+                if chunks is not None:
+                    chunks.release()
+            for event in ready:  # also after a failure: its tokens are load errors
+                event.set()
+
+    def _hold(self, load: _Load) -> HeldChunks | None:
+        """Fetch ``load``'s chunks and keep them (``None``, logged, if that fails)."""
+        t = load.transfer
+        load.loaded = load.fetch_start
+        try:
+            chunks = self.kv.retrieve_held(
+                t.token_ids, extra_keys=t.extra_keys, start=load.fetch_start
+            )
+        except Exception:
+            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+            return None
+        load.loaded = chunks.end
+        return chunks
+
+    def _scatter_layers(
+        self, loads: list[_Load], held: list[HeldChunks | None], ready: list[threading.Event]
+    ) -> None:
+        """Copy the held chunks into the paged cache layer by layer, setting each
+        layer's event once every load's part of it is in place."""
+        parts = []  # (slots, [L, 2, T, H, D] source) of every chunk part to copy
+        for load, chunks in zip(loads, held, strict=True):
+            t = load.transfer
+            for first, chunk in chunks.chunks if chunks is not None else ():
+                lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
+                if hi > lo:
+                    source = self._on_cache_device(chunk[:, :, lo - first : hi - first])
+                    where = load.slots[lo - t.start : hi - t.start].to(source.device)
+                    parts.append((PagedSlots(self.caches, where, self.layout), source))
+        with torch.inference_mode(self.caches[0].is_inference()):
+            for layer, event in enumerate(ready):
+                for slots, source in parts:
+                    slots.scatter_layer(layer, source[layer])
+                self._synchronize()
+                event.set()
+
+    def _on_cache_device(self, chunk: torch.Tensor) -> torch.Tensor:
+        device = self.caches[0].device
+        return chunk if device.type == "cpu" else chunk.to(device)
+
+    def _synchronize(self) -> None:
+        """Wait for this thread's copies into a cache on an accelerator."""
+        device = self.caches[0].device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
     def _retrieve(self, t: Transfer, fetch_start: int, slots: torch.Tensor) -> int:
         """Fetch ``t`` from ``fetch_start`` and scatter each chunk that arrives into
@@ -166,24 +239,23 @@ class WorkerSide:
     def _scatter(self, part: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy ``part`` (``[L, 2, T, H, D]``, host memory valid during the call) into
         every layer's cache at ``slots``; done when this returns."""
-        device = self.caches[0].device
+        # On an accelerator: one host-to-device copy per chunk, then copies between
+        # the device's blocks, synchronized (the chunk's memory goes after the call).
+        source = self._on_cache_device(part)
         with torch.inference_mode(self.caches[0].is_inference()):
-            if device.type == "cpu":
-                scatter_paged(part, self.caches, slots, self.layout)
-                return
-            # One host-to-device copy per chunk, then copies between the device's
-            # blocks; synchronized, as the chunk's memory is gone after the call.
-            moved = part.to(device)
-            scatter_paged(moved, self.caches, slots.to(device), self.layout)
-            torch.cuda.current_stream(device).synchronize()
+            scatter_paged(source, self.caches, slots.to(source.device), self.layout)
+        self._synchronize()
 
     def wait_layer(self, layer_name: str) -> None:
-        """Block until the plan's loads are in the paged cache (layer ``layer_name``
-        may then be read)."""
+        """Block until layer ``layer_name`` of the plan's loads is in the paged cache
+        (layer-wise), or until the whole fetch is."""
         layer = self.layer_index.get(layer_name)
         if self._fetching is None or layer is None:
             return
-        self._fetching.result()
+        if self.layerwise:
+            self._ready[layer].wait()
+        else:
+            self._fetching.result()
         for load in self._loads:
             load.layers_done.add(layer)
 
@@ -249,13 +321,13 @@ class WorkerSide:
             return
         if not self._saved_layers:
             self._prepare_saves(plan)
-        cache = self.caches[layer]
         for save in self._saves:
             for slots, view in save.parts:
-                if cache.device.type == "cpu":
-                    gather_paged_layer(cache, slots, self.layout, out=view[layer])
+                if self.caches[0].device.type == "cpu":
+                    slots.gather_layer(layer, view[layer])
                 else:  # gathered on the device, then one copy to the host blob
-                    gathered = gather_paged_layer(cache, slots.to(cache.device), self.layout)
+                    gathered = torch.empty_like(view[layer], device=self.caches[0].device)
+                    slots.gather_layer(layer, gathered)
                     view[layer].copy_(gathered)
         self._saved_layers.add(layer)
 
@@ -264,9 +336,9 @@ class WorkerSide:
         are dropped and counted by kvtier, chunks already queued skipped)."""
         for t in plan.saves:
             pending = self.kv.begin_store(t.token_ids, extra_keys=t.extra_keys, start=t.start)
-            slots = t.slot_mapping(plan.block_size)
+            slots = t.slot_mapping(plan.block_size).to(self.caches[0].device)
             parts = [
-                (slots[first - t.start : end - t.start], view)
+                (PagedSlots(self.caches, slots[first - t.start : end - t.start], self.layout), view)
                 for first, end, view in pending.chunks
             ]
             self._saves.append(_Save(t, pending, parts))
