@@ -5,6 +5,7 @@ corrupt blob, other codecs, the store queue's budget and the argument checks."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from pathlib import Path
 
@@ -216,3 +217,29 @@ def test_retrieve_held_decodes_other_codecs_into_new_tensors(tmp_path):
             got = torch.cat([chunk for _, chunk in held.chunks], dim=2)
             assert torch.equal(got, want)
             assert held.chunks[0][1].data_ptr() != held.chunks[1][1].data_ptr()
+
+
+def test_signed_blobs_written_in_place_verify_and_forged_ones_never_reach_a_sink(
+    tmp_path, monkeypatch
+):
+    """With ``integrity:`` the blobs ``begin_store`` hands out are signed when written
+    (after the caller filled them) and a blob forged on disk is never delivered."""
+    monkeypatch.setenv("KVTEST_KEYS", secrets.token_hex(16))
+    cfg = {**file_only(tmp_path, capacity="64MiB"), "integrity": {"keys_env": "KVTEST_KEYS"}}
+    tokens, kv = prompt(2 * CHUNK)
+    with open_kv(cfg) as cache, cache.begin_store(tokens) as pending:
+        for first, end, chunk in pending.chunks:
+            chunk.copy_(kv[:, :, first:end])
+    with open_kv(cfg) as cache:
+        sink = Collect()
+        assert cache.retrieve_to(tokens, sink) == 2 * CHUNK
+        assert torch.equal(sink.assemble(0, 2 * CHUNK), kv)
+        key0 = str(cache.hasher.keys(tokens)[0])
+    (victim,) = (p for p in (tmp_path / "kv").rglob(key0) if p.is_file())
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with open_kv(cfg) as cache:
+        sink = Collect()
+        assert cache.retrieve_to(tokens, sink) == 0 and 0 not in sink.chunks
+        assert cache.stats().tier("file").corrupt == 1
