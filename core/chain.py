@@ -40,6 +40,9 @@ from kvtier.core.tier import Tier
 
 log = logging.getLogger(__name__)
 
+Target = torch.Tensor | decoding.Sink
+"""Where :meth:`TierChain.fetch` puts a chunk."""
+
 FETCH_PARTS = 4
 """Concurrent ``get_many`` calls a fetch from a tier outside the process is split into."""
 
@@ -194,9 +197,11 @@ class TierChain:
 
     # -- fetch ------------------------------------------------------------------------------
 
-    async def fetch(self, keys: Sequence[str], targets: Sequence[torch.Tensor]) -> int:
+    async def fetch(self, keys: Sequence[str], targets: Sequence[Target]) -> int:
         """Decode the longest available run of ``keys`` (from the first) into
-        ``targets`` (one tensor per key, the chunk's shape); return its length.
+        ``targets`` (one per key: a tensor of the chunk's shape, or a
+        :class:`~kvtier.core.codecs.decode.Sink` that is handed the chunk, in the codec
+        threads, possibly several at once); return the run's length.
 
         Each tier is asked (one ``get_many``, or :data:`FETCH_PARTS` concurrent ones for
         a tier outside the process, so that checking and decoding the first part
@@ -206,7 +211,8 @@ class TierChain:
         tier and asked of the next; a blob needing a codec this process lacks is a
         miss there and stays. Chunks served by slower tiers are copied into the faster
         tiers that ``promote`` (:meth:`drain` waits for that). Targets past the
-        returned run may have been written.
+        returned run may have been written (sinks past it called). A blob reaches its
+        target only after its checksum or MAC passed; a corrupt one never does.
         """
         served: dict[int, _Read] = {}
         try:
@@ -237,7 +243,7 @@ class TierChain:
         t: int,
         wanted: Sequence[int],
         keys: Sequence[str],
-        targets: Sequence[torch.Tensor],
+        targets: Sequence[Target],
         served: dict[int, _Read],
     ) -> None:
         """One ``get_many`` of ``keys[i]`` (``i`` in ``wanted``) from tier ``t``; each
@@ -269,10 +275,11 @@ class TierChain:
                 served[r.index] = r
 
     async def _decode(
-        self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[torch.Tensor]
+        self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[Target]
     ) -> set[int]:
-        """Check and decode each read into its target, in the codec threads; returns the
-        indexes of the chunks that failed (corrupt blobs already counted and deleted)."""
+        """Check and decode each read into its target (see :func:`decoding.decode_to`),
+        in the codec threads; returns the indexes of the chunks that failed (corrupt
+        blobs already counted and deleted). An exception a sink raises propagates."""
 
         def one(r: _Read) -> ChunkCorruptedError | CodecUnavailableError | None:
             target = targets[r.index]
@@ -281,8 +288,9 @@ class TierChain:
                 check = fmt.parse if caps.verified_reads else fmt.verify
                 mac_keys = None if caps.process_local else self.integrity
                 header = check(r.buf.view, expected_key=keys[r.index], keys=mac_keys)
-                with torch.inference_mode(target.is_inference()), torch.no_grad():
-                    decoding.decode_into(r.buf, header, self.registry, target)
+                inference = isinstance(target, torch.Tensor) and target.is_inference()
+                with torch.inference_mode(inference), torch.no_grad():
+                    decoding.decode_to(r.buf, header, self.registry, target)
             except (ChunkCorruptedError, CodecUnavailableError) as exc:
                 return exc
             r.blob = Blob(r.buf, header, sealed=not caps.process_local)

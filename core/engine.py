@@ -10,6 +10,13 @@
         n, kv_tensor = kv.retrieve(tokens)
         kv.stats()
 
+One copy each way, for engines with their own KV memory (the vLLM connector)::
+
+    with kv.begin_store(tokens) as pending:  # reserves queue space, no copy yet
+        for first, end, chunk in pending.chunks:
+            chunk.copy_(engine_kv[:, :, first:end])  # straight into the queued blob
+    n = kv.retrieve_to(tokens, lambda first, chunk: engine_kv[...].copy_(chunk))
+
 ``start`` (a multiple of ``chunk_tokens``) restricts ``store`` and ``retrieve`` to the
 chunks from token ``start`` on: the keys still chain over ``tokens[:start]``, but no
 data of that prefix is passed, read or written (for an engine that holds it already).
@@ -36,11 +43,12 @@ from typing import Any
 
 import torch
 
+from kvtier.core import blob as fmt
 from kvtier.core import pins
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
-from kvtier.core.buffers import BufferPool, default_pool
+from kvtier.core.buffers import Buffer, BufferPool, default_pool, release_all
 from kvtier.core.chain import TierChain
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.codecs.pipeline import CodecPipeline
@@ -67,12 +75,116 @@ PARALLEL_COPY_BYTES = 4 << 20
 codec threads in parallel."""
 
 
+ChunkSink = Callable[[int, torch.Tensor], None]
+"""What :meth:`KVTier.retrieve_to` hands each chunk to: ``sink(first, chunk)``."""
+
+
 @dataclass
 class _Queued:
     """The chunks one ``store`` call queued (unsealed blobs: see :meth:`TierChain.write`)."""
 
     blobs: list[Blob]
     tokens: int
+
+
+class HeldChunks:
+    """The chunks :meth:`KVTier.retrieve_held` delivered: ``chunks`` lists ``(first,
+    kv)`` in token order, ``kv`` the KV of ``tokens[first:first + T]`` (read only;
+    valid until :meth:`release`); ``end`` is the end of the run. A context manager
+    that releases on exit."""
+
+    def __init__(
+        self, end: int, chunks: list[tuple[int, torch.Tensor]], buffers: list[Buffer | None]
+    ) -> None:
+        self.end = end
+        self.chunks = chunks
+        self._buffers = buffers
+
+    def release(self) -> None:
+        """Let go of the blobs (once; the chunk tensors are then invalid)."""
+        buffers, self._buffers, self.chunks = self._buffers, [], []
+        release_all(buffers)
+
+    def __enter__(self) -> HeldChunks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class PendingStore:
+    """Chunks reserved in the store queue by :meth:`KVTier.begin_store`, for the caller
+    to write in place and then :meth:`commit` (queue them) or :meth:`abort`.
+
+    ``chunks`` lists ``(first, end, kv)`` per chunk to write: ``kv`` is a writable
+    ``[num_layers, 2, end - first, kv_heads, head_dim]`` tensor over the payload of
+    the pooled blob that will be queued (valid until :meth:`commit` or
+    :meth:`abort`), for tokens ``tokens[first:end]``. Chunks already queued by an
+    earlier store are not listed (nothing to write); ``end`` is the end of the tokens
+    accepted (``start`` when none was). Used as a context manager, it commits on
+    normal exit and aborts on an exception.
+    """
+
+    def __init__(
+        self,
+        kv: KVTier,
+        blobs: list[Blob],
+        bounds: list[tuple[int, int]],
+        tokens: int,
+        end: int,
+    ) -> None:
+        self._kv = kv
+        self._blobs: list[Blob] | None = blobs
+        self._tokens = tokens
+        self.end = end
+        self.chunks = [
+            (first, last, decoding.chunk_of(blob, kv.registry))
+            for blob, (first, last) in zip(blobs, bounds, strict=True)
+        ]
+
+    def commit(self) -> int:
+        """Queue the chunks for the write-through tiers (their bytes are not read
+        before this); returns :attr:`end`. The chunk tensors are no longer valid."""
+        blobs = self._take()
+        if self._kv._closed:
+            self._kv._finish(blobs)
+            self._kv._check_open()
+        if blobs:
+            job = _Queued(blobs, self._tokens)
+            self._kv._io.loop.call_soon_threadsafe(self._kv._enqueue, job)
+        return self.end
+
+    def abort(self) -> None:
+        """Give back the reserved queue space and the buffers; nothing is written or
+        counted as dropped. Does nothing after :meth:`commit` or :meth:`abort`."""
+        if self._blobs is not None:
+            self._kv._finish(self._take())
+
+    def _take(self) -> list[Blob]:
+        if self._blobs is None:
+            raise ConfigError("this PendingStore was already committed or aborted")
+        blobs, self._blobs = self._blobs, None
+        self.chunks = []
+        return blobs
+
+    def __enter__(self) -> PendingStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None and self._blobs is not None:
+            self.commit()
+        else:
+            self.abort()
 
 
 class KVTier(SegmentAPI):
@@ -262,15 +374,61 @@ class KVTier(SegmentAPI):
         n = self._queue(chunks)
         return bounds[n - 1][1] if n else start
 
-    def _queue(self, chunks: Sequence[Chunk]) -> int:
-        """Copy ``(key, chunk, segment_start)`` items into blobs and queue them for the
-        write-through tiers, in order, until the store queue's byte budget is full (the
-        rest are dropped and counted); keys already queued are skipped. Returns how many
-        leading items were accepted."""
-        parts: list[Chunk] = []
-        accepted = tokens = 0
-        for i, (key, chunk, _) in enumerate(chunks):
-            nbytes = chunk.shape[2] * self.layout.bytes_per_token()
+    def begin_store(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        start: int = 0,
+    ) -> PendingStore:
+        """:meth:`store` without the copy: reserve the store queue's space for the
+        chunks of ``tokens[start:]`` and return them as writable pooled blobs
+        (:class:`PendingStore`), for the caller to fill (one copy, straight from its
+        own memory) and commit. Chunks that do not fit the byte budget are dropped and
+        counted now, as :meth:`store` does; chunks already queued are skipped. Until
+        committed or aborted, the reserved bytes count against the budget."""
+        self._check_open()
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
+        sizes = [b - a for a, b in bounds]
+        accepted, fresh = self._reserve(keys, sizes)
+        blobs: list[Blob] = []
+        try:
+            for i in fresh:
+                blobs.append(self._blank(keys[i], sizes[i]))
+        except BaseException:
+            for blob in blobs:
+                blob.release()
+            self._unreserve([keys[i] for i in fresh])
+            raise
+        end = bounds[accepted - 1][1] if accepted else start
+        tokens_queued = sum(sizes[:accepted])
+        return PendingStore(self, blobs, [bounds[i] for i in fresh], tokens_queued, end)
+
+    def _blank(self, key: str, tokens: int) -> Blob:
+        """An unsealed raw blob for ``tokens`` tokens whose payload is still to be
+        written (its checksum is computed when it is sealed, after that)."""
+        shape = self.layout.chunk_shape(tokens)
+        payload_len = self._raw.tensor_codec.encoded_nbytes(shape, self.layout.dtype)
+        header = fmt.header_json(key, self.layout.dtype, shape, [("raw", {})], [payload_len])
+        header_len = fmt.padded_header_len(len(header))
+        flags = fmt.signing_flags(self.integrity)
+        size = fmt.payload_start(header_len) + payload_len + fmt.trailer_bytes(bool(flags))
+        buf = self.pool.acquire(size)
+        try:
+            fmt.frame(buf.view, header, header_len, payload_len, flags)
+            return Blob(buf, fmt.parse(buf.view), sealed=False)
+        except BaseException:
+            buf.release()
+            raise
+
+    def _reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> tuple[int, list[int]]:
+        """Take the store queue's byte budget for chunks of ``sizes`` tokens, in order,
+        until it is full (the rest are dropped and counted); keys already queued are
+        skipped. Returns how many leading chunks were accepted and the indexes of
+        those that took budget (the caller queues them or :meth:`_unreserve` s)."""
+        fresh: list[int] = []
+        for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+            nbytes = size * self.layout.bytes_per_token()
             with self._budget:
                 queued = key in self._inflight
                 full = not queued and self._queue_bytes + nbytes > self.config.store_queue_bytes
@@ -278,13 +436,32 @@ class KVTier(SegmentAPI):
                     self._queue_bytes += nbytes
                     self._inflight[key] = nbytes
             if full:
-                self._drop([k for k, _, _ in chunks[i:]])
-                break
+                self._drop(list(keys[i:]))
+                return i, fresh
             if not queued:
-                parts.append(chunks[i])
-            accepted, tokens = i + 1, tokens + chunk.shape[2]
-        if parts:
-            job = _Queued(self._encode(parts), tokens)
+                fresh.append(i)
+        return len(keys), fresh
+
+    def _unreserve(self, keys: Sequence[str]) -> None:
+        with self._budget:
+            for key in keys:
+                self._queue_bytes -= self._inflight.pop(key)
+
+    def _queue(self, chunks: Sequence[Chunk]) -> int:
+        """Copy ``(key, chunk, segment_start)`` items into blobs and queue them for the
+        write-through tiers, in order, until the store queue's byte budget is full (the
+        rest are dropped and counted); keys already queued are skipped. Returns how many
+        leading items were accepted."""
+        keys = [key for key, _, _ in chunks]
+        sizes = [chunk.shape[2] for _, chunk, _ in chunks]
+        accepted, fresh = self._reserve(keys, sizes)
+        if fresh:
+            try:
+                blobs = self._encode([chunks[i] for i in fresh])
+            except BaseException:
+                self._unreserve([keys[i] for i in fresh])
+                raise
+            job = _Queued(blobs, sum(sizes[:accepted]))
             self._io.loop.call_soon_threadsafe(self._enqueue, job)
         return accepted
 
@@ -342,9 +519,7 @@ class KVTier(SegmentAPI):
                 self._jobs.task_done()
 
     def _finish(self, blobs: list[Blob]) -> None:
-        with self._budget:
-            for blob in blobs:
-                self._queue_bytes -= self._inflight.pop(blob.key)
+        self._unreserve([blob.key for blob in blobs])
         for blob in blobs:
             blob.release()
 
@@ -452,9 +627,101 @@ class KVTier(SegmentAPI):
         else:
             out = self._check_out(out, needed)
         targets = [out[:, :, s - start : e - start] for s, e in bounds]
-        fetched = partial(self.chain.fetch, keys, targets)
-        end = self._io.run(self._counted(3, needed, fetched, bounds, start))
+        end = self._fetch(keys, targets, bounds, start, needed)
         return end, out[:, :, : end - start]
+
+    def retrieve_to(
+        self,
+        tokens: Tokens,
+        sink: ChunkSink,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        start: int = 0,
+    ) -> int:
+        """:meth:`retrieve` without a target tensor: each chunk is handed to
+        ``sink(first, chunk)``, ``chunk`` being the KV of ``tokens[first:first + T]``
+        (``[num_layers, 2, T, kv_heads, head_dim]``), and the copy is the sink's. Returns
+        the end of the longest available run from ``start`` (``start`` when none is).
+
+        The contract, for a sink that copies straight into an engine's KV memory:
+
+        * ``chunk`` is only valid during the call and must not be written: for the
+          ``raw`` codec it is a zero-copy view of the blob's bytes (shared with the
+          ``cpu`` tier), for other codecs a scratch tensor reused by the next decode.
+        * A chunk reaches the sink only after its blob passed its checksum (and MAC)
+          and decoded to the expected shape: a corrupt blob is deleted and counted,
+          never delivered, and the chunk is asked of the next tier.
+        * The sink runs in kvtier's codec threads, several chunks at once and in any
+          order; it may also be called for chunks past the returned end (when an
+          earlier chunk is missing): those are not delivered, as with :meth:`retrieve`'s
+          ``out`` beyond ``n``.
+        * An exception from the sink propagates out of this call (after the chunks in
+          flight finish).
+        """
+        self._check_open()
+        if not callable(sink):
+            raise ConfigError(f"sink must be callable as sink(first, chunk), got {sink!r}")
+        return self._fetch_to(tokens, extra_keys, start, lambda first, chunk, _: sink(first, chunk))
+
+    def retrieve_held(
+        self,
+        tokens: Tokens,
+        *,
+        extra_keys: Sequence[ExtraKeys] = (),
+        start: int = 0,
+    ) -> HeldChunks:
+        """:meth:`retrieve_to`, keeping the chunks instead of handing them over one at
+        a time: for a caller that copies them out in another order (layer by layer).
+        With the raw codec each chunk stays a zero-copy view of its verified blob, kept
+        alive until :meth:`HeldChunks.release`; other codecs' chunks are decoded into
+        new tensors. Only the leading run that was delivered is held."""
+        self._check_open()
+        kept: list[tuple[int, torch.Tensor, Buffer | None]] = []
+        lock = threading.Lock()
+
+        def keep(first: int, chunk: torch.Tensor, buf: Buffer | None) -> None:
+            item = (first, chunk, buf.retain()) if buf is not None else (first, chunk.clone(), None)
+            with lock:
+                kept.append(item)
+
+        try:
+            end = self._fetch_to(tokens, extra_keys, start, keep)
+        except BaseException:
+            release_all(buf for _, _, buf in kept)
+            raise
+        kept.sort(key=lambda item: item[0])
+        release_all(buf for first, _, buf in kept if first >= end)
+        held = [item for item in kept if item[0] < end]
+        return HeldChunks(end, [(first, chunk) for first, chunk, _ in held], [b for *_, b in held])
+
+    def _fetch_to(
+        self,
+        tokens: Tokens,
+        extra_keys: Sequence[ExtraKeys],
+        start: int,
+        deliver: Callable[[int, torch.Tensor, Buffer | None], None],
+    ) -> int:
+        """Fetch the chunks of ``tokens[start:]`` into sinks calling ``deliver(first,
+        chunk, buffer)`` (see :class:`~kvtier.core.codecs.decode.Sink`)."""
+        keys, bounds = self._chunks(tokens, extra_keys, start, note=True)
+        dtype = self.layout.dtype
+        targets = [
+            decoding.Sink(self.layout.chunk_shape(e - s), dtype, partial(deliver, s))
+            for s, e in bounds
+        ]
+        return self._fetch(keys, targets, bounds, start, len(tokens) - start)
+
+    def _fetch(
+        self,
+        keys: list[str],
+        targets: Sequence[torch.Tensor | decoding.Sink],
+        bounds: list[tuple[int, int]],
+        start: int,
+        needed: int,
+    ) -> int:
+        """Fetch ``keys`` into ``targets`` on the loop, counted as a retrieve."""
+        fetched = partial(self.chain.fetch, keys, targets)
+        return self._io.run(self._counted(3, needed, fetched, bounds, start))
 
     # -- pins -------------------------------------------------------------------------
 

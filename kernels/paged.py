@@ -156,6 +156,35 @@ def scatter_paged_layer(
     _scatter_runs(src, runs, views[0])
 
 
+class PagedSlots:
+    """``slot_mapping``'s slots in every layer's cache, checked and split into runs
+    once, for copying the same slots layer by layer (a layer-wise load or save)
+    without redoing that work per layer: :meth:`scatter_layer` and
+    :meth:`gather_layer` are :func:`scatter_paged_layer` and
+    :func:`gather_paged_layer` for one layer of ``kv_caches``."""
+
+    def __init__(
+        self,
+        kv_caches: Sequence[torch.Tensor],
+        slot_mapping: torch.Tensor,
+        layout: PagedLayout | str,
+    ) -> None:
+        self._views = _views(kv_caches, layout)
+        self._runs = _runs(slot_mapping, self._views[0])
+        self.tokens = len(slot_mapping)
+
+    def scatter_layer(self, layer: int, src: torch.Tensor) -> None:
+        """Copy ``src`` (``[2, tokens, kv_heads, head_dim]``) into layer ``layer``."""
+        _chunk(src[None], self._views[:1], self.tokens, "src")
+        _scatter_runs(src, self._runs, self._views[layer])
+
+    def gather_layer(self, layer: int, out: torch.Tensor) -> None:
+        """Copy layer ``layer``'s KV of the slots into ``out`` (``[2, tokens, kv_heads,
+        head_dim]``)."""
+        _chunk(out[None], self._views[:1], self.tokens, "out")
+        _gather_runs(self._views[layer], self._runs, out)
+
+
 def _names() -> str:
     return ", ".join(repr(m.value) for m in PagedLayout)
 

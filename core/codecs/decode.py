@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,13 +22,35 @@ import torch
 from kvtier.core.blob import Blob, BlobHeader, payload_of, verify
 from kvtier.core.buffers import Buffer, BufferPool, BytesLike
 from kvtier.core.codec import ByteCodec, Codec, TensorCodec
-from kvtier.core.codecs._views import tensor_view
+from kvtier.core.codecs._views import ThreadScratch, tensor_view
 from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError, ConfigError
 from kvtier.core.plugins import PluginRegistry
 
 if TYPE_CHECKING:
     from kvtier.core.codecs.pipeline import CodecPipeline
     from kvtier.core.integrity import MacKeys
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where :func:`decode_to` hands a chunk instead of writing a tensor: ``deliver``
+    is called once with the chunk, shaped ``shape`` with ``dtype``, and the buffer
+    the chunk lives in.
+
+    The tensor passed to ``deliver`` must not be written and is only valid during the
+    call: for a ``raw`` blob it is a zero-copy view of the blob's bytes (which a
+    process-local tier may share) and the buffer is the blob's, which ``deliver`` may
+    :meth:`~kvtier.core.buffers.Buffer.retain` (and release later) to keep the view
+    valid; for other codecs it is a per-thread scratch tensor that the thread's next
+    decode overwrites, and the buffer is ``None``. Copy out of it what is needed."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    deliver: Callable[[torch.Tensor, Buffer | None], None]
+
+
+_scratch = ThreadScratch()
+"""Per-thread memory that non-raw chunks are decoded into on their way to a :class:`Sink`."""
 
 
 def _corrupt(what: str) -> ChunkCorruptedError:
@@ -137,16 +161,51 @@ def _empty_chunk(header: BlobHeader, registry: PluginRegistry) -> torch.Tensor:
     return torch.empty(header.shape, dtype=header.dtype)
 
 
+def _raw_view(blob: BytesLike | Buffer | Blob, header: BlobHeader) -> torch.Tensor:
+    """The chunk of a checked non-empty ``raw`` blob: a view of its payload, no copy."""
+    count = header.payload_nbytes // header.dtype.itemsize
+    return tensor_view(payload_of(blob, header), header.dtype, count).view(header.shape)
+
+
 def chunk_of(blob: Blob, registry: PluginRegistry) -> torch.Tensor:
     """The chunk ``blob`` holds: a zero-copy view of its payload for ``raw`` blobs (valid
     while the blob is), else decoded into a new tensor."""
     header = blob.header
     if header.pipeline == "raw" and header.payload_nbytes:
-        count = header.payload_nbytes // header.dtype.itemsize
-        return tensor_view(payload_of(blob, header), header.dtype, count).view(header.shape)
+        return _raw_view(blob, header)
     out = _empty_chunk(header, registry)
     decode_into(blob, header, registry, out)
     return out
+
+
+def decode_to(
+    blob: Buffer,
+    header: BlobHeader,
+    registry: PluginRegistry,
+    target: torch.Tensor | Sink,
+) -> None:
+    """:func:`decode_into` a tensor ``target``, or hand the chunk to a :class:`Sink`:
+    the payload itself for a ``raw`` blob (no copy), else the chunk decoded into
+    per-thread scratch memory. The sink is called only once the blob has decoded
+    without error into ``target``'s shape and dtype (its checksum or MAC was checked
+    by the caller before); a blob that does not raises :class:`ChunkCorruptedError`
+    and the sink never sees a byte of it."""
+    if isinstance(target, torch.Tensor):
+        decode_into(blob, header, registry, target)
+        return
+    _codecs_for(header, registry)
+    if header.shape != tuple(target.shape) or header.dtype != target.dtype:
+        raise _corrupt(
+            f"blob holds {header.shape} {header.dtype}, expected {target.shape} {target.dtype}"
+        )
+    if header.pipeline == "raw" and header.payload_nbytes:
+        target.deliver(_raw_view(blob, header), blob)
+        return
+    count = math.prod(header.shape)
+    memory = _scratch.get(count * header.dtype.itemsize)
+    chunk = tensor_view(memory, header.dtype, count).view(header.shape)
+    decode_into(blob, header, registry, chunk)
+    target.deliver(chunk, None)
 
 
 def decode_blob(

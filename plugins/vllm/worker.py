@@ -1,18 +1,31 @@
-"""The worker side: copies KV between vLLM's paged cache and kvtier.
+"""The worker side: copies KV between vLLM's paged cache and kvtier, once each way.
 
 Free of vLLM imports. Each step, for the plan the scheduler side built:
 
 * loads: :meth:`WorkerSide.start_load` fetches the chunks from kvtier on a
-  background thread; :meth:`WorkerSide.wait_layer`, called before each attention
-  layer runs, waits for them and scatters that layer into the paged cache. Tokens
-  kvtier could not deliver (evicted, corrupt, a tier down) are reported by
+  background thread. Layer-wise (the default), :meth:`KVTier.retrieve_held` keeps
+  every verified chunk in its blob (for the raw codec, the blob's own bytes) and the
+  thread copies them into the paged cache layer by layer; :meth:`WorkerSide.wait_layer`,
+  called before each attention layer runs, returns as soon as its layer is in place.
+  Whole (``layerwise=False``), :meth:`KVTier.retrieve_to` hands each chunk to a sink
+  that scatters it into every layer as it arrives, and :meth:`WorkerSide.wait_layer`
+  waits for the whole fetch. Either way one copy, no staging tensor. Tokens kvtier
+  could not deliver (evicted, corrupt, a tier down) are reported by
   :meth:`WorkerSide.take_load_errors` as block ids, which vLLM recomputes.
 * saves: :meth:`WorkerSide.save_layer`, called after each attention layer, gathers
-  the layer's new KV out of the paged cache; :meth:`WorkerSide.finish_step` hands the
-  chunks to kvtier, which copies them and writes them in the background, so no
-  block is read after the step ends.
+  the layer's new KV out of the paged cache straight into the pooled blobs kvtier
+  will queue (:meth:`KVTier.begin_store`); :meth:`WorkerSide.finish_step` commits
+  them, and kvtier writes them in the background, so no block is read after the
+  step ends.
 
-All copies go through :mod:`kvtier.kernels`.
+Why the load thread may write the paged cache while vLLM's forward runs: the
+blocks a load fills were allocated to that load's request alone (vLLM never shares
+a block it has not computed), the forward writes only the slots of the tokens it
+computes, and it reads the loaded blocks only in attention, after
+``wait_for_layer_load`` of that layer, which returns once that layer's copies (or
+all copies) into the cache are done. Copies into a cache on another device are
+synchronized before a layer is reported in place. All copies go through
+:mod:`kvtier.kernels`.
 """
 
 from __future__ import annotations
@@ -25,9 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.core.engine import KVTier
+from kvtier.core.engine import HeldChunks, KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.kernels import PagedLayout, gather_paged_layer, paged_view, scatter_paged_layer
+from kvtier.kernels import PagedLayout, paged_view, scatter_paged
+from kvtier.kernels.paged import PagedSlots
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
@@ -61,18 +75,29 @@ def layout_for_backend(backend: str, ndim: int) -> PagedLayout:
 class _Load:
     transfer: Transfer
     fetch_start: int  # ``transfer.start`` rounded down to a chunk
-    staging: torch.Tensor  # KV of tokens [fetch_start, transfer.end)
     slots: torch.Tensor  # slot of each token in [transfer.start, transfer.end)
     block_size: int
     loaded: int = 0  # end of the tokens kvtier delivered
     layers_done: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _Save:
+    transfer: Transfer
+    pending: PendingStore  # the pooled blobs the layers are gathered into
+    parts: list[tuple[PagedSlots, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
+
+
 class WorkerSide:
     """Loads and saves of one worker (one tensor-parallel rank)."""
 
-    def __init__(self, kv: KVTier, layer_names: Sequence[str]) -> None:
+    def __init__(self, kv: KVTier, layer_names: Sequence[str], *, layerwise: bool = True) -> None:
         self.kv = kv
+        self.layerwise = layerwise
+        """Loads inside a step are copied into the paged cache layer by layer once their
+        blobs have arrived, and :meth:`wait_layer` returns as soon as its layer is in
+        place (else each chunk is copied whole as it arrives, and :meth:`wait_layer`
+        waits for the whole fetch)."""
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.caches: list[torch.Tensor] = []
         self.layout = PagedLayout.CPU  # the real one is set by register()
@@ -81,9 +106,9 @@ class WorkerSide:
         self._errors: set[int] = set()
         self._loads: list[_Load] = []
         self._fetching: Future[None] | None = None
-        self._saves: list[tuple[Transfer, torch.Tensor, torch.Tensor]] = []
+        self._ready: list[threading.Event] = []  # per layer: every load's layer is in place
+        self._saves: list[_Save] = []
         self._saved_layers: set[int] = set()
-        self._buffers: dict[str, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
         self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-vllm-async-load")
         self._received: set[str] = set()
@@ -109,61 +134,140 @@ class WorkerSide:
     # -- loads ------------------------------------------------------------------------
 
     def start_load(self, plan: StepPlan) -> None:
-        """Start fetching the plan's loads; layers are scattered by :meth:`wait_layer`.
-        The plan's async loads run in the background, fetched and scattered whole;
+        """Start fetching the plan's loads into the paged cache (:meth:`wait_layer`
+        waits for them). The plan's async loads run in the background;
         :meth:`take_received` reports them when done."""
         for transfer in plan.async_loads:
             self._async_pool.submit(self._load_async, transfer, plan.block_size)
         if not plan.loads:
             return
         chunk = self.kv.config.chunk_tokens
-        starts = [t.start - t.start % chunk for t in plan.loads]
-        total = sum(t.end - s for t, s in zip(plan.loads, starts, strict=True))
-        staging = self._buffer("load", total)
-        offset = 0
-        for transfer, fetch_start in zip(plan.loads, starts, strict=True):
-            n = transfer.end - fetch_start
-            part = staging[:, :, offset : offset + n]
-            slots = transfer.slot_mapping(plan.block_size)
-            self._loads.append(_Load(transfer, fetch_start, part, slots, plan.block_size))
-            offset += n
-        self._fetching = self._pool.submit(self._fetch, list(self._loads))
+        for t in plan.loads:
+            fetch_start = t.start - t.start % chunk
+            slots = t.slot_mapping(plan.block_size)
+            self._loads.append(_Load(t, fetch_start, slots, plan.block_size))
+        self._ready = [threading.Event() for _ in self.caches]
+        self._fetching = self._pool.submit(self._fetch, list(self._loads), self._ready)
 
-    def _fetch(self, loads: list[_Load]) -> None:
-        for load in loads:
-            t = load.transfer
-            try:
-                load.loaded, _ = self.kv.retrieve(
-                    t.token_ids, extra_keys=t.extra_keys, out=load.staging, start=load.fetch_start
-                )
-            except Exception:
-                log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+    def _fetch(self, loads: list[_Load], ready: list[threading.Event]) -> None:
+        if not self.layerwise:
+            for load in loads:
+                load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
+            return
+        held: list[HeldChunks | None] = []
+        try:
+            for load in loads:
+                held.append(self._hold(load))
+            self._scatter_layers(loads, held, ready)
+        except Exception:
+            log.exception("kvtier: copying %d loads into the paged cache failed", len(loads))
+            for load in loads:
                 load.loaded = load.fetch_start
+        finally:
+            for chunks in held:
+                if chunks is not None:
+                    chunks.release()
+            for event in ready:  # also after a failure: its tokens are load errors
+                event.set()
+
+    def _hold(self, load: _Load) -> HeldChunks | None:
+        """Fetch ``load``'s chunks and keep them (``None``, logged, if that fails)."""
+        t = load.transfer
+        load.loaded = load.fetch_start
+        try:
+            chunks = self.kv.retrieve_held(
+                t.token_ids, extra_keys=t.extra_keys, start=load.fetch_start
+            )
+        except Exception:
+            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+            return None
+        load.loaded = chunks.end
+        return chunks
+
+    def _scatter_layers(
+        self, loads: list[_Load], held: list[HeldChunks | None], ready: list[threading.Event]
+    ) -> None:
+        """Copy the held chunks into the paged cache layer by layer, setting each
+        layer's event once every load's part of it is in place."""
+        parts = []  # (slots, [L, 2, T, H, D] source) of every chunk part to copy
+        for load, chunks in zip(loads, held, strict=True):
+            t = load.transfer
+            for first, chunk in chunks.chunks if chunks is not None else ():
+                lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
+                if hi > lo:
+                    source = self._on_cache_device(chunk[:, :, lo - first : hi - first])
+                    where = load.slots[lo - t.start : hi - t.start].to(source.device)
+                    parts.append((PagedSlots(self.caches, where, self.layout), source))
+        with torch.inference_mode(self.caches[0].is_inference()):
+            for layer, event in enumerate(ready):
+                for slots, source in parts:
+                    slots.scatter_layer(layer, source[layer])
+                self._synchronize()
+                event.set()
+
+    def _on_cache_device(self, chunk: torch.Tensor) -> torch.Tensor:
+        device = self.caches[0].device
+        return chunk if device.type == "cpu" else chunk.to(device)
+
+    def _synchronize(self) -> None:
+        """Wait for this thread's copies into a cache on an accelerator."""
+        device = self.caches[0].device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
+    def _retrieve(self, t: Transfer, fetch_start: int, slots: torch.Tensor) -> int:
+        """Fetch ``t`` from ``fetch_start`` and scatter each chunk that arrives into
+        every layer's cache at ``slots`` (those of tokens ``[t.start, t.end)``);
+        returns the end of the tokens kvtier delivered (``fetch_start`` on failure).
+        Chunks past that end may have been scattered: their blocks are load errors,
+        which vLLM recomputes, overwriting them."""
+
+        def scatter(first: int, chunk: torch.Tensor) -> None:
+            lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
+            if hi > lo:
+                part = chunk[:, :, lo - first : hi - first]
+                self._scatter(part, slots[lo - t.start : hi - t.start])
+
+        try:
+            return self.kv.retrieve_to(
+                t.token_ids, scatter, extra_keys=t.extra_keys, start=fetch_start
+            )
+        except Exception:
+            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+            return fetch_start
+
+    def _scatter(self, part: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy ``part`` (``[L, 2, T, H, D]``, host memory valid during the call) into
+        every layer's cache at ``slots``; done when this returns."""
+        # On an accelerator: one host-to-device copy per chunk, then copies between
+        # the device's blocks, synchronized (the chunk's memory goes after the call).
+        source = self._on_cache_device(part)
+        with torch.inference_mode(self.caches[0].is_inference()):
+            scatter_paged(source, self.caches, slots.to(source.device), self.layout)
+        self._synchronize()
 
     def wait_layer(self, layer_name: str) -> None:
-        """Block until the plan's loads have arrived, then scatter layer ``layer_name``."""
+        """Block until layer ``layer_name`` of the plan's loads is in the paged cache
+        (layer-wise), or until the whole fetch is."""
         layer = self.layer_index.get(layer_name)
         if self._fetching is None or layer is None:
             return
-        self._fetching.result()
+        if self.layerwise:
+            self._ready[layer].wait()
+        else:
+            self._fetching.result()
         for load in self._loads:
-            t = load.transfer
-            n = min(load.loaded, t.end) - t.start
-            if n > 0 and layer not in load.layers_done:
-                skip = t.start - load.fetch_start
-                part = load.staging[layer, :, skip : skip + n]
-                scatter_paged_layer(part, self.caches[layer], load.slots[:n], self.layout)
             load.layers_done.add(layer)
 
     def _finish_loads(self) -> None:
-        """Account for the step's loads: tokens not delivered to every layer before
+        """Account for the step's loads: tokens not waited for by every layer before
         the forward used them are reported as load errors."""
         if self._fetching is None:
             return
         self._fetching.result()
         for load in self._loads:
             t = load.transfer
-            good = min(load.loaded, t.end)
+            good = max(min(load.loaded, t.end), t.start)
             if len(load.layers_done) < len(self.caches):
                 good = t.start
             self._settle(t, good, load.block_size)
@@ -171,29 +275,12 @@ class WorkerSide:
         self._fetching = None
 
     def _load_async(self, t: Transfer, block_size: int) -> None:
-        """Fetch ``t`` and scatter every layer (its blocks belong to a request vLLM
-        does not run until :meth:`take_received` names it), then report it."""
+        """Fetch ``t`` straight into the paged cache (its blocks belong to a request
+        vLLM does not run until :meth:`take_received` names it), then report it."""
         chunk = self.kv.config.chunk_tokens
         fetch_start = t.start - t.start % chunk
-        good = t.start
-        try:
-            with torch.inference_mode(False):
-                staging = torch.empty(
-                    self.kv.layout.chunk_shape(t.end - fetch_start), dtype=self.kv.layout.dtype
-                )
-            loaded, _ = self.kv.retrieve(
-                t.token_ids, extra_keys=t.extra_keys, out=staging, start=fetch_start
-            )
-            n = min(loaded, t.end) - t.start
-            if n > 0:
-                slots = t.slot_mapping(block_size)[:n]
-                skip = t.start - fetch_start
-                for layer, cache in enumerate(self.caches):
-                    part = staging[layer, :, skip : skip + n]
-                    scatter_paged_layer(part, cache, slots, self.layout)
-                good = t.start + n
-        except Exception:
-            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
+        loaded = self._retrieve(t, fetch_start, t.slot_mapping(block_size))
+        good = max(min(loaded, t.end), t.start)
         with self._received_lock:  # the errors are reported no later than the request
             self._settle(t, good, block_size)
             self._received.add(t.req_id)
@@ -227,40 +314,54 @@ class WorkerSide:
     # -- saves ------------------------------------------------------------------------
 
     def save_layer(self, layer_name: str, plan: StepPlan) -> None:
-        """Gather layer ``layer_name``'s KV of the plan's saves out of the paged cache."""
+        """Gather layer ``layer_name``'s KV of the plan's saves out of the paged cache,
+        straight into the blobs kvtier will queue."""
         layer = self.layer_index.get(layer_name)
         if layer is None or not plan.saves or layer in self._saved_layers:
             return
-        if not self._saves:
+        if not self._saved_layers:
             self._prepare_saves(plan)
-        for _, slots, staging in self._saves:
-            gather_paged_layer(self.caches[layer], slots, self.layout, out=staging[layer])
+        for save in self._saves:
+            for slots, view in save.parts:
+                if self.caches[0].device.type == "cpu":
+                    slots.gather_layer(layer, view[layer])
+                else:  # gathered on the device, then one copy to the host blob
+                    gathered = torch.empty_like(view[layer], device=self.caches[0].device)
+                    slots.gather_layer(layer, gathered)
+                    view[layer].copy_(gathered)
         self._saved_layers.add(layer)
 
     def _prepare_saves(self, plan: StepPlan) -> None:
-        total = sum(t.end - t.start for t in plan.saves)
-        staging = self._buffer("save", total)
-        offset = 0
+        """Reserve kvtier's store queue for the plan's saves (chunks that do not fit
+        are dropped and counted by kvtier, chunks already queued skipped)."""
         for t in plan.saves:
-            n = t.end - t.start
-            slots = t.slot_mapping(plan.block_size)
-            self._saves.append((t, slots, staging[:, :, offset : offset + n]))
-            offset += n
+            pending = self.kv.begin_store(t.token_ids, extra_keys=t.extra_keys, start=t.start)
+            slots = t.slot_mapping(plan.block_size).to(self.caches[0].device)
+            parts = [
+                (PagedSlots(self.caches, slots[first - t.start : end - t.start], self.layout), view)
+                for first, end, view in pending.chunks
+            ]
+            self._saves.append(_Save(t, pending, parts))
 
     def finish_step(self, plan: StepPlan) -> None:
         """End of the step: settle the loads and hand the saves to kvtier."""
         self._finish_loads()
         if plan.saves:
-            for name in self.layer_index:
-                self.save_layer(name, plan)
-            for transfer, _, staging in self._saves:
-                self.kv.store(
-                    transfer.token_ids,
-                    staging,
-                    extra_keys=transfer.extra_keys,
-                    start=transfer.start,
-                )
-                self._count(saves=1, save_tokens=transfer.end - transfer.start)
+            try:
+                for name in self.layer_index:
+                    self.save_layer(name, plan)
+            except BaseException:
+                self._abort_saves()
+                raise
+            for save in self._saves:
+                save.pending.commit()
+                self._count(saves=1, save_tokens=save.transfer.end - save.transfer.start)
+        self._saves = []
+        self._saved_layers = set()
+
+    def _abort_saves(self) -> None:
+        for save in self._saves:
+            save.pending.abort()
         self._saves = []
         self._saved_layers = set()
 
@@ -278,21 +379,8 @@ class WorkerSide:
                 self._stats[name] += delta
                 self.totals[name] += delta
 
-    def _buffer(self, name: str, tokens: int) -> torch.Tensor:
-        """A reusable host staging tensor with room for ``tokens`` tokens (grown as
-        needed; pinned when the caches live on a GPU). It is a normal tensor even when
-        vLLM calls in inference mode, so that the load thread may write it."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape[2] < tokens:
-            shape = self.kv.layout.chunk_shape(tokens)
-            pin = bool(self.caches) and self.caches[0].is_cuda
-            with torch.inference_mode(False):
-                buf = torch.empty(shape, dtype=self.kv.layout.dtype, pin_memory=pin)
-            self._buffers[name] = buf
-        return buf[:, :, :tokens]
-
     def close(self) -> None:
-        """Stop the load thread and drop the staging buffers."""
+        """Stop the load threads; give back the queue space of saves never committed."""
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
-        self._buffers.clear()
+        self._abort_saves()
