@@ -10,6 +10,7 @@ the reference here without touching them.
 
 from kvtier.kernels.paged import (
     PagedLayout,
+    PagedSlots,
     gather_paged,
     gather_paged_layer,
     paged_view,
@@ -19,6 +20,7 @@ from kvtier.kernels.paged import (
 
 __all__ = [
     "PagedLayout",
+    "PagedSlots",
     "gather_paged",
     "gather_paged_layer",
     "paged_view",

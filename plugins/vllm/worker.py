@@ -40,8 +40,7 @@ import torch
 
 from kvtier.core.engine import HeldChunks, KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.kernels import PagedLayout, paged_view, scatter_paged
-from kvtier.kernels.paged import PagedSlots
+from kvtier.kernels import PagedLayout, PagedSlots, paged_view, scatter_paged
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
