@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -108,11 +108,12 @@ class TierChain:
             except Exception:
                 log.exception("closing tier %s failed", tier.name)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in the background; :meth:`drain` waits for it."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for background promotions and demotions (and those they start)."""
@@ -237,12 +238,12 @@ class TierChain:
         t: int,
         wanted: Sequence[int],
         keys: Sequence[str],
-        targets: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor] | None,
         served: dict[int, _Read],
     ) -> None:
         """One ``get_many`` of ``keys[i]`` (``i`` in ``wanted``) from tier ``t``; each
-        hit is checked and decoded into its target, and those that pass go into
-        ``served``."""
+        hit is checked and decoded into its target (only checked without ``targets``),
+        and those that pass go into ``served``."""
         tier = self.tiers[t]
         asked = [keys[i] for i in wanted]
         began = time.perf_counter()
@@ -269,20 +270,25 @@ class TierChain:
                 served[r.index] = r
 
     async def _decode(
-        self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[torch.Tensor]
+        self,
+        reads: Sequence[_Read],
+        keys: Sequence[str],
+        targets: Sequence[torch.Tensor] | None,
     ) -> set[int]:
-        """Check and decode each read into its target, in the codec threads; returns the
-        indexes of the chunks that failed (corrupt blobs already counted and deleted)."""
+        """Check and decode each read into its target (only check, without ``targets``),
+        in the codec threads; returns the indexes of the chunks that failed (corrupt
+        blobs already counted and deleted)."""
 
         def one(r: _Read) -> ChunkCorruptedError | CodecUnavailableError | None:
-            target = targets[r.index]
             caps = self.tiers[r.tier].backend.capabilities
             try:
                 check = fmt.parse if caps.verified_reads else fmt.verify
                 mac_keys = None if caps.process_local else self.integrity
                 header = check(r.buf.view, expected_key=keys[r.index], keys=mac_keys)
-                with torch.inference_mode(target.is_inference()), torch.no_grad():
-                    decoding.decode_into(r.buf, header, self.registry, target)
+                if targets is not None:
+                    target = targets[r.index]
+                    with torch.inference_mode(target.is_inference()), torch.no_grad():
+                        decoding.decode_into(r.buf, header, self.registry, target)
             except (ChunkCorruptedError, CodecUnavailableError) as exc:
                 return exc
             r.blob = Blob(r.buf, header, sealed=not caps.process_local)
@@ -320,13 +326,22 @@ class TierChain:
 
     def _promote(self, served: Sequence[_Read]) -> None:
         """Queue chunks served by slower tiers for the faster tiers that promote."""
+        for targets, blobs in self._promotions(served).items():
+            self.spawn(self.write_and_release(blobs, targets))
+
+    def _promotions(self, served: Iterable[_Read]) -> dict[tuple[int, ...], list[Blob]]:
+        """The checked blobs of ``served`` (retained: hand them to
+        :meth:`write_and_release`) by the faster tiers that promote them."""
         by_targets: dict[tuple[int, ...], list[Blob]] = {}
         for r in served:
-            targets = tuple(t for t in range(r.tier) if self.tiers[t].config.promote)
+            targets = self._promoting(r.tier)
             if targets and r.blob is not None:
                 by_targets.setdefault(targets, []).append(r.blob.retain())
-        for targets, blobs in by_targets.items():
-            self.spawn(self.write_and_release(blobs, targets))
+        return by_targets
+
+    def _promoting(self, t: int) -> tuple[int, ...]:
+        """The tiers faster than tier ``t`` that take a copy of what it serves."""
+        return tuple(u for u in range(t) if self.tiers[u].config.promote)
 
     # -- write ------------------------------------------------------------------------------
 
