@@ -34,6 +34,7 @@ from kvtier.core.errors import (
 )
 from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
+from kvtier.core.prefetch import Prefetches
 from kvtier.core.quotas import TenantLedger, evict
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
@@ -83,6 +84,9 @@ class TierChain:
         self._late: set[asyncio.Future[Any]] = set()  # lookups that may outlive their limit
         self.quotas: dict[str, TenantLedger] = {}
         """Per-tenant quotas by tier name (:mod:`kvtier.core.quotas`)."""
+        self.prefetches = Prefetches()
+        """Chunks being prefetched and their byte budget (off until the owner sets
+        one; :mod:`kvtier.core.prefetch`)."""
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -150,33 +154,51 @@ class TierChain:
     # -- lookup -------------------------------------------------------------------------
 
     async def lookup(
-        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+        self,
+        keys: Sequence[str],
+        limits: Sequence[float | None] | None = None,
+        *,
+        prefetch: bool = False,
     ) -> int:
-        """Number of leading keys available in some tier (side-effect free: no counters
-        move, nothing is read or promoted); see :meth:`lookup_by_tier`."""
-        counts = await self.lookup_by_tier(keys, limits)
+        """Number of leading keys available in some tier (side-effect free unless
+        ``prefetch``: no counters move, nothing is read or promoted); see
+        :meth:`lookup_by_tier`."""
+        counts = await self.lookup_by_tier(keys, limits, prefetch=prefetch)
         return counts[-1] if counts else 0
 
     async def lookup_by_tier(
-        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+        self,
+        keys: Sequence[str],
+        limits: Sequence[float | None] | None = None,
+        *,
+        prefetch: bool = False,
     ) -> list[int]:
-        """For each tier ``t``, the number of leading keys available in tiers ``0..t``
-        (side-effect free). Each tier is asked only about the keys the tiers above it
-        lack.
+        """For each tier ``t``, the number of leading keys available in tiers ``0..t``.
+        Each tier is asked only about the keys the tiers above it lack.
 
         ``limits`` (seconds, one per tier; ``None``: the tier's own timeout) bounds how
         long each tier is waited for: a tier that has not answered by then counts as
         holding none of the keys. Its call goes on in the background, so that its own
-        timeout still opens its circuit breaker and later lookups skip it at once."""
+        timeout still opens its circuit breaker and later lookups skip it at once.
+
+        Side-effect free, unless ``prefetch``: then the leading keys found only in
+        slower tiers start moving into the faster tiers that promote (see
+        :meth:`prefetch`; the answer does not wait for it)."""
         missing = list(range(len(keys)))
+        found = [len(self.tiers)] * len(keys)  # the fastest tier holding each key
         counts = []
         for t, tier in enumerate(self.tiers):
             if missing:
                 asked = [keys[i] for i in missing]
                 present = await self._contains(tier, asked, limits[t] if limits else None)
                 if present is not None:
-                    missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
+                    for i, ok in zip(missing, present, strict=True):
+                        if ok:
+                            found[i] = t
+                    missing = [i for i in missing if found[i] != t]
             counts.append(missing[0] if missing else len(keys))
+        if prefetch and counts:
+            self.prefetch(keys[: counts[-1]], found[: counts[-1]])
         return counts
 
     async def _contains(
@@ -209,17 +231,15 @@ class TierChain:
         tiers that ``promote`` (:meth:`drain` waits for that). Targets past the
         returned run may have been written.
         """
+        await self.prefetches.settled(keys)  # promoted by now, or not at all
         served: dict[int, _Read] = {}
         try:
             pending = list(range(len(keys)))
-            for t, tier in enumerate(self.tiers):
+            for t in range(len(self.tiers)):
                 if not pending:
                     break
-                parts = 1 if tier.backend.capabilities.process_local else FETCH_PARTS
-                step = -(-len(pending) // parts)
                 reads = [
-                    self._serve(t, pending[i : i + step], keys, targets, served)
-                    for i in range(0, len(pending), step)
+                    self._serve(t, part, keys, targets, served) for part in self._parts(t, pending)
                 ]
                 results = await asyncio.gather(*reads, return_exceptions=True)
                 failure = next((r for r in results if isinstance(r, BaseException)), None)
@@ -232,6 +252,13 @@ class TierChain:
         finally:
             for r in served.values():
                 r.buf.release()
+
+    def _parts(self, t: int, wanted: list[int]) -> list[list[int]]:
+        """``wanted`` split for concurrent reads from tier ``t``: in one part for a tier
+        in the process, :data:`FETCH_PARTS` for the others."""
+        parts = 1 if self.tiers[t].backend.capabilities.process_local else FETCH_PARTS
+        step = -(-len(wanted) // parts)
+        return [wanted[i : i + step] for i in range(0, len(wanted), step)]
 
     async def _serve(
         self,
@@ -342,6 +369,53 @@ class TierChain:
     def _promoting(self, t: int) -> tuple[int, ...]:
         """The tiers faster than tier ``t`` that take a copy of what it serves."""
         return tuple(u for u in range(t) if self.tiers[u].config.promote)
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch(self, keys: Sequence[str], found: Sequence[int]) -> int:
+        """Start copying ``keys[i]``, held by tier ``found[i]``, into the faster tiers
+        that promote, in the background (:meth:`drain` waits for it); return how many
+        chunks were started.
+
+        Chunks in flight already are not read again; the others start in order while
+        :attr:`prefetches`' byte budget lasts (the rest are counted as dropped). Each
+        chunk goes through the fetch's read path (the same ``get_many`` calls; blobs
+        verified, corrupt ones counted and deleted, a failing tier skipped), checked but
+        not decoded, and is then written as a promotion. A fetch of a chunk in flight
+        waits for its prefetch (:meth:`fetch`)."""
+        wanted = [i for i, t in enumerate(found) if self._promoting(t)]
+        started = [wanted[j] for j in self.prefetches.admit([keys[i] for i in wanted])]
+        if not started:
+            return 0
+        chosen = [keys[i] for i in started]
+        by_tier: dict[int, list[int]] = {}
+        for j, i in enumerate(started):
+            by_tier.setdefault(found[i], []).append(j)
+        self.prefetches.track(chosen, self.spawn(self._prefetch(chosen, by_tier)))
+        return len(chosen)
+
+    async def _prefetch(self, keys: list[str], by_tier: dict[int, list[int]]) -> None:
+        """Read ``keys[j]`` (``j`` in ``by_tier[t]``) from each tier ``t`` and write the
+        valid ones into the tiers that promote them."""
+        served: dict[int, _Read] = {}
+        try:
+            reads = [
+                self._serve(t, part, keys, None, served)
+                for t, wanted in by_tier.items()
+                for part in self._parts(t, wanted)
+            ]
+            for failure in await asyncio.gather(*reads, return_exceptions=True):
+                if isinstance(failure, BaseException):
+                    raise failure
+            self.prefetches.stats.read_bytes += sum(r.buf.nbytes for r in served.values())
+            writes = self._promotions(served.values()).items()
+            await asyncio.gather(*(self.write_and_release(b, targets) for targets, b in writes))
+        except Exception:
+            log.exception("prefetching %d chunks failed", len(keys))
+        finally:
+            for r in served.values():
+                r.buf.release()
+            self.prefetches.done(keys)
 
     # -- write ------------------------------------------------------------------------------
 
