@@ -525,7 +525,7 @@ class KVTier(SegmentAPI):
             prefetch_read_bytes=self.chain.prefetches.stats.read_bytes,
             prefetch_dropped=self.chain.prefetches.stats.dropped,
             prefetch_joined=self.chain.prefetches.stats.joined,
-            prefetch_bytes=self.chain.prefetches.in_flight_bytes,
+            prefetch_in_flight_bytes=self.chain.prefetches.in_flight_bytes,
             usage=usage,
         )
 

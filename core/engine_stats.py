@@ -42,7 +42,7 @@ class EngineStats(KVTierStats):
     """Chunks not prefetched because ``prefetch_bytes`` was in flight already."""
     prefetch_joined: int = 0
     """Chunks a retrieve found being prefetched and waited for (read once, not twice)."""
-    prefetch_bytes: int = 0
+    prefetch_in_flight_bytes: int = 0
     """Budget held now by prefetches in flight (a gauge, like ``queue_bytes``)."""
     usage: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     """Tier name -> ``(bytes_used, capacity_bytes)``."""
@@ -51,6 +51,6 @@ class EngineStats(KVTierStats):
         counters = ("lookups", "lookup_requested_tokens", "lookup_hit_tokens", "retrieves",
                     "retrieve_requested_tokens", "retrieve_hit_tokens", "prefetched",
                     "prefetch_read_bytes", "prefetch_dropped", "prefetch_joined",
-                    "prefetch_bytes")  # fmt: skip
+                    "prefetch_in_flight_bytes")  # fmt: skip
         return {**super().as_dict(), **{n: getattr(self, n) for n in counters},
                 "usage": {k: list(v) for k, v in self.usage.items()}}  # fmt: skip

@@ -63,7 +63,8 @@ def test_lookup_with_prefetch_moves_slow_chunks_into_cpu(slow):
         cache.flush()  # waits for the prefetch, as for promotions
         assert in_cpu(cache, tokens) == [True] * 4
         stats = cache.stats()
-        assert (stats.prefetched, stats.prefetch_dropped, stats.prefetch_bytes) == (4, 0, 0)
+        assert (stats.prefetched, stats.prefetch_dropped) == (4, 0)
+        assert stats.prefetch_in_flight_bytes == 0
         assert stats.prefetch_read_bytes == stats.tier("slow").bytes_out > 4 * CHUNK_BYTES
         assert stats.tier("slow").hits == 4 and stats.tier("cpu").stored == 4
         n, got = cache.retrieve(tokens)
@@ -171,15 +172,16 @@ def test_budget_bounds_the_bytes_in_flight(gated):
         assert cache.lookup(tokens, prefetch=True) == 5 * CHUNK
         stats = cache.stats()
         assert (stats.prefetched, stats.prefetch_dropped) == (2, 3)
-        assert stats.prefetch_bytes == 2 * CHUNK_BYTES
+        assert stats.prefetch_in_flight_bytes == 2 * CHUNK_BYTES
         assert cache.lookup(tokens, prefetch=True) == 5 * CHUNK  # the budget is still full
         stats = cache.stats()
         assert (stats.prefetched, stats.prefetch_dropped) == (2, 6)
-        assert stats.prefetch_bytes == 2 * CHUNK_BYTES, "chunks in flight are not read twice"
+        in_flight = stats.prefetch_in_flight_bytes
+        assert in_flight == 2 * CHUNK_BYTES, "chunks in flight are not read twice"
         open_gate(cache, state)
         cache.flush()
         assert in_cpu(cache, tokens) == [True, True, False, False, False]
-        assert cache.stats().prefetch_bytes == 0, "the budget is free again"
+        assert cache.stats().prefetch_in_flight_bytes == 0, "the budget is free again"
         assert cache.lookup(tokens, prefetch=True) == 5 * CHUNK
         cache.flush()
         assert in_cpu(cache, tokens) == [True, True, True, True, False]
@@ -218,7 +220,7 @@ def test_hung_slow_tier_never_blocks_the_lookup(gated):
         assert time.perf_counter() - began < 1.5, "the lookup did not wait for the prefetch"
         cache.flush()
         stats = cache.stats()
-        assert stats.prefetched == 3 and stats.prefetch_bytes == 0
+        assert stats.prefetched == 3 and stats.prefetch_in_flight_bytes == 0
         assert stats.tier("slow").errors >= 1 and in_cpu(cache, tokens) == [False] * 3
         assert cache.retrieve(tokens)[0] == 0, "the slow tier is skipped while it is out"
         open_gate(cache, state)
@@ -232,7 +234,7 @@ def test_failing_slow_tier_makes_prefetch_a_no_op(gated):
         assert cache.lookup(tokens, prefetch=True) == 3 * CHUNK
         cache.flush()
         stats = cache.stats()
-        assert stats.tier("slow").errors == 1 and stats.prefetch_bytes == 0
+        assert stats.tier("slow").errors == 1 and stats.prefetch_in_flight_bytes == 0
         assert in_cpu(cache, tokens) == [False] * 3
         assert cache.lookup(tokens, prefetch=True) == 0, "the open breaker skips the tier"
         assert cache.stats().prefetched == 3
