@@ -398,13 +398,17 @@ class TierChain:
         """Read ``keys[j]`` (``j`` in ``by_tier[t]``) from each tier ``t`` and write the
         valid ones into the tiers that promote them."""
         served: dict[int, _Read] = {}
+
+        async def read(t: int, wanted: list[int]) -> list[BaseException | None]:
+            async with self.prefetches.turn(t):
+                parts = [
+                    self._serve(t, part, keys, None, served) for part in self._parts(t, wanted)
+                ]
+                return await asyncio.gather(*parts, return_exceptions=True)
+
         try:
-            reads = [
-                self._serve(t, part, keys, None, served)
-                for t, wanted in by_tier.items()
-                for part in self._parts(t, wanted)
-            ]
-            for failure in await asyncio.gather(*reads, return_exceptions=True):
+            results = await asyncio.gather(*(read(t, wanted) for t, wanted in by_tier.items()))
+            for failure in (r for tier_results in results for r in tier_results):
                 if isinstance(failure, BaseException):
                     raise failure
             self.prefetches.stats.read_bytes += sum(r.buf.nbytes for r in served.values())

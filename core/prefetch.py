@@ -9,7 +9,8 @@ books: no I/O happens here.
 Each chunk holds ``chunk_bytes`` (its unencoded size, what it takes in a raw ``cpu``
 tier) of the ``budget`` from the moment its read is started until its writes are done.
 A chunk already in flight is not started again; chunks that do not fit the budget are
-not prefetched (counted as dropped) and are read by the load as usual.
+not prefetched (counted as dropped) and are read by the load as usual. At most
+:data:`READERS` prefetches read from one tier at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+READERS = 2
+"""Prefetches reading from one tier at once; the others wait their turn, in lookup
+order, so that of a burst of lookups the first get their chunks first (as the loads
+would, two at a time) rather than all of them at the end."""
 
 
 @dataclass
@@ -44,6 +50,11 @@ class Prefetches:
         self.in_flight_bytes = 0
         self.stats = PrefetchStats()
         self._tasks: dict[str, asyncio.Future[None]] = {}
+        self._turns: dict[int, asyncio.Semaphore] = {}
+
+    def turn(self, tier: int) -> asyncio.Semaphore:
+        """Held by a prefetch while it reads from tier ``tier`` (:data:`READERS`)."""
+        return self._turns.setdefault(tier, asyncio.Semaphore(READERS))
 
     def admit(self, keys: Sequence[str]) -> list[int]:
         """The indexes of the ``keys`` to start now, holding their share of the budget:

@@ -5,6 +5,7 @@ a gated tier that holds reads until the test lets them go."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -186,6 +187,35 @@ def test_budget_bounds_the_bytes_in_flight(gated):
         cache.flush()
         assert in_cpu(cache, tokens) == [True, True, True, True, False]
         assert cache.stats().prefetched == 4
+
+
+def test_prefetches_take_turns_reading_a_tier(gated):
+    """Of a burst of lookups, two prefetches read a tier at once; the others wait in
+    lookup order (so that the first requests get their chunks first)."""
+    registry, state = gated
+    prompts = [prompt(2 * CHUNK, seed=s) for s in range(3)]
+    with gated_cache(registry, *prompts[0]) as cache:
+        for tokens, kv in prompts[1:]:
+            cache.store(tokens, kv)
+        cache.flush()
+        for tokens, _ in prompts[1:]:
+            keys = [str(k) for k in cache.hasher.keys(tokens)]
+            cache._io.run(cache.chain.tiers[0].backend.delete_many(keys))
+        state["hold"], state["reads"] = True, 0
+        for tokens, _ in prompts:
+            assert cache.lookup(tokens, prefetch=True) == 2 * CHUNK
+        assert cache.stats().prefetched == 6
+        deadline = time.monotonic() + 30
+        while state["reads"] < 4:  # the first two prompts' reads reach the gate
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(20):  # the loop runs whatever else is ready
+            cache._io.run(asyncio.sleep(0))
+        assert state["reads"] == 4, "the third prompt's prefetch waits its turn"
+        open_gate(cache, state)
+        cache.flush()
+        assert state["reads"] == 6
+        assert all(in_cpu(cache, tokens) == [True, True] for tokens, _ in prompts)
 
 
 def test_retrieve_of_a_chunk_in_flight_waits_for_its_prefetch(gated):
