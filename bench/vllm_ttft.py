@@ -17,7 +17,12 @@ prefix cache off:
   from the cpu tier and the page cache dropped before each prompt (as root; else the
   row says WARM); ``hit redis``: the third set, removed from the cpu and file tiers.
   Loads from file and redis are asynchronous (``--load-async auto``, the default;
-  ``never`` loads them inside the step, for comparison);
+  ``never`` loads them inside the step, for comparison). Each file and redis hit is
+  paired with one of another set with prefetch off (the worker's prefetch budget set
+  to 0 for that request; rows ``..., no prefetch``), alternating, so that both see
+  the same machine;
+* ``burst``: ``--reps`` prompts held only by redis submitted at once, with prefetch on
+  and off, alternating, :data:`BURSTS` times each (median and worst TTFT over them);
 * ``stream``: the token gaps of a 160-token greedy stream alone, while another
   request of ``--tokens`` tokens is computed in full (a miss: what the stream sees
   without kvtier), and while such a request stored only in redis, or only in the
@@ -60,6 +65,8 @@ from tiny_model import build_model  # noqa: E402
 MODEL = {"hidden": 768, "layers": 12, "heads": 12, "kv_heads": 4}
 KV_BYTES_PER_TOKEN = MODEL["layers"] * 2 * MODEL["kv_heads"] * 64 * 4
 STREAM_TOKENS = 160
+BURSTS = 2
+"""Bursts of hits per setting (prefetch on, off)."""
 
 
 def start_valkey(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -106,6 +113,16 @@ def _flush(worker: Any) -> dict[str, Any]:
     return dict(conn.totals)
 
 
+def _prefetch_budget(worker: Any, nbytes: int | None) -> int:
+    """Set the worker's prefetch budget (``None``: the config's); chunks prefetched so far."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    kv = get_kv_transfer_group().kvtier
+    budget = kv.config.prefetch_bytes if nbytes is None else nbytes
+    kv.chain.prefetches.budget = budget  # a bench switch: the loop reads it at each lookup
+    return int(kv.stats().prefetched)
+
+
 def _forget(worker: Any, prompts: list[list[int]], tiers: list[str]) -> int:
     """Delete the prompts' chunks from the named tiers of the worker's chain."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
@@ -123,6 +140,53 @@ def _forget(worker: Any, prompts: list[list[int]], tiers: list[str]) -> int:
                     path.unlink()
                     removed += 1
     return removed
+
+
+async def prefetching(llm: Any, on: bool) -> int:
+    """Prefetch on (the config's budget) or off in the worker; chunks prefetched so far."""
+    return int((await llm.collective_rpc(_prefetch_budget, args=(None if on else 0,)))[0])
+
+
+def same_first_token(
+    got: dict[str, Any], cold: dict[str, Any], prompt: list[int], case: str
+) -> None:
+    if got["tokens"] != cold[str(prompt[:8])]["tokens"]:
+        raise SystemExit(f"{case}: the first token differs from the cold run")
+
+
+async def measure_hits(
+    llm: Any,
+    sets: dict[str, list[list[int]]],
+    cold: dict[str, Any],
+    rows: dict[str, list[float]],
+    notes: dict[str, str],
+) -> None:
+    """TTFT of each set's prompts (hits), the sets taking turns prompt by prompt (a
+    set whose name ends in ``no prefetch`` with the worker's prefetch off)."""
+    loaded = dict.fromkeys(sets, 0)
+    prefetched = dict.fromkeys(sets, 0)
+    dropped = True
+    for case in sets:
+        rows[f"hit {case}"] = []
+    for i in range(len(next(iter(sets.values())))):
+        for case, prompts in sets.items():
+            count = await prefetching(llm, not case.endswith("no prefetch"))
+            before = (await llm.collective_rpc(_flush))[0]["load_tokens"]
+            if case.startswith("file"):
+                dropped = drop_page_cache() and dropped
+            got = await generate(llm, f"hit-{case}{i}", prompts[i], 1)
+            same_first_token(got, cold, prompts[i], f"hit {case}")
+            rows[f"hit {case}"].append(got["ttft"])
+            loaded[case] += (await llm.collective_rpc(_flush))[0]["load_tokens"] - before
+            prefetched[case] += await prefetching(llm, True) - count
+    for case, prompts in sets.items():
+        if not loaded[case]:
+            raise SystemExit(f"hit {case}: no token was loaded")
+        notes[f"hit {case}"] = (
+            f"{loaded[case] // len(prompts)} tokens loaded, "
+            f"{prefetched[case] // len(prompts)} chunks prefetched per prompt"
+            + ("" if dropped else " (WARM: page cache not dropped, not root)")
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -146,7 +210,13 @@ async def run(
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
     new = lambda: [rng.randrange(4, 512) for _ in range(tokens)]  # noqa: E731
-    sets = {case: [new() for _ in range(reps)] for case in ("cpu", "file", "redis")}
+    cases = ("cpu", "file", "file, no prefetch", "redis", "redis, no prefetch")
+    sets = {case: [new() for _ in range(reps)] for case in cases}
+    bursts = {
+        (case, r): [new() for _ in range(reps)]
+        for r in range(BURSTS)
+        for case in ("redis", "redis, no prefetch")
+    }
     side = {"redis": new(), "file": new()}  # the concurrent stream's slow loads
     computed = new()  # a miss the concurrent stream runs beside, computed in full
     stream_prompt = [rng.randrange(4, 512) for _ in range(32)]
@@ -155,29 +225,29 @@ async def run(
     try:
         await generate(llm, "warmup", new(), 1)
         cold: dict[str, dict[str, Any]] = {}
-        for i, p in enumerate([p for ps in sets.values() for p in ps] + list(side.values())):
+        stored = [p for ps in [*sets.values(), *bursts.values()] for p in ps]
+        for i, p in enumerate(stored + list(side.values())):
             cold[str(p[:8])] = await generate(llm, f"cold{i}", p, 1)
         rows["cold (all misses)"] = [cold[str(p[:8])]["ttft"] for ps in sets.values() for p in ps]
         await llm.collective_rpc(_flush)
-        await llm.collective_rpc(_forget, args=(sets["file"] + [side["file"]], ["cpu"]))
-        await llm.collective_rpc(_forget, args=(sets["redis"] + [side["redis"]], ["cpu", "file"]))
-        for case, prompts in sets.items():
-            before = (await llm.collective_rpc(_flush))[0]["load_tokens"]
-            hits, dropped = [], True
-            for i, p in enumerate(prompts):
-                if case == "file":
-                    dropped = drop_page_cache() and dropped
-                got = await generate(llm, f"hit-{case}{i}", p, 1)
-                if got["tokens"] != cold[str(p[:8])]["tokens"]:
-                    raise SystemExit(f"hit {case}: the first token differs from the cold run")
-                hits.append(got["ttft"])
-            loaded = (await llm.collective_rpc(_flush))[0]["load_tokens"] - before
-            if not loaded:
-                raise SystemExit(f"hit {case}: no token was loaded")
-            rows[f"hit {case}"] = hits
-            notes[f"hit {case}"] = f"{loaded // reps} tokens loaded per prompt" + (
-                "" if dropped else " (WARM: page cache not dropped, not root)"
+        file_only = [p for case, ps in sets.items() if case.startswith("file") for p in ps]
+        in_redis = [p for case, ps in sets.items() if case.startswith("redis") for p in ps]
+        in_redis += [p for ps in bursts.values() for p in ps]
+        await llm.collective_rpc(_forget, args=([*file_only, side["file"]], ["cpu"]))
+        await llm.collective_rpc(_forget, args=([*in_redis, side["redis"]], ["cpu", "file"]))
+        for group in (["cpu"], ["file", "file, no prefetch"], ["redis", "redis, no prefetch"]):
+            await measure_hits(llm, {case: sets[case] for case in group}, cold, rows, notes)
+        for (case, r), prompts in bursts.items():
+            await prefetching(llm, not case.endswith("no prefetch"))
+            got = await asyncio.gather(
+                *(generate(llm, f"burst-{case}{r}-{i}", p, 1) for i, p in enumerate(prompts))
             )
+            await prefetching(llm, True)
+            for g, p in zip(got, prompts, strict=True):
+                same_first_token(g, cold, p, f"burst {case}")
+            label = f"burst of {reps} hits from {case}"
+            rows[label] = rows.get(label, []) + [g["ttft"] for g in got]
+            notes[label] = f"worst {max(rows[label]) * 1e3:.0f} ms over {r + 1} bursts"
         streams = {"stream alone": await generate(llm, "s0", stream_prompt, STREAM_TOKENS)}
         task = asyncio.create_task(generate(llm, "s-miss", stream_prompt, STREAM_TOKENS))
         await asyncio.sleep(0.5)

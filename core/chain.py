@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,6 +34,7 @@ from kvtier.core.errors import (
 )
 from kvtier.core.integrity import MacKeys
 from kvtier.core.plugins import PluginRegistry
+from kvtier.core.prefetch import Prefetches
 from kvtier.core.quotas import TenantLedger, evict
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
@@ -86,6 +87,9 @@ class TierChain:
         self._late: set[asyncio.Future[Any]] = set()  # lookups that may outlive their limit
         self.quotas: dict[str, TenantLedger] = {}
         """Per-tenant quotas by tier name (:mod:`kvtier.core.quotas`)."""
+        self.prefetches = Prefetches()
+        """Chunks being prefetched and their byte budget (off until the owner sets
+        one; :mod:`kvtier.core.prefetch`)."""
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -111,11 +115,12 @@ class TierChain:
             except Exception:
                 log.exception("closing tier %s failed", tier.name)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in the background; :meth:`drain` waits for it."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for background promotions and demotions (and those they start)."""
@@ -152,33 +157,51 @@ class TierChain:
     # -- lookup -------------------------------------------------------------------------
 
     async def lookup(
-        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+        self,
+        keys: Sequence[str],
+        limits: Sequence[float | None] | None = None,
+        *,
+        prefetch: bool = False,
     ) -> int:
-        """Number of leading keys available in some tier (side-effect free: no counters
-        move, nothing is read or promoted); see :meth:`lookup_by_tier`."""
-        counts = await self.lookup_by_tier(keys, limits)
+        """Number of leading keys available in some tier (side-effect free unless
+        ``prefetch``: no counters move, nothing is read or promoted); see
+        :meth:`lookup_by_tier`."""
+        counts = await self.lookup_by_tier(keys, limits, prefetch=prefetch)
         return counts[-1] if counts else 0
 
     async def lookup_by_tier(
-        self, keys: Sequence[str], limits: Sequence[float | None] | None = None
+        self,
+        keys: Sequence[str],
+        limits: Sequence[float | None] | None = None,
+        *,
+        prefetch: bool = False,
     ) -> list[int]:
-        """For each tier ``t``, the number of leading keys available in tiers ``0..t``
-        (side-effect free). Each tier is asked only about the keys the tiers above it
-        lack.
+        """For each tier ``t``, the number of leading keys available in tiers ``0..t``.
+        Each tier is asked only about the keys the tiers above it lack.
 
         ``limits`` (seconds, one per tier; ``None``: the tier's own timeout) bounds how
         long each tier is waited for: a tier that has not answered by then counts as
         holding none of the keys. Its call goes on in the background, so that its own
-        timeout still opens its circuit breaker and later lookups skip it at once."""
+        timeout still opens its circuit breaker and later lookups skip it at once.
+
+        Side-effect free, unless ``prefetch``: then the leading keys found only in
+        slower tiers start moving into the faster tiers that promote (see
+        :meth:`prefetch`; the answer does not wait for it)."""
         missing = list(range(len(keys)))
+        found = [len(self.tiers)] * len(keys)  # the fastest tier holding each key
         counts = []
         for t, tier in enumerate(self.tiers):
             if missing:
                 asked = [keys[i] for i in missing]
                 present = await self._contains(tier, asked, limits[t] if limits else None)
                 if present is not None:
-                    missing = [i for i, ok in zip(missing, present, strict=True) if not ok]
+                    for i, ok in zip(missing, present, strict=True):
+                        if ok:
+                            found[i] = t
+                    missing = [i for i in missing if found[i] != t]
             counts.append(missing[0] if missing else len(keys))
+        if prefetch and counts:
+            self.prefetch(keys[: counts[-1]], found[: counts[-1]])
         return counts
 
     async def _contains(
@@ -214,17 +237,15 @@ class TierChain:
         returned run may have been written (sinks past it called). A blob reaches its
         target only after its checksum or MAC passed; a corrupt one never does.
         """
+        await self.prefetches.settled(keys)  # promoted by now, or not at all
         served: dict[int, _Read] = {}
         try:
             pending = list(range(len(keys)))
-            for t, tier in enumerate(self.tiers):
+            for t in range(len(self.tiers)):
                 if not pending:
                     break
-                parts = 1 if tier.backend.capabilities.process_local else FETCH_PARTS
-                step = -(-len(pending) // parts)
                 reads = [
-                    self._serve(t, pending[i : i + step], keys, targets, served)
-                    for i in range(0, len(pending), step)
+                    self._serve(t, part, keys, targets, served) for part in self._parts(t, pending)
                 ]
                 results = await asyncio.gather(*reads, return_exceptions=True)
                 failure = next((r for r in results if isinstance(r, BaseException)), None)
@@ -238,17 +259,24 @@ class TierChain:
             for r in served.values():
                 r.buf.release()
 
+    def _parts(self, t: int, wanted: list[int]) -> list[list[int]]:
+        """``wanted`` split for concurrent reads from tier ``t``: in one part for a tier
+        in the process, :data:`FETCH_PARTS` for the others."""
+        parts = 1 if self.tiers[t].backend.capabilities.process_local else FETCH_PARTS
+        step = -(-len(wanted) // parts)
+        return [wanted[i : i + step] for i in range(0, len(wanted), step)]
+
     async def _serve(
         self,
         t: int,
         wanted: Sequence[int],
         keys: Sequence[str],
-        targets: Sequence[Target],
+        targets: Sequence[Target] | None,
         served: dict[int, _Read],
     ) -> None:
         """One ``get_many`` of ``keys[i]`` (``i`` in ``wanted``) from tier ``t``; each
-        hit is checked and decoded into its target, and those that pass go into
-        ``served``."""
+        hit is checked and decoded into its target (only checked without ``targets``),
+        and those that pass go into ``served``."""
         tier = self.tiers[t]
         asked = [keys[i] for i in wanted]
         began = time.perf_counter()
@@ -275,22 +303,27 @@ class TierChain:
                 served[r.index] = r
 
     async def _decode(
-        self, reads: Sequence[_Read], keys: Sequence[str], targets: Sequence[Target]
+        self,
+        reads: Sequence[_Read],
+        keys: Sequence[str],
+        targets: Sequence[Target] | None,
     ) -> set[int]:
-        """Check and decode each read into its target (see :func:`decoding.decode_to`),
-        in the codec threads; returns the indexes of the chunks that failed (corrupt
-        blobs already counted and deleted). An exception a sink raises propagates."""
+        """Check and decode each read into its target (see :func:`decoding.decode_to`;
+        only check, without ``targets``), in the codec threads; returns the indexes of
+        the chunks that failed (corrupt blobs already counted and deleted). An exception
+        a sink raises propagates."""
 
         def one(r: _Read) -> ChunkCorruptedError | CodecUnavailableError | None:
-            target = targets[r.index]
             caps = self.tiers[r.tier].backend.capabilities
             try:
                 check = fmt.parse if caps.verified_reads else fmt.verify
                 mac_keys = None if caps.process_local else self.integrity
                 header = check(r.buf.view, expected_key=keys[r.index], keys=mac_keys)
-                inference = isinstance(target, torch.Tensor) and target.is_inference()
-                with torch.inference_mode(inference), torch.no_grad():
-                    decoding.decode_to(r.buf, header, self.registry, target)
+                if targets is not None:
+                    target = targets[r.index]
+                    inference = isinstance(target, torch.Tensor) and target.is_inference()
+                    with torch.inference_mode(inference), torch.no_grad():
+                        decoding.decode_to(r.buf, header, self.registry, target)
             except (ChunkCorruptedError, CodecUnavailableError) as exc:
                 return exc
             r.blob = Blob(r.buf, header, sealed=not caps.process_local)
@@ -328,13 +361,73 @@ class TierChain:
 
     def _promote(self, served: Sequence[_Read]) -> None:
         """Queue chunks served by slower tiers for the faster tiers that promote."""
+        for targets, blobs in self._promotions(served).items():
+            self.spawn(self.write_and_release(blobs, targets))
+
+    def _promotions(self, served: Iterable[_Read]) -> dict[tuple[int, ...], list[Blob]]:
+        """The checked blobs of ``served`` (retained: hand them to
+        :meth:`write_and_release`) by the faster tiers that promote them."""
         by_targets: dict[tuple[int, ...], list[Blob]] = {}
         for r in served:
-            targets = tuple(t for t in range(r.tier) if self.tiers[t].config.promote)
+            targets = self._promoting(r.tier)
             if targets and r.blob is not None:
                 by_targets.setdefault(targets, []).append(r.blob.retain())
-        for targets, blobs in by_targets.items():
-            self.spawn(self.write_and_release(blobs, targets))
+        return by_targets
+
+    def _promoting(self, t: int) -> tuple[int, ...]:
+        """The tiers faster than tier ``t`` that take a copy of what it serves."""
+        return tuple(u for u in range(t) if self.tiers[u].config.promote)
+
+    # -- prefetch ---------------------------------------------------------------------------
+
+    def prefetch(self, keys: Sequence[str], found: Sequence[int]) -> int:
+        """Start copying ``keys[i]``, held by tier ``found[i]``, into the faster tiers
+        that promote, in the background (:meth:`drain` waits for it); return how many
+        chunks were started.
+
+        Chunks in flight already are not read again; the others start in order while
+        :attr:`prefetches`' byte budget lasts (the rest are counted as dropped). Each
+        chunk goes through the fetch's read path (the same ``get_many`` calls; blobs
+        verified, corrupt ones counted and deleted, a failing tier skipped), checked but
+        not decoded, and is then written as a promotion. A fetch of a chunk in flight
+        waits for its prefetch (:meth:`fetch`)."""
+        wanted = [i for i, t in enumerate(found) if self._promoting(t)]
+        started = [wanted[j] for j in self.prefetches.admit([keys[i] for i in wanted])]
+        if not started:
+            return 0
+        chosen = [keys[i] for i in started]
+        by_tier: dict[int, list[int]] = {}
+        for j, i in enumerate(started):
+            by_tier.setdefault(found[i], []).append(j)
+        self.prefetches.track(chosen, self.spawn(self._prefetch(chosen, by_tier)))
+        return len(chosen)
+
+    async def _prefetch(self, keys: list[str], by_tier: dict[int, list[int]]) -> None:
+        """Read ``keys[j]`` (``j`` in ``by_tier[t]``) from each tier ``t`` and write the
+        valid ones into the tiers that promote them."""
+        served: dict[int, _Read] = {}
+
+        async def read(t: int, wanted: list[int]) -> list[BaseException | None]:
+            async with self.prefetches.turn(t):
+                parts = [
+                    self._serve(t, part, keys, None, served) for part in self._parts(t, wanted)
+                ]
+                return await asyncio.gather(*parts, return_exceptions=True)
+
+        try:
+            results = await asyncio.gather(*(read(t, wanted) for t, wanted in by_tier.items()))
+            for failure in (r for tier_results in results for r in tier_results):
+                if isinstance(failure, BaseException):
+                    raise failure
+            self.prefetches.stats.read_bytes += sum(r.buf.nbytes for r in served.values())
+            writes = self._promotions(served.values()).items()
+            await asyncio.gather(*(self.write_and_release(b, targets) for targets, b in writes))
+        except Exception:
+            log.exception("prefetching %d chunks failed", len(keys))
+        finally:
+            for r in served.values():
+                r.buf.release()
+            self.prefetches.done(keys)
 
     # -- write ------------------------------------------------------------------------------
 

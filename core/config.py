@@ -174,6 +174,12 @@ class KVTierConfig(_Strict):
     """Also store a trailing chunk shorter than ``chunk_tokens``."""
     store_queue_bytes: ByteSize = 1 << 30
     """Bytes of stores waiting for I/O; beyond it new stores are dropped and counted."""
+    prefetch_bytes: ByteSize = 256 << 20
+    """Bytes of chunks being prefetched at once: a lookup asked with ``prefetch`` (the
+    vLLM connector's lookups are) starts copying the leading chunks it found only in
+    slower tiers into the faster tiers that promote, each chunk holding its unencoded
+    size of this budget until it is written; chunks beyond it are left to the load
+    (counted as dropped). ``0``: never prefetch."""
     codec_threads: int = Field(default=2, ge=1, le=64)
     """Threads that checksum, encode and decode chunks, off the callers' threads and the
     I/O loop (two use both cores of a small machine)."""

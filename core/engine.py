@@ -61,6 +61,7 @@ from kvtier.core.integrity import load_keys
 from kvtier.core.keys import ChunkHasher, ExtraKeys, Tokens, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint
 from kvtier.core.plugins import PluginRegistry, get_registry
+from kvtier.core.prefetch import Prefetches
 from kvtier.core.quotas import ledgers, quota_for
 from kvtier.core.runtime import LoopThread
 from kvtier.core.segments import Chunk, SegmentAPI, SegmentKeys
@@ -224,6 +225,8 @@ class KVTier(SegmentAPI):
         of what can fail, as it binds sockets and starts a thread."""
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
         self.chain.quotas = quotas
+        chunk_bytes = self.layout.bytes_per_token() * config.chunk_tokens
+        self.chain.prefetches = Prefetches(config.prefetch_bytes, chunk_bytes)
         self._through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._budget = threading.Lock()
         """Guards the store queue's byte budget, which ``store`` checks synchronously."""
@@ -545,12 +548,19 @@ class KVTier(SegmentAPI):
         *,
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
+        prefetch: bool = False,
     ) -> int:
         """Leading tokens of ``tokens`` whose KV is available in some tier (no tier
         counter moves, nothing is promoted; the engine counts the lookup). ``limits``:
-        seconds to wait for each tier (see :meth:`TierChain.lookup_by_tier`)."""
+        seconds to wait for each tier (see :meth:`TierChain.lookup_by_tier`).
+
+        ``prefetch``: also start copying the leading chunks found only in slower tiers
+        into the faster tiers that promote, in the background and within the config's
+        ``prefetch_bytes``, so that the :meth:`retrieve` that follows reads them from
+        RAM (:meth:`flush` waits for the copies; a retrieve of a chunk still being
+        copied waits for it instead of reading it again). The answer does not wait."""
         self._check_open()
-        counts = self._io.run(self._lookup(tokens, extra_keys, limits))
+        counts = self._io.run(self._lookup(tokens, extra_keys, limits, prefetch))
         return counts[-1] if counts else 0
 
     def lookup_by_tier(
@@ -559,25 +569,27 @@ class KVTier(SegmentAPI):
         *,
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
+        prefetch: bool = False,
     ) -> concurrent.futures.Future[list[int]]:
         """:meth:`lookup` without waiting, tier by tier: a future of, for each tier
         ``i``, the leading tokens available in tiers ``0..i`` (the last one is
         :meth:`lookup`'s answer). For callers that must never block on storage,
         such as an engine's scheduler."""
         self._check_open()
-        return self._io.submit(self._lookup(tokens, extra_keys, limits))
+        return self._io.submit(self._lookup(tokens, extra_keys, limits, prefetch))
 
     async def _lookup(
         self,
         tokens: Tokens,
         extra_keys: Sequence[ExtraKeys],
         limits: Sequence[float | None] | None,
+        prefetch: bool = False,
     ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
         counts: list[int] = []
 
         async def by_tier() -> int:
-            counts.extend(await self.chain.lookup_by_tier(keys, limits))
+            counts.extend(await self.chain.lookup_by_tier(keys, limits, prefetch=prefetch))
             return counts[-1] if counts else 0
 
         await self._counted(0, len(tokens), by_tier, bounds)
@@ -776,6 +788,11 @@ class KVTier(SegmentAPI):
             retrieves=self._reads[3],
             retrieve_requested_tokens=self._reads[4],
             retrieve_hit_tokens=self._reads[5],
+            prefetched=self.chain.prefetches.stats.started,
+            prefetch_read_bytes=self.chain.prefetches.stats.read_bytes,
+            prefetch_dropped=self.chain.prefetches.stats.dropped,
+            prefetch_joined=self.chain.prefetches.stats.joined,
+            prefetch_in_flight_bytes=self.chain.prefetches.in_flight_bytes,
             usage=usage,
         )
 

@@ -34,11 +34,23 @@ class EngineStats(KVTierStats):
     retrieves: int = 0
     retrieve_requested_tokens: int = 0
     retrieve_hit_tokens: int = 0
+    prefetched: int = 0
+    """Chunks whose prefetch toward faster tiers was started (:meth:`KVTier.lookup`)."""
+    prefetch_read_bytes: int = 0
+    """Bytes those prefetches read from slower tiers."""
+    prefetch_dropped: int = 0
+    """Chunks not prefetched because ``prefetch_bytes`` was in flight already."""
+    prefetch_joined: int = 0
+    """Chunks a retrieve found being prefetched and waited for (read once, not twice)."""
+    prefetch_in_flight_bytes: int = 0
+    """Budget held now by prefetches in flight (a gauge, like ``queue_bytes``)."""
     usage: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     """Tier name -> ``(bytes_used, capacity_bytes)``."""
 
     def as_dict(self) -> dict[str, Any]:
         counters = ("lookups", "lookup_requested_tokens", "lookup_hit_tokens", "retrieves",
-                    "retrieve_requested_tokens", "retrieve_hit_tokens")  # fmt: skip
+                    "retrieve_requested_tokens", "retrieve_hit_tokens", "prefetched",
+                    "prefetch_read_bytes", "prefetch_dropped", "prefetch_joined",
+                    "prefetch_in_flight_bytes")  # fmt: skip
         return {**super().as_dict(), **{n: getattr(self, n) for n in counters},
                 "usage": {k: list(v) for k, v in self.usage.items()}}  # fmt: skip

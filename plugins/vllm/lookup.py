@@ -17,6 +17,10 @@ their process's RAM), and must never make the scheduler wait on a slow or hung t
   each tier's part of the lookup (:func:`tier_limits`), so a hung tier counts as a
   miss there after a few milliseconds, and a tier whose circuit breaker is open is
   not asked at all.
+* Prefetch: every lookup (:func:`ask`) also starts copying the leading chunks it
+  found only in slower tiers (file, Redis, ...) into the worker's ``cpu`` tier, in
+  the background, so that the load that follows reads RAM; the config's
+  ``prefetch_bytes`` bounds the bytes in flight (``0`` turns it off).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from kvtier.core.engine import KVTier
-from kvtier.core.keys import ExtraKeys
+from kvtier.core.keys import ExtraKeys, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,18 @@ class Lookups(Protocol):
     def close(self) -> None: ...
 
 
+def ask(
+    kv: KVTier,
+    tokens: Tokens,
+    extra_keys: tuple[ExtraKeys, ...],
+    limits: Sequence[float | None] | None,
+) -> concurrent.futures.Future[list[int]]:
+    """A worker's lookup for the scheduler side: ``kv``'s answer tier by tier, each
+    tier waited for at most its ``limits``, prefetching what only slower tiers hold
+    toward the ``cpu`` tier (within ``prefetch_bytes``)."""
+    return kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=limits, prefetch=True)
+
+
 def tier_limits(kv: KVTier, local: float, remote: float) -> list[float | None]:
     """Seconds each tier of ``kv``'s chain is waited for in a lookup: ``local`` for
     tiers inside the process (``cpu``), ``remote`` for the others."""
@@ -119,8 +135,7 @@ class LocalLookups:
         self.local = local_tiers(kv)
 
     def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
-        future = self.kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=self.limits)
-        return _FuturePending(future, self.local)
+        return _FuturePending(ask(self.kv, tokens, extra_keys, self.limits), self.local)
 
     def close(self) -> None:
         pass

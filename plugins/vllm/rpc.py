@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from kvtier.core.engine import KVTier
 from kvtier.core.keys import ExtraKeys
-from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Pending, answer, local_tiers
+from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Pending, answer, ask, local_tiers
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class LookupServer:
         tokens = np.frombuffer(raw, dtype=np.int64)
         extra_keys = _tuples(extra)
         try:
-            future = self.kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=self.limits)
+            future = ask(self.kv, tokens, extra_keys, self.limits)
         except Exception:
             log.exception("kvtier: lookup %d failed", seq)
             self._answer(peer, seq, _FAILED)

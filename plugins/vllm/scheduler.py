@@ -137,7 +137,8 @@ class SchedulerSide:
         Never waits more than :attr:`wait`: the first call submits the lookup, and
         calls until its answer arrives return ``None``. A later call for the same
         request answers at once with the last answer unless a fresh lookup (submitted
-        then) answers within :attr:`wait`. Touches no store; calling it again for
+        then) answers within :attr:`wait`. Writes no store here (the workers' lookups
+        may prefetch: :func:`~kvtier.plugins.vllm.lookup.ask`); calling it again for
         the same request replaces the answer.
         """
         limit = self.role.match_limit(len(tokens))
