@@ -509,6 +509,18 @@ def test_extra_config_overrides_the_yaml_file(tmp_path):
         load_settings({"config": str(path), "model": ""})
 
 
+def test_connector_settings_load_async_and_layerwise(tmp_path):
+    tiers = [{"url": "cpu://", "capacity": "1MiB"}]
+    settings = load_settings({"tiers": tiers})
+    assert settings.load_async == "auto" and settings.layerwise_loads is True
+    settings = load_settings({"tiers": tiers, "load_async": "never", "layerwise_loads": False})
+    assert settings.load_async == "never" and settings.layerwise_loads is False
+    with pytest.raises(ConfigError, match="'load_async' must be one of auto, always, never"):
+        load_settings({"tiers": tiers, "load_async": "sometimes"})
+    with pytest.raises(ConfigError, match="'layerwise_loads' must be true or false, got 'no'"):
+        load_settings({"tiers": tiers, "layerwise_loads": "no"})
+
+
 def test_environment_overrides_win_over_the_extra_config(tmp_path, monkeypatch):
     monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "128")
     extra = {"tiers": [{"url": "cpu://", "capacity": "1MiB"}], "chunk_tokens": 512}

@@ -144,7 +144,9 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 tp_rank=tp_rank,
                 tp_size=tp_size,
             )
-            self._worker = WorkerSide(self.kvtier, self.layer_names)
+            self._worker = WorkerSide(
+                self.kvtier, self.layer_names, layerwise=settings.layerwise_loads
+            )
             limits = tier_limits(self.kvtier, settings.lookup.local, settings.lookup.remote)
             shared.add_worker(self.engine, tp_rank, self.kvtier)
             self._server = LookupServer(self.kvtier, lookup_address(self.engine, tp_rank), limits)

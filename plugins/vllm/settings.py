@@ -28,6 +28,9 @@ CONNECTOR_KEYS = {
     "prefill instance waits for them before computing what is missing (default 5000)",
     "load_async": "when loads run between engine steps while other requests run: 'auto' "
     "(when part of the hit is outside the worker's cpu tier), 'always', 'never'",
+    "layerwise_loads": "true (default): a load inside a step is copied into the paged cache "
+    "layer by layer, so each attention layer waits only for its own KV; false: whole chunks, "
+    "each as it arrives",
 }
 """Keys of ``kv_connector_extra_config`` that configure the connector itself; every
 other key must be a top-level key of the kvtier config and overrides it."""
@@ -62,6 +65,7 @@ class ConnectorSettings:
     model: str | None
     lookup: LookupBudget = LookupBudget()
     load_async: str = "auto"
+    layerwise_loads: bool = True
 
 
 def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
@@ -79,6 +83,9 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
     load_async = overrides.pop("load_async", "auto")
     if load_async not in LOAD_ASYNC:
         raise ConfigError(f"{where}: 'load_async' must be one of {', '.join(LOAD_ASYNC)}")
+    layerwise = overrides.pop("layerwise_loads", True)
+    if not isinstance(layerwise, bool):
+        raise ConfigError(f"{where}: 'layerwise_loads' must be true or false, got {layerwise!r}")
     budget = {}
     for key, default in LOOKUP_DEFAULTS_MS.items():
         value = overrides.pop(key, default)
@@ -104,4 +111,4 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
         raise ConfigError(
             f"{where}: store_partial_chunks must be false for vLLM (vLLM caches whole blocks only)"
         )
-    return ConnectorSettings(config, model, LookupBudget(**budget), load_async)
+    return ConnectorSettings(config, model, LookupBudget(**budget), load_async, layerwise)
