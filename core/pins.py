@@ -10,8 +10,20 @@ takes no part). :func:`pin` pins (or unpins) given keys, or every chunk of a nam
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kvtier.core.chain import TierChain
+from kvtier.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvtier.core.chain import TierChain
+
+
+def check_budget(safe_url: str, pinned_bytes: int, capacity: int) -> None:
+    """:class:`ConfigError` unless a bounded tier's ``pinned_bytes`` fits its capacity."""
+    if pinned_bytes > capacity:
+        raise ConfigError(
+            f"tier {safe_url!r}: pinned_bytes ({pinned_bytes}) exceeds the capacity ({capacity})"
+        )
 
 
 async def pin(

@@ -234,3 +234,12 @@ def _release_found(found: Sequence[Buffer | None]) -> None:
 class MooncakeBackend(ChunkExpiry, MooncakeStoreBackend):
     """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
     by a bounded sweep (:mod:`kvtier.backends.expiring`)."""
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Refused: Mooncake keeps no write time (``kvtier purge --older-than``)."""
+        raise ConfigError(
+            f"{self.safe_url}: --older-than needs a store that records when chunks were "
+            "written, and a Mooncake master keeps no write time per object (its leases "
+            "and soft pins only order eviction; this tier's ttl times chunks per "
+            "process); select by --model, --namespace or --tenant instead"
+        )

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -376,3 +377,13 @@ class VineyardStoreBackend(Backend):
 class VineyardBackend(ChunkExpiry, VineyardStoreBackend):
     """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
     by a bounded sweep (:mod:`kvtier.backends.expiring`)."""
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since vineyardd created each chunk's object (its ID holds the time:
+        any process's writes; an overwrite is a new object), ``None`` where absent
+        (for ``kvtier purge --older-than``)."""
+        self._check_open()
+        names = [self.names.key(key) for key in keys]
+        found = await self._call("ages", lambda client: obj.lookup(client, names))
+        now_ms = time.time() * 1000
+        return [None if o is None else max(0.0, now_ms - rec.created_ms(o)) / 1000 for o in found]
