@@ -1,0 +1,175 @@
+"""Pins in the nixl and redis (Valkey) tiers, against the real servers: a pinned chunk
+survives what evicts or expires the others, within the pinned-bytes budget; unpinning
+releases it; a store that could not keep a pin refuses (cpu and file:
+tests/test_ops_pins.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import torch
+from test_nixl_backend import chunk_key, make_blob
+
+from kvtier.core import KVLayout, KVTier
+from kvtier.core.buffers import BufferPool
+from kvtier.core.errors import ConfigError
+from kvtier.core.factory import build_backend
+
+POOL = BufferPool()
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16)
+CHUNK = 16  # 4 KiB of KV per chunk
+
+
+def key(n: int) -> str:
+    return f"m-0123456789abcdef.{n:032x}"
+
+
+async def put(backend: Any, numbers: list[int], size: int = 64) -> list[bool]:
+    items = []
+    for n in numbers:
+        buf = POOL.acquire(size)
+        buf.view[:] = bytes([n % 256]) * size
+        items.append((key(n), buf))
+    try:
+        return await backend.put_many(items)
+    finally:
+        for _, buf in items:
+            buf.release()
+
+
+# -- nixl: this process's store, read by peers -------------------------------------------
+
+
+@pytest.fixture
+def nixl_group(valkey_server) -> tuple[str, dict[str, Any]]:
+    return f"nixl://pins-{uuid.uuid4().hex[:8]}", {"index": valkey_server.url}
+
+
+def test_nixl_pins_are_never_evicted_and_stay_readable_by_peers(nixl_group) -> None:
+    url, options = nixl_group
+    keys = [chunk_key() for _ in range(60)]
+    size = make_blob(keys[0], 1, POOL).nbytes  # one 1-token chunk (leaked: a test)
+
+    async def fill(backend: Any, chosen: list[str]) -> None:
+        items = [(k, make_blob(k, 1, POOL)) for k in chosen]
+        assert await backend.put_many(items) == [True] * len(items)
+        for _, buf in items:
+            buf.release()
+
+    async def body() -> None:
+        pinned = {**options, "pinned_bytes": 3 * size + 10}
+        owner = build_backend(url, capacity=10 * size, options=pinned)
+        async with owner, build_backend(url, capacity=10 * size, options=options) as peer:
+            await fill(owner, keys[:4])
+            assert await owner.pin_many([*keys[:3], keys[59]]) == [True, True, True, False]
+            assert await owner.pin_many([keys[3]]) == [False]  # past the budget
+            assert (await owner.stats()).details["pinned_bytes"] == 3 * size
+            await fill(owner, keys[10:30])  # evicts every unpinned chunk
+            assert await owner.contains_many(keys[:4]) == [True, True, True, False]
+            got = await peer.get_many([keys[0]])  # read from the owner through NIXL
+            assert got[0] is not None and got[0].nbytes == size
+            got[0].release()
+            assert await owner.unpin_many([keys[0], keys[3]]) == [True, False]
+            await fill(owner, keys[30:50])
+            assert await owner.contains_many(keys[:2]) == [False, True]
+
+    asyncio.run(body())
+
+
+def test_nixl_pinned_bytes_must_fit_the_capacity(nixl_group) -> None:
+    url, options = nixl_group
+    with pytest.raises(ConfigError, match="pinned_bytes"):
+        build_backend(url, capacity=1024, options={**options, "pinned_bytes": 4096})
+
+
+# -- redis: a pin is the chunk's expiry removed --------------------------------------------
+
+
+def raw_client(server: Any) -> Any:
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=server.port)
+
+
+def name(n: int) -> str:
+    return f"kvtier:{{{key(n)}}}"
+
+
+def test_redis_pins_remove_the_expiry_within_the_budget(valkey_server) -> None:
+    raw = raw_client(valkey_server)
+    raw.config_set("maxmemory-policy", "volatile-lru")
+    options = {"ttl": 3600, "pinned_bytes": 150}
+
+    async def body() -> None:
+        async with build_backend(valkey_server.url, options=options) as backend:
+            assert await put(backend, [1, 2, 3]) == [True] * 3
+            assert await backend.pin_many([key(1), key(2), key(3), key(9)]) == [
+                True, True, False, False,
+            ]  # fmt: skip  # 2 x 64 bytes fit 150; key 9 is not stored
+            assert [raw.pttl(name(n)) for n in (1, 2)] == [-1, -1]
+            assert raw.pttl(name(3)) > 3_500_000
+            assert await backend.ages([key(1), key(3)]) == [None, pytest.approx(0, abs=2)]
+            assert (await backend.stats()).details["pinned_bytes"] == 128
+            assert await backend.unpin_many([key(1), key(3)]) == [True, False]
+            assert raw.pttl(name(1)) > 3_500_000  # its ttl again, from now
+            assert await backend.pin_many([key(3)]) == [True]  # room again
+
+    try:
+        asyncio.run(body())
+    finally:
+        raw.config_set("maxmemory-policy", "noeviction")
+
+
+def test_redis_pinned_chunks_survive_eviction(valkey_factory) -> None:
+    server = valkey_factory("--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru")
+    raw = raw_client(server)
+    options = {"ttl": 3600, "pinned_bytes": "64KiB"}
+
+    async def body() -> None:
+        async with build_backend(server.url, options=options) as backend:
+            assert await put(backend, [1, 2], size=16 << 10) == [True, True]
+            assert await backend.pin_many([key(1), key(2)]) == [True, True]
+            for start in range(10, 1010, 50):  # 16 MiB through a 4 MB server
+                await put(backend, list(range(start, start + 50)), size=16 << 10)
+            assert int(raw.info("stats")["evicted_keys"]) > 0
+            assert await backend.contains_many([key(1), key(2)]) == [True, True]
+            assert await backend.contains_many([key(10)]) == [False]  # evicted
+
+    asyncio.run(body())
+
+
+def test_redis_refuses_pins_under_an_allkeys_policy(valkey_server) -> None:
+    raw = raw_client(valkey_server)
+    raw.config_set("maxmemory-policy", "allkeys-lru")
+    tier = {
+        "name": "redis",
+        "url": valkey_server.url,
+        "options": {"ttl": 3600, "pinned_bytes": "1MiB"},
+    }
+    cpu = {"url": "cpu://", "capacity": "1MiB", "options": {"pinned_bytes": "64KiB"}}
+    cfg = {"chunk_tokens": CHUNK, "tiers": [cpu, tier]}
+    tokens = list(range(2 * CHUNK))
+    try:
+        with KVTier.open(cfg, model="m", layout=LAYOUT, tenant="alice") as kv:
+            kv.store(tokens, torch.ones(LAYOUT.chunk_shape(len(tokens)), dtype=LAYOUT.dtype))
+            kv.flush()
+            with pytest.raises(ConfigError, match=r"tier redis.*allkeys-lru.*volatile-"):
+                kv.pin(tokens)
+            redis_stats = next(t for t in kv.stats().tiers if t.name == "redis")
+            assert redis_stats.errors == 0  # a refusal is no outage
+            raw.config_set("maxmemory-policy", "volatile-lru")
+            assert kv.pin(tokens) == {"cpu": 2, "redis": 2}
+            assert kv.pin(unpin=True) == {"cpu": 2, "redis": 2}
+    finally:
+        raw.config_set("maxmemory-policy", "noeviction")
+
+
+@pytest.mark.parametrize(
+    "options", [{"pinned_bytes": 100}, {"pinned_bytes": 100, "ttl": 60, "refresh_ttl": True}]
+)
+def test_redis_pins_need_a_ttl_without_refresh(options) -> None:
+    with pytest.raises(ConfigError, match="pinned_bytes needs a ttl without refresh_ttl"):
+        build_backend("redis://127.0.0.1:6379/0", options=options)
