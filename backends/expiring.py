@@ -70,6 +70,8 @@ class WriteTimes:
         self.expired = 0
         """Chunks removed because they expired."""
         self._times: OrderedDict[str, float] = OrderedDict()
+        self._pinned: set[str] = set()
+        """Pinned keys: never stale (their times are not kept)."""
         self._lock = threading.Lock()
 
     @property
@@ -82,14 +84,29 @@ class WriteTimes:
         with self._lock:
             now = self.clock()
             for key in keys:
-                self._times[key] = now
-                self._times.move_to_end(key)
+                if key not in self._pinned:
+                    self._times[key] = now
+                    self._times.move_to_end(key)
             self._trim()
 
     def forget(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
                 self._times.pop(key, None)
+                self._pinned.discard(key)
+
+    def pin(self, keys: Sequence[str]) -> None:
+        """``keys`` were pinned: they never expire until unpinned."""
+        with self._lock:
+            for key in keys:
+                self._pinned.add(key)
+                self._times.pop(key, None)
+
+    def unpin(self, keys: Sequence[str]) -> None:
+        """``keys`` were unpinned: their ``ttl`` starts now."""
+        with self._lock:
+            self._pinned.difference_update(keys)
+        self.written(keys)
 
     def stale(self, keys: Sequence[str]) -> list[bool]:
         """Whether each present key is expired; a key never met is met now (fresh)."""
@@ -98,9 +115,9 @@ class WriteTimes:
             out = []
             for key in keys:
                 met = self._times.get(key)
-                if met is None:
+                if met is None and key not in self._pinned:
                     self._times[key] = met = now
-                out.append(now - met >= self.ttl)
+                out.append(met is not None and now - met >= self.ttl)
             self._trim()
             return out
 

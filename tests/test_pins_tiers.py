@@ -173,3 +173,38 @@ def test_redis_refuses_pins_under_an_allkeys_policy(valkey_server) -> None:
 def test_redis_pins_need_a_ttl_without_refresh(options) -> None:
     with pytest.raises(ConfigError, match="pinned_bytes needs a ttl without refresh_ttl"):
         build_backend("redis://127.0.0.1:6379/0", options=options)
+
+
+# -- mooncake: a pin is the object rewritten hard pinned --------------------------------
+
+
+def test_mooncake_pinned_chunks_survive_eviction_and_expiry(mooncake_factory) -> None:
+    store = mooncake_factory()
+    options = store.options(global_segment_size="64MiB", pinned_bytes="3MiB", ttl=60)
+    mib = 1 << 20
+
+    async def body() -> None:
+        async with build_backend(store.url, options=options) as backend:
+            clock = [1000.0]
+            backend.expiry.clock = lambda: clock[0]
+            assert await put(backend, [1, 2, 3], size=mib) == [True] * 3
+            assert await backend.pin_many([key(1), key(2), key(3), key(9)]) == [
+                True, True, True, False,
+            ]  # fmt: skip  # key 9 is not stored
+            assert (await backend.stats()).details["pinned_bytes"] == 3 * mib
+            assert await put(backend, [4], size=mib) == [True]
+            assert await backend.pin_many([key(4)]) == [False]  # past the budget
+            for start in range(10, 210, 20):  # 200 MiB through a 64 MiB store
+                await put(backend, list(range(start, start + 20)), size=mib)
+            assert (await backend.stats()).details["store"]["evicted_keys"] > 0
+            assert await backend.contains_many([key(1), key(2), key(3)]) == [True] * 3
+            got = await backend.get_many([key(2)])
+            assert got[0] is not None and bytes(got[0].view) == bytes([2]) * mib
+            got[0].release()
+            clock[0] += 61.0  # past the ttl: pinned chunks do not expire
+            assert await backend.contains_many([key(1), key(2)]) == [True, True]
+            assert await backend.unpin_many([key(1), key(9)]) == [True, False]
+            clock[0] += 61.0  # key 1's ttl started again when it was unpinned
+            assert await backend.contains_many([key(1), key(2)]) == [False, True]
+
+    asyncio.run(body())
