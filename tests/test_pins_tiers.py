@@ -208,3 +208,42 @@ def test_mooncake_pinned_chunks_survive_eviction_and_expiry(mooncake_factory) ->
             assert await backend.contains_many([key(1), key(2)]) == [False, True]
 
     asyncio.run(body())
+
+
+# -- vineyard: a pin is a keep name in vineyardd, seen by every process -----------------
+
+
+def test_vineyard_pins_are_shared_never_evicted_nor_expired(vineyard_server) -> None:
+    prefix = f"kvtier/pins{uuid.uuid4().hex[:6]}/"
+    options = {"key_prefix": prefix, "pinned_bytes": 200, "ttl": 60}
+
+    async def body() -> None:
+        a = build_backend(vineyard_server.url, capacity=1024, options=options)
+        b = build_backend(vineyard_server.url, capacity=1024, options=options)
+        async with a, b:
+            clock = [1000.0]
+            b.expiry.clock = lambda: clock[0]
+            assert await put(a, [1, 2, 3, 4]) == [True] * 4
+            assert await a.pin_many([key(1), key(2), key(3), key(9)]) == [
+                True, True, True, False,
+            ]  # fmt: skip  # 3 x 64 bytes fit 200; key 9 is not stored
+            assert await b.pin_many([key(4)]) == [False]  # the budget is the tier's
+            assert await b.pin_many([key(1)]) == [True]  # already pinned, by a
+            for start in range(10, 60, 5):  # b's writes evict every unpinned chunk
+                assert await put(b, list(range(start, start + 5))) == [True] * 5
+            assert (await b.stats()).evictions > 0
+            assert await b.contains_many([key(n) for n in (1, 2, 3, 4)]) == [
+                True, True, True, False,
+            ]  # fmt: skip
+            clock[0] += 61.0  # past b's ttl: pinned chunks stay, others expire
+            assert await b.contains_many([key(1), key(55)]) == [True, False]
+            assert await b.ages([key(1)]) == [None]  # pinned: never purged by age
+            assert await b.unpin_many([key(1), key(4)]) == [True, False]  # a's pin
+            assert await a.delete_many([key(2)]) == [True]  # a delete drops the pin
+            assert await put(a, [2]) == [True]
+            assert await a.pin_many([key(2)]) == [True]  # room: key 1 is unpinned
+            assert await a.unpin_many([key(2), key(3)]) == [True, True]
+            assert await put(a, list(range(60, 80))) == [True] * 20
+            assert await a.contains_many([key(1), key(2), key(3)]) == [False] * 3
+
+    asyncio.run(body())
