@@ -6,6 +6,7 @@ tests/test_ops_pins.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -245,5 +246,53 @@ def test_vineyard_pins_are_shared_never_evicted_nor_expired(vineyard_server) -> 
             assert await a.unpin_many([key(2), key(3)]) == [True, True]
             assert await put(a, list(range(60, 80))) == [True] * 20
             assert await a.contains_many([key(1), key(2), key(3)]) == [False] * 3
+
+    asyncio.run(body())
+
+
+# -- s3: a pin exempts a chunk from kvtier's ttl and purge by age ------------------------
+
+
+def test_s3_pins_exempt_chunks_from_the_ttl_and_purge_by_age(seaweedfs) -> None:
+    from kvtier.backends.s3.expiry import TIMESTAMP_RESOLUTION
+    from kvtier.core.migrate import ChunkFilter
+    from kvtier.core.purge import purge
+
+    url = seaweedfs.url()
+    options = {**seaweedfs.options(), "ttl": 1.0, "pinned_bytes": 150}
+    every = ChunkFilter(models=("m",))
+
+    async def body() -> None:
+        async with build_backend(url, options=options) as backend:
+            assert await put(backend, [1, 2, 3, 4, 5]) == [True] * 5
+            assert await backend.pin_many([key(1), key(2), key(3), key(9)]) == [
+                True, True, False, False,
+            ]  # fmt: skip  # 2 x 64 bytes fit 150; key 9 is not stored
+            assert (await backend.stats()).details["pinned_bytes"] == 128
+            assert [k async for k in backend.iter_keys()] == [key(n) for n in range(1, 6)]
+            await asyncio.sleep(1.0 + TIMESTAMP_RESOLUTION + 0.2)  # time passing: the ttl
+            deadline = time.monotonic() + 10
+            while (await backend.stats()).details["expired"] < 3:  # the background sweep
+                assert time.monotonic() < deadline, await backend.stats()
+                await asyncio.sleep(0.05)
+            assert await backend._blocking(backend._io().expiry.sweep) == 0  # pinned stay
+            got = await backend.get_many([key(1), key(3)])
+            assert got[0] is not None and bytes(got[0].view) == bytes([1]) * 64
+            got[0].release()
+            assert got[1] is None  # expired, and deleted
+            assert await backend.contains_many([key(2), key(4), key(5)]) == [True, False, False]
+            assert await backend.ages([key(1)]) == [None]
+            assert (await purge(backend, every, older_than=0.5)).deleted == 0
+            assert await backend.unpin_many([key(1), key(9)]) == [True, False]
+            assert await backend.contains_many([key(1)]) == [False]  # old: expires at once
+            assert await backend.delete_many([key(2)]) == [True]  # drops its marker
+            assert (
+                await backend._blocking(
+                    lambda: backend.client.list_objects_v2(
+                        Bucket=backend.bucket, Prefix=backend.prefix + "pins/"
+                    ).get("KeyCount")
+                )
+                == 0
+            )
 
     asyncio.run(body())
