@@ -1,10 +1,16 @@
-"""Pinning: chunks a bounded tier never evicts, up to the tier's pinned-bytes budget.
+"""Pinning: chunks a tier keeps (never evicts nor expires), up to its pinned-bytes
+budget.
 
 A tier supports pins when its backend has ``pin_many(keys)`` and ``unpin_many(keys)``
-(coroutines answering one bool per key) and a pinned-bytes budget: the ``cpu`` and
-``file`` tiers do, within their ``options.pinned_bytes`` (a tier without that budget
-takes no part). :func:`pin` pins (or unpins) given keys, or every chunk of a namespace
-(a model and tenant) that a tier holds now, in every tier that supports it.
+(coroutines answering one bool per key) and a pinned-bytes budget
+(``options.pinned_bytes``; a tier without one takes no part). Every built-in tier
+has them; what a pin is and guarantees differs per store (docs/operations.md,
+"Pinning"): a mark in the process's store (``cpu``, ``nixl``, ``file``), the key's
+expiry removed (``redis``), a hard-pinned object (``mooncake``), a keep name
+(``vineyard``), a marker object exempting the chunk from kvtier's ``ttl`` (``s3``).
+A backend raises :class:`ConfigError` from ``pin_many`` when its store could not keep
+a pin. :func:`pin` pins (or unpins) given keys, or every chunk of a namespace (a model
+and tenant) that a tier holds now, in every tier that supports it.
 """
 
 from __future__ import annotations
