@@ -117,6 +117,9 @@ def test_redis_pins_remove_the_expiry_within_the_budget(valkey_server) -> None:
             assert await backend.unpin_many([key(1), key(3)]) == [True, False]
             assert raw.pttl(name(1)) > 3_500_000  # its ttl again, from now
             assert await backend.pin_many([key(3)]) == [True]  # room again
+            raw.pexpire(name(2), 3_600_000)  # another process unpinned it
+            assert await backend.pin_many([key(2)]) == [True]
+            assert raw.pttl(name(2)) == -1  # pinned again, not just remembered
 
     try:
         asyncio.run(body())

@@ -71,7 +71,10 @@ class MooncakePins(_Base):
         for key, buf in zip(keys, found, strict=True):
             if buf is None:
                 self._pinned.pop(key, None)  # gone (deleted by someone)
-            elif key not in self._pinned and buf.nbytes <= room:
+            elif key in self._pinned:
+                chosen.append((key, buf))  # again: another process may have unpinned it
+                continue
+            elif buf.nbytes <= room:
                 chosen.append((key, buf))
                 room -= buf.nbytes
                 continue

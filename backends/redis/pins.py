@@ -104,10 +104,13 @@ class RedisPins(_Base):
         room = self.options.pinned_bytes - sum(self._pinned.values())
         chosen: list[str] = []
         for key, size in zip(keys, sizes, strict=True):
-            if key in self._pinned or size is None or size > room:
-                continue
-            chosen.append(key)
-            room -= size
+            if size is None:
+                self._pinned.pop(key, None)  # gone
+            elif key in self._pinned:
+                chosen.append(key)  # again: another process may have unpinned it
+            elif size <= room:
+                chosen.append(key)
+                room -= size
         replies = await self._run(
             "pin", [(n, [("PERSIST", n), ("EXISTS", n)]) for n in map(self._name, chosen)]
         )

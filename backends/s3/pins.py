@@ -110,7 +110,9 @@ class S3Pins(_Base):
         for key, stored in zip(keys, found, strict=True):
             if stored is None:
                 self._pinned.pop(key, None)
-            elif key not in self._pinned and stored[2] <= room:
+            elif key in self._pinned:
+                chosen.append((key, stored[2]))  # again: another process may have unpinned it
+            elif stored[2] <= room:
                 chosen.append((key, stored[2]))
                 room -= stored[2]
         await workers.run_all([partial(_pin, bucket, self.prefix + key) for key, _ in chosen])
