@@ -113,6 +113,8 @@ def test_redis_reads_ages_from_the_ttl(monkeypatch, capsys, valkey_server) -> No
             assert ages[1] == pytest.approx(600, abs=2)
             assert ages[2:] == [None, None]
             assert (await purge(backend, EVERYTHING_OLD, older_than=300)).deleted == 1
+            nothing = ChunkFilter(models=("other",))  # no chunk: still answered, nothing done
+            assert (await purge(backend, nothing, older_than=300)).matched == 0
             assert await listed(backend) == [key(1), key(3)]
 
     asyncio.run(body())

@@ -74,6 +74,8 @@ class RedisPins(_Base):
                 f"tier's ttl, but {why}: give the writers' ttl (-o ttl=SECONDS), or select "
                 "by --model, --namespace or --tenant"
             )
+        if not keys:
+            return []
         replies = await self._run("ages", [(n, [("PTTL", n)]) for n in map(self._name, keys)])
         out: list[float | None] = []
         for key, (left,) in zip(keys, replies, strict=True):
