@@ -105,7 +105,7 @@ class RamStore:
         let go of the lock (a release may unmap memory). Call under the lock."""
         buf = self.blobs.pop(key)
         self._written.pop(key, None)
-        del self._born[key]
+        self._born.pop(key, None)
         if key in self._pinned:
             self._pinned.discard(key)
             self._pinned_bytes -= buf.nbytes
@@ -258,13 +258,14 @@ class RamStore:
         return out
 
     def ages(self, keys: Sequence[str]) -> list[float | None]:
-        """Seconds since each blob was written; ``None`` where it is absent, expired or
-        pinned (a pin exempts a blob from ``purge --older-than`` as from its ``ttl``)."""
+        """Seconds since each blob was written; ``None`` where it is absent (or put in
+        :attr:`blobs` directly), expired or pinned (a pin exempts a blob from ``purge
+        --older-than`` as from its ``ttl``)."""
         with self.lock:
             now = self._clock()
             return [
                 None
-                if key not in self.blobs or key in self._pinned or self._expired_at(key, now)
+                if key not in self._born or key in self._pinned or self._expired_at(key, now)
                 else now - self._born[key]
                 for key in keys
             ]
