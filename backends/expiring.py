@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kvtier.core.backend import BackendStats, PutMode
-from kvtier.core.buffers import Buffer
+from kvtier.core.buffers import Buffer, release_all
 from kvtier.core.errors import BackendError
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class WriteTimes:
         self.expired = 0
         """Chunks removed because they expired."""
         self._times: OrderedDict[str, float] = OrderedDict()
+        self._pinned: set[str] = set()
+        """Pinned keys: never stale (their times are not kept)."""
         self._lock = threading.Lock()
 
     @property
@@ -82,14 +84,29 @@ class WriteTimes:
         with self._lock:
             now = self.clock()
             for key in keys:
-                self._times[key] = now
-                self._times.move_to_end(key)
+                if key not in self._pinned:
+                    self._times[key] = now
+                    self._times.move_to_end(key)
             self._trim()
 
     def forget(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
                 self._times.pop(key, None)
+                self._pinned.discard(key)
+
+    def pin(self, keys: Sequence[str]) -> None:
+        """``keys`` were pinned: they never expire until unpinned."""
+        with self._lock:
+            for key in keys:
+                self._pinned.add(key)
+                self._times.pop(key, None)
+
+    def unpin(self, keys: Sequence[str]) -> None:
+        """``keys`` were unpinned: their ``ttl`` starts now."""
+        with self._lock:
+            self._pinned.difference_update(keys)
+        self.written(keys)
 
     def stale(self, keys: Sequence[str]) -> list[bool]:
         """Whether each present key is expired; a key never met is met now (fresh)."""
@@ -98,9 +115,9 @@ class WriteTimes:
             out = []
             for key in keys:
                 met = self._times.get(key)
-                if met is None:
+                if met is None and key not in self._pinned:
                     self._times[key] = met = now
-                out.append(now - met >= self.ttl)
+                out.append(met is not None and now - met >= self.ttl)
             self._trim()
             return out
 
@@ -171,12 +188,40 @@ class ChunkExpiry(_Base):
     async def _remove_expired(self, keys: list[str]) -> int:
         """Delete ``keys`` that are still expired (not written again meanwhile)."""
         assert self.expiry is not None
-        keys = [key for key in keys if self.expiry.known_stale(key)]
+        keys = await self._unpinned([key for key in keys if self.expiry.known_stale(key)])
         if not keys:
             return 0
         gone = sum(await self._delete_unique(keys))  # not those evicted meanwhile
         self.expiry.expired += gone
         return gone
+
+    async def _expirable(self, keys: list[str]) -> list[str]:
+        """Those of the expired ``keys`` that may be removed: a backend whose pins other
+        processes set leaves out the pinned ones (the store's pins; its own
+        :meth:`WriteTimes.pin` ones never expire)."""
+        return keys
+
+    async def _unpinned(self, keys: list[str]) -> list[str]:
+        """Those of the expired ``keys`` that are not pinned in the store; the others are
+        pinned here too (they never expire while pinned). Best effort: a failure to
+        ask leaves them all expired, as before pins."""
+        if not keys:
+            return keys
+        try:
+            free = await self._expirable(keys)
+        except BackendError as exc:
+            log.info("%s: asking for pins failed: %s", self.safe_url, exc)
+            return keys
+        assert self.expiry is not None
+        self.expiry.pin(sorted(set(keys) - set(free)))
+        return free
+
+    async def _stale(self, keys: list[str]) -> list[bool]:
+        """Whether each present key is expired (and not pinned in the store)."""
+        assert self.expiry is not None
+        stale = self.expiry.stale(keys)
+        free = set(await self._unpinned([k for k, old in zip(keys, stale, strict=True) if old]))
+        return [key in free for key in keys]
 
     async def _drop_met(self, keys: list[str]) -> None:
         """Remove expired chunks met by a read (best effort: the sweep retries)."""
@@ -190,7 +235,11 @@ class ChunkExpiry(_Base):
         if self.expiry is None:
             return got
         found = [i for i, buf in enumerate(got) if buf is not None]
-        stale = self.expiry.stale([keys[i] for i in found])
+        try:
+            stale = await self._stale([keys[i] for i in found])
+        except BaseException:
+            release_all(got)
+            raise
         gone = []
         for i, expired in zip(found, stale, strict=True):
             if expired:
@@ -208,7 +257,7 @@ class ChunkExpiry(_Base):
         if self.expiry is None:
             return there
         found = [i for i, yes in enumerate(there) if yes]
-        stale = self.expiry.stale([keys[i] for i in found])
+        stale = await self._stale([keys[i] for i in found])
         gone = [keys[i] for i, expired in zip(found, stale, strict=True) if expired]
         for i, expired in zip(found, stale, strict=True):
             there[i] = not expired

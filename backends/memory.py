@@ -20,12 +20,12 @@ from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
+from kvtier.backends.ram import CAPABILITIES, RamPins, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.config import ByteSize
-from kvtier.core.errors import ConfigError
 from kvtier.core.hookspecs import hookimpl
+from kvtier.core.pins import check_budget
 from kvtier.core.specs import BackendSpec
 from kvtier.core.urls import name_from_url
 
@@ -44,7 +44,7 @@ class MemoryOptions(BaseModel):
     capacity."""
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(RamPins, Backend):
     """In-process RAM tier: a :class:`~kvtier.backends.ram.RamStore` (thread safe).
 
     Evicted blobs are handed to ``demotion_sink`` (for a ``write_policy: back`` tier
@@ -59,11 +59,7 @@ class MemoryBackend(Backend):
         name_from_url(self.url, "cpu", what="name")
         assert self.capacity is not None  # bounded: checked by Backend
         policy = self.registry.eviction_policy(self.options.eviction).load()()
-        if self.options.pinned_bytes > self.capacity:
-            raise ConfigError(
-                f"tier {self.safe_url!r}: pinned_bytes ({self.options.pinned_bytes}) exceeds "
-                f"the capacity ({self.capacity})"
-            )
+        check_budget(self.safe_url, self.options.pinned_bytes, self.capacity)
         self.store = RamStore(self.capacity, policy, self._evicted, ttl=self.options.ttl,
                               pinned_bytes=self.options.pinned_bytes)  # fmt: skip
         """The blobs; :attr:`RamStore.blobs` is the mapping itself."""
@@ -90,16 +86,6 @@ class MemoryBackend(Backend):
 
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         return self.store.delete_many(keys)
-
-    async def pin_many(self, keys: list[str]) -> list[bool]:
-        """Pin stored chunks (never evicted nor expired) within ``pinned_bytes``."""
-        self._check_open()
-        return self.store.pin_many(keys)
-
-    async def unpin_many(self, keys: list[str]) -> list[bool]:
-        """Unpin chunks; ``True`` where one was pinned."""
-        self._check_open()
-        return self.store.unpin_many(keys)
 
     def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """A snapshot of the stored keys taken at the call."""

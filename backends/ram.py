@@ -11,7 +11,8 @@ was written) is a miss and is removed when met, and :meth:`RamStore.sweep` (run 
 each ``put_many`` and by its backend's timer) removes a bounded number of them.
 :meth:`RamStore.pin_many` pins stored blobs, up to ``pinned_bytes`` in all: a pinned
 blob is never evicted nor expired (its ``ttl`` restarts when it is unpinned); a blob
-that only fits by evicting pinned ones is rejected.
+that only fits by evicting pinned ones is rejected. :meth:`RamStore.ages` says how long
+ago each blob was written (for ``kvtier purge --older-than``; pinned blobs have none).
 
 The store neither validates keys nor knows about open or closed: its backend does.
 """
@@ -22,11 +23,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtier.core.backend import BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
 from kvtier.core.eviction import EvictionPolicy
+
+if TYPE_CHECKING:
+    from kvtier.core.backend import Backend
+
+    _Base = Backend
+else:
+    _Base = object
 
 Evicted = Callable[[Sequence[tuple[str, int]], Sequence[Buffer]], None]
 """Takes ``(key, nbytes)`` of evicted blobs and one reference to each of them
@@ -77,6 +85,8 @@ class RamStore:
         self._clock = clock
         self._written: OrderedDict[str, float] = OrderedDict()
         """Key -> when it was written, oldest first (kept only with a ``ttl``)."""
+        self._born: dict[str, float] = {}
+        """Key -> when it was written (always kept: its age)."""
         self._expired = 0
         self.lock = threading.Lock()
         self.blobs: dict[str, Buffer] = {}
@@ -95,6 +105,7 @@ class RamStore:
         let go of the lock (a release may unmap memory). Call under the lock."""
         buf = self.blobs.pop(key)
         self._written.pop(key, None)
+        self._born.pop(key, None)
         if key in self._pinned:
             self._pinned.discard(key)
             self._pinned_bytes -= buf.nbytes
@@ -107,7 +118,7 @@ class RamStore:
     def _expire(self, key: str, now: float, dropped: list[Buffer]) -> bool:
         """Whether stored ``key`` is past its ``ttl``; if so it is dropped into
         ``dropped`` (to release after the lock). Call under the lock."""
-        if self.ttl is None or key in self._pinned or now - self._written[key] < self.ttl:
+        if key in self._pinned or not self._expired_at(key, now):
             return False
         dropped.append(self._drop(key))
         self._expired += 1
@@ -179,6 +190,7 @@ class RamStore:
                     handed.append(self._drop(victim))
                     evicted.append((victim, handed[-1].nbytes))
                 self.blobs[key] = buf
+                self._born[key] = now
                 if self.ttl is not None:
                     self._written[key] = now
                 self._bytes += buf.nbytes
@@ -245,6 +257,23 @@ class RamStore:
                         self._written[key] = now
         return out
 
+    def ages(self, keys: Sequence[str]) -> list[float | None]:
+        """Seconds since each blob was written; ``None`` where it is absent (or put in
+        :attr:`blobs` directly), expired or pinned (a pin exempts a blob from ``purge
+        --older-than`` as from its ``ttl``)."""
+        with self.lock:
+            now = self._clock()
+            return [
+                None
+                if key not in self._born or key in self._pinned or self._expired_at(key, now)
+                else now - self._born[key]
+                for key in keys
+            ]
+
+    def _expired_at(self, key: str, now: float) -> bool:
+        """Whether stored, unpinned ``key`` is past its ``ttl`` (not removed here)."""
+        return self.ttl is not None and now - self._written[key] >= self.ttl
+
     def keys(self, prefix: str = "") -> list[str]:
         """A snapshot of the stored keys starting with ``prefix``."""
         with self.lock:
@@ -253,7 +282,7 @@ class RamStore:
                 key
                 for key in self.blobs
                 if key.startswith(prefix)
-                and (self.ttl is None or key in self._pinned or now - self._written[key] < self.ttl)
+                and (key in self._pinned or not self._expired_at(key, now))
             ]
 
     def stats(self, **details: Any) -> BackendStats:
@@ -281,6 +310,7 @@ class RamStore:
         with self.lock:
             blobs, self.blobs = self.blobs, {}
             self._written.clear()
+            self._born.clear()
             self._pinned.clear()
             self._pinned_bytes = 0
             for key in blobs:
@@ -296,3 +326,26 @@ async def iterate(keys: Iterable[str]) -> AsyncIterator[str]:
     """``keys`` as an async iterator (``iter_keys`` of a backend over a snapshot)."""
     for key in keys:
         yield key
+
+
+class RamPins(_Base):
+    """Pins and ages of a backend whose chunks are its :class:`RamStore` (``cpu``,
+    ``nixl``): a mixin placed before :class:`~kvtier.core.backend.Backend`."""
+
+    store: RamStore
+
+    async def pin_many(self, keys: list[str]) -> list[bool]:
+        """Pin stored chunks (never evicted nor expired) within ``pinned_bytes``."""
+        self._check_open()
+        return self.store.pin_many(keys)
+
+    async def unpin_many(self, keys: list[str]) -> list[bool]:
+        """Unpin chunks; ``True`` where one was pinned."""
+        self._check_open()
+        return self.store.unpin_many(keys)
+
+    async def ages(self, keys: list[str]) -> list[float | None]:
+        """Seconds since each chunk was written here (``kvtier purge --older-than``);
+        ``None`` where absent or pinned."""
+        self._check_open()
+        return self.store.ages(keys)

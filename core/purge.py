@@ -5,7 +5,12 @@ Works on every backend the same way, through its listing and batched deletes
 exactly the matching chunks and nothing else. A selection that matches everything is
 refused: dropping a whole store is not an invalidation. ``older_than`` keeps only
 chunks written at least that many seconds ago; it needs a backend that knows when its
-chunks were written (one with an ``ages(keys)`` coroutine: ``file`` and ``s3``).
+chunks were written: one with an ``ages(keys)`` coroutine answering seconds since each
+chunk was written, ``None`` where it is absent, pinned or of unknown age (never
+purged by age), or raising :class:`ConfigError` saying why the store cannot tell.
+Every built-in tier has one: ``cpu`` and ``nixl`` (this process's write times),
+``file`` (mtime), ``s3`` (``LastModified``), ``vineyard`` (object creation time),
+``redis`` (from its ``ttl``, see its backend) and ``mooncake`` (which refuses).
 """
 
 from __future__ import annotations
@@ -105,10 +110,10 @@ async def _older(backend: Backend, keys: list[str], seconds: float, batch: int) 
     if ages is None:
         raise ConfigError(
             f"--older-than needs a store that records when chunks were written; "
-            f"{backend.safe_url} ({type(backend).__name__}) does not (file and s3 do)"
+            f"{backend.safe_url} ({type(backend).__name__}) has no ages()"
         )
     old: list[str] = []
-    for start in range(0, len(keys), batch):
+    for start in range(0, len(keys), batch) or [0]:  # asked even for no keys: it may refuse
         part = keys[start : start + batch]
         found = await ages(part)
         old += [k for k, a in zip(part, found, strict=True) if a is not None and a >= seconds]

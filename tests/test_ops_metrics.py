@@ -153,3 +153,6 @@ def test_multiprocess_mode_sums_the_processes(tmp_path):
     for tenant in ("a", "b"):
         key = ("kvtier_retrieve_hit_tokens_total", (("model", "m"), ("tenant", tenant)))
         assert got[key] == 3 * CHUNK
+    # the workers exited: their live gauges left the sums, their counters stay
+    assert got.get(("kvtier_tier_used_bytes", (("tier", "cpu"),)), 0) == 0
+    assert not list(shared.glob("gauge_live*"))

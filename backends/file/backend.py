@@ -27,11 +27,12 @@ from kvtier.backends.file.chunkio import (
     read_all,
     write_all,
 )
-from kvtier.backends.file.expiry import Expiry, ages
+from kvtier.backends.file.expiry import Expiry
 from kvtier.backends.file.folder import TEMP_DIR, Folder, RootState, Tree, new_temp, shard_of
 from kvtier.backends.file.index import ChunkIndex, Reservation
 from kvtier.backends.file.listing import keys_in, shards
 from kvtier.backends.file.options import FileOptions, root_from_url
+from kvtier.backends.file.pins import FilePins
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, release_all
@@ -41,6 +42,7 @@ from kvtier.core.errors import (
     ConfigError,
     StoreNotFoundError,
 )
+from kvtier.core.pins import check_budget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +50,7 @@ Wake = Callable[[], None]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
 
 
-class FileBackend(Backend):
+class FileBackend(FilePins, Backend):
     """A bounded, persistent, shareable byte store with one file per chunk."""
 
     capabilities = Capabilities(
@@ -62,11 +64,7 @@ class FileBackend(Backend):
         self.folder = Folder(root_from_url(self.url), writable=not self.options.read_only)
         policy = self.registry.eviction_policy(self.options.eviction).load()()
         self.index = ChunkIndex(self.folder, self.capacity, policy, self.options.rescan_interval)
-        if self.options.pinned_bytes > self.capacity:
-            raise ConfigError(
-                f"tier {self.safe_url!r}: pinned_bytes ({self.options.pinned_bytes}) exceeds "
-                f"the capacity ({self.capacity})"
-            )
+        check_budget(self.safe_url, self.options.pinned_bytes, self.capacity)
         self.index.pinned_budget = self.options.pinned_bytes
         self._mover = Mover(fsync=self.options.fsync)
         self._read_flags = READ_FLAGS | (os.O_DIRECT if self.options.o_direct else 0)
@@ -133,52 +131,6 @@ class FileBackend(Backend):
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         self._check_writable("delete_many")
         return await self._blocking(partial(self._delete_batch, keys, self._waker()))
-
-    async def ages(self, keys: list[str]) -> list[float | None]:
-        """Seconds since each chunk was written, ``None`` where absent (for ``kvtier
-        purge --older-than``)."""
-        self._check_open()
-        try:
-            return await self._blocking(partial(ages, self.folder, keys))
-        except OSError as exc:
-            raise self._error(exc, "stat") from exc
-
-    async def pin_many(self, keys: list[str]) -> list[bool]:
-        """Pin stored chunks within ``pinned_bytes``: this process never evicts nor
-        expires them (other processes sharing the folder do not know the pins)."""
-        self._check_open()
-        try:
-            return await self._blocking(partial(self._pin_batch, keys))
-        except OSError as exc:
-            raise self._error(exc, "stat") from exc
-
-    def _pin_batch(self, keys: list[str]) -> list[bool]:
-        for key, known in zip(keys, self.index.knows(keys), strict=True):
-            if not known:
-                self.index.probe(key)  # written by another process: adopt it
-        return self.index.pin(keys)
-
-    async def unpin_many(self, keys: list[str]) -> list[bool]:
-        """Unpin chunks; ``True`` where one was pinned. It is then most recently used,
-        and its ``ttl`` starts again."""
-        self._check_open()
-        done = self.index.unpin(keys)
-        if self._expiry is not None and not self.options.read_only:
-            again = [key for key, was in zip(keys, done, strict=True) if was]
-            try:
-                await self._blocking(partial(self._restart_ttl, again))
-            except OSError as exc:
-                raise self._error(exc, "utime") from exc
-        return done
-
-    def _restart_ttl(self, keys: list[str]) -> None:
-        """Set the files' modification time to now (their ``ttl`` starts again)."""
-        with self.folder.use() as tree:
-            for key in keys:
-                shard = tree.dir(shard_of(key))
-                if shard is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.utime(key, dir_fd=shard, follow_symlinks=False)
 
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         folders = partial(self._listing, partial(self._shards, self._waker()))

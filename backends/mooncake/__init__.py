@@ -68,6 +68,9 @@ class MooncakeOptions(BaseModel):
     """Soft-pin written chunks: the master evicts them after unpinned ones."""
     soft_pin_ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a soft pin lasts (needs ``soft_pin``); ``None``: the master's default."""
+    pinned_bytes: ByteSize = 0
+    """Bytes of chunks this process may pin (rewritten hard pinned: the master never
+    evicts them; :mod:`~kvtier.backends.mooncake.pins`)."""
     ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a chunk lives after this process wrote or first met it: then a miss,
     removed when met and by a sweep (:mod:`kvtier.backends.expiring`); ``None``: forever."""

@@ -32,8 +32,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from mooncake.store import ReplicateConfig, SoftPinAction
-
 from kvtier.backends.expiring import ChunkExpiry
 from kvtier.backends.mooncake import MooncakeOptions, parse_mooncake_url
 from kvtier.backends.mooncake.clients import (
@@ -44,6 +42,7 @@ from kvtier.backends.mooncake.clients import (
     release_client,
 )
 from kvtier.backends.mooncake.objects import Counters, Objects, SizeMemory
+from kvtier.backends.mooncake.pins import MooncakePins, replicate_config
 from kvtier.backends.mooncake.reads import Reader
 from kvtier.backends.mooncake.writes import LentBlobs, Writer
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
@@ -76,12 +75,8 @@ class MooncakeStoreBackend(Backend):
             global_segment_size=self.options.global_segment_size,
             local_buffer_size=self.options.local_buffer_size,
         )
-        self._config = ReplicateConfig()
-        self._config.replica_num = self.options.replica_num
-        if self.options.soft_pin:
-            self._config.soft_pin_action = SoftPinAction.ENABLE
-            if self.options.soft_pin_ttl is not None:
-                self._config.soft_pin_ttl_ms = round(self.options.soft_pin_ttl * 1000)
+        self._config = replicate_config(self.options)
+        self._pinned: dict[str, int] = {}
         self._counters = Counters()
         self._objects: Objects | None = None
         self._registrar: PoolRegistrar | None = None
@@ -186,6 +181,7 @@ class MooncakeStoreBackend(Backend):
             "master": self._settings.master,
             "replica_num": self.options.replica_num,
             **self._counters.as_dict(),
+            **({"pinned_bytes": sum(self._pinned.values())} if self.options.pinned_bytes else {}),
         }
         if self.options.admin_url is not None:
             metrics = _parse_metrics(await self._blocking(lambda: self._admin("metrics")))
@@ -231,6 +227,6 @@ def _release_found(found: Sequence[Buffer | None]) -> None:
             buf.release()
 
 
-class MooncakeBackend(ChunkExpiry, MooncakeStoreBackend):
+class MooncakeBackend(MooncakePins, ChunkExpiry, MooncakeStoreBackend):
     """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
     by a bounded sweep (:mod:`kvtier.backends.expiring`)."""

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kvtier.core.config import ByteSize
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
 from kvtier.core.urls import name_from_url, redact
@@ -57,6 +58,9 @@ class NixlOptions(BaseModel):
     """Seconds a chunk of this process's store lives after it was written: then a
     miss, removed when met and by a sweep (:mod:`kvtier.backends.expiring`); ``None``:
     until evicted. (``ttl`` is the index heartbeat's, not the chunks'.)"""
+    pinned_bytes: ByteSize = 0
+    """Bytes of this process's store that ``pin_many`` may pin (never evicted nor
+    expired, so peers can read them while this process lives); at most the capacity."""
     transfer_timeout: float = Field(default=2.0, gt=0, le=600, allow_inf_nan=False)
     """Seconds a batch of peer reads may take; slower reads are misses. Keep it below
     the tier's ``timeout``."""

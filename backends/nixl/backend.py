@@ -36,11 +36,12 @@ from kvtier.backends.nixl.agent import PeerAgent
 from kvtier.backends.nixl.index import Location, PeerIndex
 from kvtier.backends.nixl.publish import Publisher
 from kvtier.backends.nixl.reader import PeerReader
-from kvtier.backends.ram import CAPABILITIES, RamStore, iterate
+from kvtier.backends.ram import CAPABILITIES, RamPins, RamStore, iterate
 from kvtier.core.backend import Backend, BackendStats, PutMode
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import BackendError, BackendUnavailableError
+from kvtier.core.pins import check_budget
 from kvtier.core.urls import redact
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _close_agent(pool: BufferPool, agent: PeerAgent) -> None:
     agent.close()
 
 
-class NixlBackend(Backend):
+class NixlBackend(RamPins, Backend):
     """The ``nixl`` tier; see the module docstring. :attr:`store` holds this process's
     chunks; index writes are serialised on the event loop it is opened in."""
 
@@ -86,8 +87,14 @@ class NixlBackend(Backend):
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._publisher = Publisher(self.url, self._counts)
         policy = self.registry.eviction_policy(self.options.eviction).load()()
+        check_budget(self.safe_url, self.options.pinned_bytes, self.capacity)
         self.store = RamStore(
-            self.capacity, policy, self._evicted, changed=self._changed, ttl=self.options.chunk_ttl
+            self.capacity,
+            policy,
+            self._evicted,
+            changed=self._changed,
+            ttl=self.options.chunk_ttl,
+            pinned_bytes=self.options.pinned_bytes,
         )
         """This process's chunks; :attr:`RamStore.blobs` is the mapping itself."""
         self._agent: PeerAgent | None = None

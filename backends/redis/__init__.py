@@ -48,6 +48,10 @@ class RedisOptions(BaseModel):
     the server's ``maxmemory-policy``."""
     refresh_ttl: bool = False
     """A hit restarts the chunk's ``ttl`` (``GETEX``)."""
+    pinned_bytes: ByteSize = 0
+    """Bytes of chunks this process may pin (their expiry removed: never expired, nor
+    evicted under a ``volatile-*`` ``maxmemory-policy``); needs ``ttl`` without
+    ``refresh_ttl`` (:mod:`~kvtier.backends.redis.pins`)."""
     username: str | None = None
     """ACL user (or give it in the URL)."""
     password: Secret | None = None
@@ -98,6 +102,11 @@ class RedisOptions(BaseModel):
     def _consistent(self) -> RedisOptions:
         if self.refresh_ttl and self.ttl is None:
             raise ValueError("refresh_ttl needs a ttl to refresh; set ttl (seconds)")
+        if self.pinned_bytes and (self.ttl is None or self.refresh_ttl):
+            raise ValueError(
+                "pinned_bytes needs a ttl without refresh_ttl: a pin removes a chunk's "
+                "expiry, which a tier without a ttl never sets and a hit's GETEX restores"
+            )
         if self.parallel > self.max_connections:
             raise ValueError(
                 f"parallel ({self.parallel}) exceeds max_connections ({self.max_connections}); "

@@ -53,9 +53,10 @@ from kvtier.backends.redis.client import (
     server_max_value,
     translate,
 )
+from kvtier.backends.redis.pins import RedisPins
 from kvtier.backends.redis.resp import Command, Reply, release_all
 from kvtier.backends.redis.split import DISCARD, INCOMPLETE, STORED, assemble, write_job
-from kvtier.backends.redis.transport import Client, Job, Transport, fast_path_works
+from kvtier.backends.redis.transport import Job, Transport, fast_path_works
 from kvtier.backends.redis.url import parse_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer
@@ -69,7 +70,7 @@ SCAN_COUNT = 1000
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
 
 
-class RedisBackend(Backend):
+class RedisBackend(RedisPins, Backend):
     """A tier in a Redis or Valkey server or cluster; see the module doc for the layout.
 
     Shared by any number of processes; persistent as far as the server is. Not bounded
@@ -90,6 +91,7 @@ class RedisBackend(Backend):
         self._prefix = self.options.key_prefix
         ttl = self.options.ttl
         self._ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
+        self._pinned: dict[str, int] = {}
         self._transport: Transport | None = None
         self._max_value = self.options.max_value_bytes or DEFAULT_MAX_VALUE
         self._counts = dict.fromkeys(
@@ -310,6 +312,19 @@ class RedisBackend(Backend):
 
     # -- listing and stats ------------------------------------------------------------
 
+    async def _info(self, op: str) -> list[dict[str, Any]]:
+        """``INFO memory stats`` of each primary."""
+        transport = self._connected()
+        try:
+            async with transport.slots:
+                client: Any = transport.client
+                if isinstance(client, RedisCluster):
+                    found = await client.info("memory", "stats", target_nodes=client.PRIMARIES)
+                    return list(found.values())
+                return [await client.info("memory", "stats")]
+        except CLIENT_ERRORS as exc:
+            raise translate(self.url, exc, op) from exc
+
     async def _scan(self, match: str) -> AsyncIterator[list[bytes]]:
         """Pages of key names matching ``match``, from every primary of a cluster."""
         transport = self._connected()
@@ -364,11 +379,7 @@ class RedisBackend(Backend):
             fresh = [n for n in page if n not in seen and self._key_of(n) is not None]
             seen.update(fresh)
             nbytes += await self._sizes(fresh)
-        try:
-            async with transport.slots:
-                infos = await _info(transport.client)
-        except CLIENT_ERRORS as exc:
-            raise translate(self.url, exc, "stats") from exc
+        infos = await self._info("stats")
         maxmemory = [int(i.get("maxmemory", 0)) for i in infos]
         details: dict[str, Any] = {
             **self._counts,
@@ -377,6 +388,7 @@ class RedisBackend(Backend):
             "server_evicted_keys": sum(int(i.get("evicted_keys", 0)) for i in infos),
             "max_value_bytes": self._max_value,
             "data_path": transport.path,
+            **({"pinned_bytes": sum(self._pinned.values())} if self.options.pinned_bytes else {}),
         }
         return BackendStats(
             keys=len(seen),
@@ -400,13 +412,6 @@ class RedisBackend(Backend):
             if isinstance(reply, (int, bytes)):
                 total += int(reply)
         return total
-
-
-async def _info(client: Client) -> list[dict[str, Any]]:
-    if isinstance(client, RedisCluster):
-        found = await client.info("memory", "stats", target_nodes=RedisCluster.PRIMARIES)
-        return list(found.values())
-    return [await client.info("memory", "stats")]
 
 
 def _is_wrongtype(reply: Reply) -> bool:

@@ -75,6 +75,9 @@ class S3Options(BaseModel):
     connect_timeout: float = Field(default=3.0, gt=0, allow_inf_nan=False)
     read_timeout: float = Field(default=15.0, gt=0, allow_inf_nan=False)
     """Seconds a request may wait for the next bytes from the store."""
+    pinned_bytes: ByteSize = 0
+    """Bytes of chunks this process may pin: exempt from the ``ttl`` and from ``kvtier
+    purge --older-than`` (S3 never evicts; :mod:`~kvtier.backends.s3.pins`)."""
     ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a chunk lives after it was written; older ones are misses and are
     deleted when met and by a sweep (:mod:`kvtier.backends.s3.expiry`)."""

@@ -35,7 +35,8 @@ from kvtier.backends.s3 import S3Options, parse_s3_url
 from kvtier.backends.s3.bucket import Bucket
 from kvtier.backends.s3.calls import each
 from kvtier.backends.s3.errors import Place
-from kvtier.backends.s3.expiry import Expiry, age
+from kvtier.backends.s3.expiry import Expiry
+from kvtier.backends.s3.pins import S3Pins, drop_pins
 from kvtier.backends.s3.reads import Reader
 from kvtier.backends.s3.writes import Writer, native_create
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
@@ -66,7 +67,7 @@ class _Connected:
     expiry: Expiry | None
 
 
-class S3Backend(Backend):
+class S3Backend(S3Pins, Backend):
     """An unbounded, persistent, shared byte store: one S3 object per chunk.
 
     ``capabilities.create_mode``: ``PutMode.CREATE`` costs one conditional request per
@@ -98,6 +99,7 @@ class S3Backend(Backend):
         self._place = Place(self.safe_url, self.bucket, endpoint)
         self._connected: _Connected | None = None
         self._counts: Counter[str] = Counter()
+        self._pinned: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -113,7 +115,7 @@ class S3Backend(Backend):
         )
         ttl = self.options.ttl
         expiry = None if ttl is None else Expiry(ttl, bucket)
-        expired = None if expiry is None else expiry.is_expired
+        expired = None if expiry is None else expiry.expired_object
         reader = Reader(bucket, workers, self.pool, self.options.part_size, self._counts, expired)
         writer = Writer(bucket, workers, self.options, self._counts)
         self._connected = _Connected(bucket, workers, reader, writer, expiry)
@@ -174,15 +176,18 @@ class S3Backend(Backend):
             return [ok for ok, _ in checked]
         return await io.workers.run_all([partial(io.bucket.exists, self.prefix + k) for k in keys])
 
-    async def ages(self, keys: list[str]) -> list[float | None]:
-        """Seconds since each chunk was written (``LastModified``, one HEAD each),
-        ``None`` where absent (for ``kvtier purge --older-than``)."""
-        io = self._io()
-        return await io.workers.run_all([partial(age, io.bucket, self.prefix + k) for k in keys])
-
     async def _delete_unique(self, keys: list[str]) -> list[bool]:
         io = self._io()
-        return await io.workers.run_all([partial(io.bucket.delete, self.prefix + k) for k in keys])
+        names = [self.prefix + k for k in keys]
+        done = await io.workers.run_all([partial(io.bucket.delete, name) for name in names])
+        gone = [name for name, was in zip(names, done, strict=True) if was]
+        if gone:
+            await io.workers.run(partial(drop_pins, io.bucket, gone))
+        return done
+
+    def _pins_io(self) -> tuple[Bucket, BlockingPool]:
+        io = self._io()
+        return io.bucket, io.workers
 
     async def _iter_keys(self, prefix: str) -> AsyncIterator[str]:
         """Keys from ListObjectsV2, a page at a time."""
@@ -209,4 +214,6 @@ class S3Backend(Backend):
             details[name] = self._counts[name]
         if self.options.ttl is not None:
             details["expired"] = self._counts["expired"]
+        if self.options.pinned_bytes:
+            details["pinned_bytes"] = sum(self._pinned.values())
         return BackendStats(details=details)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -92,6 +93,16 @@ class Bucket:
         except NotFound:
             return False
         return True
+
+    def head(self, key: str) -> tuple[datetime, str, int] | None:
+        """``LastModified``, ``ETag`` and size of object ``key`` (one HEAD); ``None`` if
+        it is absent."""
+        try:
+            with translated(self.place, f"HEAD {key}"):
+                found = self.client.head_object(Bucket=self.name, Key=key)
+        except NotFound:
+            return None
+        return found["LastModified"], found["ETag"], found["ContentLength"]
 
     def delete(self, key: str) -> bool:
         """Delete object ``key``; ``False`` if it was absent (S3's DELETE does not tell,

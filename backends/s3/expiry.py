@@ -5,7 +5,8 @@ host's: keep clocks in sync; whole seconds, so up to one second late) is a miss 
 ``get_many`` and ``contains_many`` and is deleted when met, unless it changed since
 (``If-Match`` on its ETag). A sweep lists one page of the prefix every ``ttl / 4``
 seconds (at most a minute), resuming where the last one stopped, and deletes the
-expired objects on it the same way. (A bucket lifecycle rule, whole days only, can
+expired objects on it the same way. Pinned chunks never expire
+(:mod:`~kvtier.backends.s3.pins`). (A bucket lifecycle rule, whole days only, can
 still expire what no process meets.)
 """
 
@@ -15,30 +16,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from kvtier.backends.s3.bucket import LIST_PAGE, Bucket
-from kvtier.backends.s3.errors import NotFound, translated
+from kvtier.backends.s3.errors import translated
+from kvtier.backends.s3.pins import TIMESTAMP_RESOLUTION, is_pinned, pinned_keys
 from kvtier.core.keys import is_valid_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import ListObjectsV2RequestTypeDef
-
-TIMESTAMP_RESOLUTION = 1.0
-"""Seconds: S3's ``LastModified`` (an HTTP date) has whole seconds only."""
-
-
-def head(bucket: Bucket, name: str) -> tuple[datetime, str] | None:
-    """``LastModified`` and ``ETag`` of object ``name`` (one HEAD); ``None`` if absent."""
-    try:
-        with translated(bucket.place, f"HEAD {name}"):
-            found = bucket.client.head_object(Bucket=bucket.name, Key=name)
-    except NotFound:
-        return None
-    return found["LastModified"], found["ETag"]
-
-
-def age(bucket: Bucket, name: str) -> float | None:
-    """Seconds since object ``name`` was written; ``None`` if it is absent."""
-    found = head(bucket, name)
-    return None if found is None else (datetime.now(timezone.utc) - found[0]).total_seconds()
 
 
 class Expiry:
@@ -62,13 +45,18 @@ class Expiry:
         age = (datetime.now(timezone.utc) - last_modified).total_seconds()
         return age >= self.ttl + TIMESTAMP_RESOLUTION
 
+    def expired_object(self, name: str, last_modified: datetime) -> bool:
+        """Whether object ``name``, last modified then, is past ``ttl`` and not pinned
+        (its marker is asked only when it is past ``ttl``: one HEAD)."""
+        return self.is_expired(last_modified) and not is_pinned(self.bucket, name)
+
     def fresh(self, name: str) -> tuple[bool, bool]:
         """``(present and not expired, an expired object was deleted)`` for object
         ``name`` (one HEAD, and a conditional DELETE when it is expired)."""
-        found = head(self.bucket, name)
+        found = self.bucket.head(name)
         if found is None:
             return False, False
-        if not self.is_expired(found[0]):
+        if not self.expired_object(name, found[0]):
             return True, False
         return False, self.bucket.delete_if_unchanged(name, found[1])
 
@@ -86,9 +74,15 @@ class Expiry:
         with translated(bucket.place, f"LIST {bucket.prefix}*"):
             page = bucket.client.list_objects_v2(**request)
         self._token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        expired = [
+            entry
+            for entry in page.get("Contents", [])
+            if is_valid_key(entry["Key"][len(bucket.prefix) :])
+            and self.is_expired(entry["LastModified"])
+        ]
+        pinned = pinned_keys(bucket) if expired else set()
         removed = 0
-        for entry in page.get("Contents", []):
-            name = entry["Key"]
-            if is_valid_key(name[len(bucket.prefix) :]) and self.is_expired(entry["LastModified"]):
-                removed += bucket.delete_if_unchanged(name, entry["ETag"])
+        for entry in expired:
+            if entry["Key"][len(bucket.prefix) :] not in pinned:
+                removed += bucket.delete_if_unchanged(entry["Key"], entry["ETag"])
         return removed

@@ -108,11 +108,12 @@ class Reader:
         pool: BufferPool,
         part_size: int,
         counts: Counter[str],
-        expired: Callable[[datetime], bool] | None = None,
+        expired: Callable[[str, datetime], bool] | None = None,
     ) -> None:
         self.bucket = bucket
         self.expired = expired
-        """Whether an object last modified then is past the tier's ``ttl`` (if any)."""
+        """Whether object ``name``, last modified then, is past the tier's ``ttl`` (if
+        any) and not pinned."""
         self.workers = workers
         self.pool = pool
         self.part_size = part_size
@@ -199,7 +200,7 @@ class Reader:
                     response = bucket.client.get_object(Bucket=bucket.name, Key=name)
         except NotFound:
             return None
-        if self.expired is not None and self.expired(response["LastModified"]):
+        if self.expired is not None and self.expired(name, response["LastModified"]):
             response["Body"].close()
             return _Expired(response["ETag"])
         nbytes, total = response["ContentLength"], _total_size(response)

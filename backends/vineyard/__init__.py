@@ -32,6 +32,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvtier.backends.vineyard.url import parse_url
+from kvtier.core.config import ByteSize
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import BackendSpec
 
@@ -57,6 +58,9 @@ class VineyardOptions(BaseModel):
     reclaim_after: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds after which a chunk object no name reaches (a writer died between writing
     and naming it) is deleted by the next sweep."""
+    pinned_bytes: ByteSize = 0
+    """Bytes of this tier's chunks that may be pinned, all processes together (never
+    evicted nor expired; :mod:`~kvtier.backends.vineyard.pins`); at most the capacity."""
     ttl: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds a chunk lives after this process wrote or first met it: then a miss,
     removed when met and by a sweep (:mod:`kvtier.backends.expiring`); ``None``: forever."""

@@ -32,10 +32,12 @@ from kvtier.backends.vineyard import reclaim as rec
 from kvtier.backends.vineyard.client import FULL, Client, Connection, ObjectID
 from kvtier.backends.vineyard.leases import LeasedView, Leases
 from kvtier.backends.vineyard.names import Names, new_holder
+from kvtier.backends.vineyard.pins import VineyardPins, drop_pins
 from kvtier.backends.vineyard.url import Target, parse_url
 from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
 from kvtier.core.buffers import Buffer, release_all
 from kvtier.core.errors import BackendError
+from kvtier.core.pins import check_budget
 
 T = TypeVar("T")
 Read = list[Buffer | None]
@@ -75,6 +77,7 @@ class VineyardStoreBackend(Backend):
 
     def _configure(self) -> None:
         assert self.capacity is not None  # bounded: checked by Backend
+        check_budget(self.safe_url, self.options.pinned_bytes, self.capacity)
         self.target = parse_url(self.url)
         self.names = Names(self.options.key_prefix)
         self.typename = obj.typename(self.options.key_prefix)
@@ -294,13 +297,7 @@ class VineyardStoreBackend(Backend):
         if total + incoming <= self.capacity:
             return []
         target = max(0, int(self.capacity * self.options.evict_to) - incoming)
-        victims = []
-        for chunk in inventory.chunks:
-            if total <= target:
-                break
-            victims.append(chunk)
-            total -= chunk[2]
-        return rec.evict(client, self.names, victims)
+        return rec.evict(client, self.names, inventory.victims(total - target))
 
     def _free_memory(self, client: Client, incoming: int) -> list[tuple[str, int]]:
         """vineyardd is full: sweep, then evict the oldest chunks until ``incoming`` bytes
@@ -308,12 +305,7 @@ class VineyardStoreBackend(Backend):
         rec.sweep(client, self.names, self.typename, self.options.reclaim_after)
         status = client.status
         short = int(status.memory_usage) + incoming - int(status.memory_limit)
-        victims = []
-        for chunk in rec.inventory(client, self.names, self.typename).chunks:
-            if short <= 0:
-                break
-            victims.append(chunk)
-            short -= chunk[2]
+        victims = rec.inventory(client, self.names, self.typename).victims(short)
         return rec.evict(client, self.names, victims)
 
     def _report(self, evicted: list[tuple[str, int]]) -> None:
@@ -332,6 +324,7 @@ class VineyardStoreBackend(Backend):
             for name, object_id in zip(names, found, strict=True):
                 if object_id is not None:
                     client.drop_name(name)
+            drop_pins(client, self.names, [k for k, o in zip(keys, found, strict=True) if o])
             rec.reclaim(client, self.names, [o for o in found if o is not None])
             return [o is not None for o in found]
 
@@ -373,6 +366,6 @@ class VineyardStoreBackend(Backend):
         )
 
 
-class VineyardBackend(ChunkExpiry, VineyardStoreBackend):
+class VineyardBackend(VineyardPins, ChunkExpiry, VineyardStoreBackend):
     """The tier with its ``ttl`` option: expired chunks are misses, removed when met and
     by a bounded sweep (:mod:`kvtier.backends.expiring`)."""

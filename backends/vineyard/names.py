@@ -82,6 +82,19 @@ class Names:
         head = name[: len(self.prefix) + 2]
         return key if head == f"{self.prefix}k/" and is_valid_key(key) else None
 
+    def kept(self, key: str) -> str:
+        """The name saying chunk ``key`` is pinned (kept: never evicted nor expired)."""
+        return f"{self.prefix}keep/{key}"
+
+    def kept_pattern(self) -> str:
+        return f"{self.prefix}keep/*"
+
+    def kept_key(self, name: str) -> str | None:
+        """The chunk key a listed keep name stands for."""
+        head = f"{self.prefix}keep/"
+        key = name[len(head) :]
+        return key if name.startswith(head) and is_valid_key(key) else None
+
     def pin(self, object_id: int, holder: str) -> str:
         return f"{self.prefix}pin/{object_hex(object_id)}/{holder}"
 

@@ -55,13 +55,30 @@ def _pinned(client: Client, names: Names) -> set[int]:
 
 @dataclass
 class Inventory:
-    """A tier's chunks: ``(object, key, nbytes)``, oldest first."""
+    """A tier's chunks: ``(object, key, nbytes)``, oldest first, and the pinned keys."""
 
     chunks: list[tuple[int, str, int]] = field(default_factory=list)
+    kept: set[str] = field(default_factory=set)
+    """Keys with a keep name (pinned: never evicted), stored or not."""
 
     @property
     def nbytes(self) -> int:
         return sum(n for _, _, n in self.chunks)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(n for _, key, n in self.chunks if key in self.kept)
+
+    def victims(self, nbytes: int) -> list[tuple[int, str, int]]:
+        """The oldest unpinned chunks holding at least ``nbytes`` (all if fewer)."""
+        chosen = []
+        for chunk in self.chunks:
+            if nbytes <= 0:
+                break
+            if chunk[1] not in self.kept:
+                chosen.append(chunk)
+                nbytes -= chunk[2]
+        return chosen
 
 
 def inventory(client: Client, names: Names, typename: str) -> Inventory:
@@ -74,6 +91,8 @@ def inventory(client: Client, names: Names, typename: str) -> Inventory:
         if key is not None and nbytes is not None:
             found.chunks.append((int(object_id), key, nbytes))
     found.chunks.sort()
+    kept = client.list_names(names.kept_pattern(), False, LIST_LIMIT)
+    found.kept = {key for name in kept if (key := names.kept_key(name)) is not None}
     return found
 
 

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from kvtier.core.config import ByteSize, KVTierConfig
 from kvtier.core.engine_stats import open_instances
+from kvtier.core.errors import ConfigError
 from kvtier.core.keys import tenant_tag
 from kvtier.core.opsconfig import TierLimits
 from kvtier.plugins.ops.bodies import Body, error
@@ -131,6 +132,10 @@ async def pin(body: PinRequest) -> Response:
         )
     done: dict[str, int] = {}
     for kv in caches:
-        for tier, count in (await asyncio.to_thread(kv.pin, body.tokens, unpin=body.unpin)).items():
+        try:
+            counts = await asyncio.to_thread(kv.pin, body.tokens, unpin=body.unpin)
+        except ConfigError as exc:  # a tier refused: its store could not keep a pin
+            return error(409, str(exc))
+        for tier, count in counts.items():
             done[tier] = done.get(tier, 0) + count
     return JSONResponse({"unpinned" if body.unpin else "pinned": done})

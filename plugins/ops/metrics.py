@@ -15,6 +15,7 @@ vLLM's own ``/metrics``, which then uses a ``MultiProcessCollector``) sums them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from kvtier.core.engine_stats import open_instances
 from kvtier.core.specs import EventKind, TierEvent
@@ -249,7 +250,17 @@ def metrics() -> KVTierMetrics:
     with _started:
         if _metrics is None:
             _metrics = KVTierMetrics()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                # a process that exits drops its live gauges (used bytes, availability)
+                # from the sums; one killed keeps them until the folder is wiped
+                atexit.register(_exiting)
         return _metrics
+
+
+def _exiting() -> None:
+    """At exit, in multiprocess mode: drop this process's live gauges (by the pid at
+    exit: a forked child drops its own, never its parent's)."""
+    mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def start_sync(every: float) -> None:
