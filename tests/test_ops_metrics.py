@@ -58,6 +58,9 @@ def work(kv: KVTier, seed: int) -> None:
         kv.lookup(tokens)
         kv.retrieve(tokens)
     kv.retrieve(prompt(4 * CHUNK, 999)[0])  # a miss everywhere
+    first = prompt(8 * CHUNK, seed * 100)[0]  # evicted from the cpu tier since
+    kv.lookup(first, prefetch=True)  # moves it back up, in the background
+    kv.flush()  # prefetches done
 
 
 def test_scrape_equals_stats(tmp_path):
@@ -78,6 +81,8 @@ def test_scrape_equals_stats(tmp_path):
     for field, (name, _) in ENGINE_COUNTERS.items():
         assert got[(f"{name}_total", labels)] == getattr(stats, field), name
     assert stats.tier("cpu").hits > 0 and stats.tier("cpu").evictions > 0
+    assert stats.prefetched > 0 and stats.prefetch_read_bytes > 0
+    assert got[("kvtier_prefetch_in_flight_bytes", ())] == stats.prefetch_in_flight_bytes == 0
     assert stats.retrieve_hit_tokens == 12 * 8 * CHUNK
     assert stats.retrieve_requested_tokens == stats.retrieve_hit_tokens + 2 * 4 * CHUNK
     used, capacity = stats.usage["cpu"]

@@ -64,6 +64,22 @@ ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
     "tokens_stored": ("kvtier_stored_tokens", "Tokens accepted by store()."),
     "stores_queued": ("kvtier_store_queued_chunks", "Chunks queued for the tiers by store()."),
     "stores_dropped": ("kvtier_store_dropped_chunks", "Chunks dropped: the store queue was full."),
+    "prefetched": (
+        "kvtier_prefetched_chunks",
+        "Chunks a lookup started prefetching toward faster tiers.",
+    ),
+    "prefetch_read_bytes": (
+        "kvtier_prefetch_read_bytes",
+        "Bytes prefetches read from slower tiers.",
+    ),
+    "prefetch_dropped": (
+        "kvtier_prefetch_dropped_chunks",
+        "Chunks not prefetched: prefetch_bytes was in flight already.",
+    ),
+    "prefetch_joined": (
+        "kvtier_prefetch_joined_chunks",
+        "Chunks a retrieve waited for instead of reading them again.",
+    ),
 }
 """``EngineStats`` field -> counter name; labels ``model`` and ``tenant``."""
 
@@ -152,6 +168,12 @@ class KVTierMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.prefetch_bytes = Gauge(
+            "kvtier_prefetch_in_flight_bytes",
+            "Bytes of prefetch_bytes held by prefetches in flight.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
     def tenant_label(self, tenant: str | None) -> str:
         """``tenant`` while fewer than ``max_tenants`` have a label, else ``other``."""
@@ -174,7 +196,7 @@ class KVTierMetrics:
             used: dict[str, float] = {}
             capacity: dict[str, float] = {}
             available: dict[str, float] = {}
-            queued = 0.0
+            queued = prefetching = 0.0
             for kv in open_instances() if instances is None else instances:
                 try:
                     stats = kv.stats(STATS_TIMEOUT)
@@ -187,6 +209,7 @@ class KVTierMetrics:
                     used[name] = used.get(name, 0.0) + (nbytes or 0)
                     capacity[name] = capacity.get(name, 0.0) + (cap or 0)
                 queued += stats.queue_bytes
+                prefetching += stats.prefetch_in_flight_bytes
             for gauge, values in (
                 (self.used_bytes, used),
                 (self.capacity_bytes, capacity),
@@ -195,6 +218,7 @@ class KVTierMetrics:
                 for name, value in values.items():
                     gauge.labels(name).set(value)
             self.queue_bytes.set(queued)
+            self.prefetch_bytes.set(prefetching)
 
     def _add(self, kv: KVTier, stats: EngineStats) -> None:
         last = self._last.setdefault(kv, {})
