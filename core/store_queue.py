@@ -19,7 +19,6 @@ from functools import partial
 
 import torch
 
-from kvtier.core import blob as fmt
 from kvtier.core import tier as tier_module
 from kvtier.core.blob import Blob
 from kvtier.core.blocking import BlockingPool
@@ -152,18 +151,7 @@ class StoreQueue:
         """An unsealed raw blob for ``tokens`` tokens whose payload is still to be
         written (its checksum is computed when it is sealed, after that)."""
         shape = self.layout.chunk_shape(tokens)
-        payload_len = self._raw.tensor_codec.encoded_nbytes(shape, self.layout.dtype)
-        header = fmt.header_json(key, self.layout.dtype, shape, [("raw", {})], [payload_len])
-        header_len = fmt.padded_header_len(len(header))
-        flags = fmt.signing_flags(self.integrity)
-        size = fmt.payload_start(header_len) + payload_len + fmt.trailer_bytes(bool(flags))
-        buf = self.pool.acquire(size)
-        try:
-            fmt.frame(buf.view, header, header_len, payload_len, flags)
-            return Blob(buf, fmt.parse(buf.view), sealed=False)
-        except BaseException:
-            buf.release()
-            raise
+        return self._raw.blank(key, shape, self.layout.dtype, self.pool, self.integrity)
 
     def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> tuple[int, list[int]]:
         """Take the store queue's byte budget for chunks of ``sizes`` tokens, in order,
