@@ -29,7 +29,6 @@ that fails is skipped; callers see misses, never a tier's exception.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,8 +64,6 @@ from kvtier.kernels.rope import RotaryConfig
 __all__ = ["ChunkSink", "HeldChunks", "KVTier", "PendingStore"]
 """Re-exported: :class:`PendingStore` and :class:`HeldChunks` live in
 :mod:`kvtier.core.inplace`, ``ChunkSink`` in :mod:`kvtier.core.retrieval`."""
-
-log = logging.getLogger(__name__)
 
 
 class KVTier(RetrieveAPI, SegmentAPI):
