@@ -296,17 +296,17 @@ def test_a_backend_bug_skips_the_tier_and_is_logged_as_a_bug(
 def test_a_big_store_is_copied_by_the_codec_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    from kvtier.core import engine
+    from kvtier.core import store_queue
 
-    monkeypatch.setattr(engine, "PARALLEL_COPY_BYTES", 0)  # any store of 2+ chunks
+    monkeypatch.setattr(store_queue, "PARALLEL_COPY_BYTES", 0)  # any store of 2+ chunks
     copiers: list[str] = []
-    copy = engine.KVTier._copy
+    copy = store_queue.StoreQueue._copy
 
-    def recording(self: KVTier, *chunk: Any) -> Any:
+    def recording(self: store_queue.StoreQueue, *chunk: Any) -> Any:
         copiers.append(threading.current_thread().name)
         return copy(self, *chunk)
 
-    monkeypatch.setattr(engine.KVTier, "_copy", recording)
+    monkeypatch.setattr(store_queue.StoreQueue, "_copy", recording)
     tokens, kv = prompt(4 * CHUNK)
     if kind == "inference":
         with torch.inference_mode():

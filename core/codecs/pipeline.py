@@ -47,6 +47,21 @@ def _parse_steps(steps: Steps) -> list[tuple[str, dict[str, Any]]]:
     return parsed
 
 
+def _lease(pool: BufferPool, header_len: int, payload_len: int, flags: int) -> Buffer:
+    """A buffer from ``pool`` for a blob: prefix, ``header_len`` bytes of (padded)
+    header, ``payload_len`` bytes of payload and the trailer ``flags`` ask for."""
+    return pool.acquire(
+        fmt.payload_start(header_len) + payload_len + fmt.trailer_bytes(bool(flags))
+    )
+
+
+def _framed(buf: Buffer, header: bytes, header_len: int, payload_len: int, flags: int) -> fmt.Blob:
+    """``buf`` as an unsealed blob, once prefix and header are written in front of its
+    payload (see :func:`kvtier.core.blob.frame`)."""
+    fmt.frame(buf.view, header, header_len, payload_len, flags)
+    return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
+
+
 def _build(name: str, options: Mapping[str, Any], registry: PluginRegistry) -> Codec:
     spec = registry.codec(name)
     return spec.load()(validate_model(spec.options, options, where=f"codec {name!r}"))
@@ -100,7 +115,8 @@ class CodecPipeline:
     def _header(
         self,
         key: str,
-        chunk: torch.Tensor,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
         params: list[Params],
         sizes: list[int],
         segment_start: int | None = None,
@@ -110,9 +126,7 @@ class CodecPipeline:
                 raise PluginError(f"codec {codec.name!r} returned parameters {p!r}, not a dict")
         stages = [(codec.name, p) for codec, p in zip(self.stages, params, strict=True)]
         try:
-            return fmt.header_json(
-                key, chunk.dtype, tuple(chunk.shape), stages, sizes, segment_start
-            )
+            return fmt.header_json(key, dtype, shape, stages, sizes, segment_start)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -159,7 +173,9 @@ class CodecPipeline:
                     data, stage_params = codec.encode(memoryview(data).cast("B"), itemsize)
                     params.append(stage_params)
                     sizes.append(memoryview(data).nbytes)
-                header = self._header(key, chunk, params, sizes, segment_start)
+                header = self._header(
+                    key, chunk.dtype, tuple(chunk.shape), params, sizes, segment_start
+                )
                 blob = self._assemble(header, memoryview(data).cast("B"), pool, flags)
         if sealed:
             blob.ensure_sealed(keys)
@@ -174,17 +190,17 @@ class CodecPipeline:
         flags: int,
         segment_start: int | None,
     ) -> fmt.Blob:
-        guess = self._header(key, chunk, [{}], [payload_len], segment_start)
+        dtype, shape = chunk.dtype, tuple(chunk.shape)
+        guess = self._header(key, dtype, shape, [{}], [payload_len], segment_start)
         header_len = min(fmt.padded_header_len(len(guess) + _PARAMS_SLACK), fmt.MAX_PADDED_HEADER)
         start = fmt.payload_start(header_len)
-        buf = pool.acquire(start + payload_len + fmt.trailer_bytes(bool(flags)))
+        buf = _lease(pool, header_len, payload_len, flags)
         try:
             payload = buf.view[start : start + payload_len]
             params = self.tensor_codec.encode_into(chunk, payload)
-            header = self._header(key, chunk, [params], [payload_len], segment_start)
+            header = self._header(key, dtype, shape, [params], [payload_len], segment_start)
             if len(header) <= header_len:
-                fmt.frame(buf.view, header, header_len, payload_len, flags)
-                return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
+                return _framed(buf, header, header_len, payload_len, flags)
             relocated = self._assemble(header, payload, pool, flags)
         except BaseException:
             buf.release()
@@ -196,7 +212,35 @@ class CodecPipeline:
     def _assemble(header: bytes, payload: memoryview, pool: BufferPool, flags: int) -> fmt.Blob:
         header_len = fmt.padded_header_len(len(header))
         start = fmt.payload_start(header_len)
-        buf: Buffer = pool.acquire(start + payload.nbytes + fmt.trailer_bytes(bool(flags)))
+        buf = _lease(pool, header_len, payload.nbytes, flags)
         buf.view[start : start + payload.nbytes] = payload
-        fmt.frame(buf.view, header, header_len, payload.nbytes, flags)
-        return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
+        return _framed(buf, header, header_len, payload.nbytes, flags)
+
+    def blank(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        pool: BufferPool,
+        keys: MacKeys | None = None,
+    ) -> fmt.Blob:
+        """An unsealed blob of a ``raw`` pipeline for a chunk of ``shape`` and ``dtype``
+        whose payload is still to be written, in place (the caller writes it through
+        :func:`kvtier.core.codecs.decode.chunk_of`, then seals the blob, signed with
+        ``keys``, before its bytes leave the process: see :meth:`encode`).
+
+        The blob lives in a buffer leased from ``pool``; the caller owns (and releases)
+        it. :class:`ConfigError` for a pipeline other than ``raw``, whose payload is not
+        the tensor as it is."""
+        if self.name != "raw":
+            raise ConfigError(f"only the raw pipeline has blank blobs, not {self.name!r}")
+        payload_len = self.tensor_codec.encoded_nbytes(shape, dtype)
+        header = self._header(key, dtype, shape, [{}], [payload_len])
+        header_len = fmt.padded_header_len(len(header))
+        flags = fmt.signing_flags(keys)
+        buf = _lease(pool, header_len, payload_len, flags)
+        try:
+            return _framed(buf, header, header_len, payload_len, flags)
+        except BaseException:
+            buf.release()
+            raise
