@@ -39,6 +39,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -173,6 +174,10 @@ def start_server(
         config["endpoint"] = f"tcp://*:{port_events}"  # vLLM binds only wildcard endpoints
         config["replay_endpoint"] = f"tcp://*:{free_port()}"
         argv += ["--kv-events-config", json.dumps(config)]
+        # vllm-router's kv_aware policy asks the worker for the prompt's token ids
+        # (POST /v1/completions/render); vLLM 0.32 answers 403 without this flag, and
+        # the router then credits nothing ("missing_tokens")
+        argv += ["--enable-scale-out"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOG_STATS_INTERVAL": "1"}
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
@@ -337,6 +342,7 @@ def fleet(
             for s in started:
                 args += ["--kv-event-source", f"{s.url}={s.events}"]
             args += ["--kv-event-block-size", str(CHUNK), "--kv-event-model", str(model)]
+            args += ["--log-level", "debug"]  # its routing decisions: router_credits()
         proc = start_router(router, folder, args, f"{setup}-router")
         yield proc.url, started, proc  # type: ignore[attr-defined]
     finally:
@@ -346,23 +352,38 @@ def fleet(
             s.process.stop()
 
 
-def logged_totals(servers: list[Server], cached: int, wait: float = 30.0) -> list[dict[str, float]]:
-    """The servers' connector counters once their logs account for ``cached`` loaded
-    tokens (vLLM logs them every second, later on a busy host), or after ``wait`` s."""
+def logged_totals(
+    servers: list[Server], cached: float, wait: float = 30.0, key: str = "load_tokens"
+) -> list[dict[str, float]]:
+    """The servers' connector counters once their logs account for ``cached`` of
+    ``key`` (loaded tokens; vLLM logs them every second, later on a busy host), or
+    after ``wait`` s."""
     deadline = time.monotonic() + wait
     while True:
         totals = [s.connector_totals() for s in servers]
-        loaded = sum(t.get("load_tokens", 0) for t in totals)
-        if loaded >= cached or time.monotonic() > deadline:
+        if sum(t.get(key, 0) for t in totals) >= cached or time.monotonic() > deadline:
             return totals
         time.sleep(0.2)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DECISION = re.compile(r"KV prefix decision .*?input_tokens=(\d+) .*?credited_prefix_tokens=(\d+)")
+
+
+def router_credits(router: Process) -> list[tuple[int, int]]:
+    """``(input tokens, credited prefix tokens)`` of each ``kv_aware`` decision the
+    router logged (``--log-level debug``): what it believed each worker holds. Each
+    worker's credit is weighed by tier (``--kv-penalty-host`` 0.8, ``-disk`` 0.3, ...)."""
+    text = _ANSI.sub("", router.log.read_text(errors="replace"))
+    return [(int(a), int(b)) for a, b in _DECISION.findall(text)]
+
+
 def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload) -> dict:
-    with fleet(model, folder, router, setup) as (url, servers, _):
+    with fleet(model, folder, router, setup) as (url, servers, proc):
         total = load.run(url, str(model))
         cached = sum(r.cached_tokens for r in load.results)
         totals = logged_totals(servers, cached)
+        credits = router_credits(proc)
     results = load.results
     prompt = sum(r.prompt_tokens for r in results)
     ttfts = [r.ttft for r in results]
@@ -379,6 +400,8 @@ def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload
         "ttft_p90": percentile(ttfts, 0.9),
         "total_s": total,
         "connector": totals,
+        "router_decisions": len(credits),
+        "router_credited_tokens": sum(c for _, c in credits),
         "turns": [r.__dict__ for r in results],
     }
 
@@ -413,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setup}: {r['policy']:<12} {r['tiers']:<11} hit {r['hit_rate']:6.1%}  "
                   f"TTFT mean {r['ttft_mean'] * 1000:7.1f} ms  p90 {r['ttft_p90'] * 1000:7.1f} ms"
                   f"  total {r['total_s']:6.1f} s", flush=True)  # fmt: skip
+            if r["router_decisions"]:
+                print(f"   router: {r['router_decisions']} kv_aware decisions credited "
+                      f"{r['router_credited_tokens']} prefix tokens", flush=True)  # fmt: skip
     result = {"users": args.users, "turns": args.turns, "system_tokens": args.system_tokens,
               "user_tokens": args.user_tokens, "reply_tokens": args.reply_tokens,
               "stagger": args.stagger, "setups": rows}  # fmt: skip

