@@ -34,7 +34,8 @@ class EventsConfig(BaseModel):
     """ZMQ ROUTER endpoint answering replay requests (a start sequence number, 8 bytes
     big-endian) with the buffered batches, ended by sequence -1."""
     topic: str | None = None
-    """Topic frame of every message; default ``kv@<instance>@<model>``."""
+    """Topic frame of every message; default ``kv@<instance>@<model>``. ``""`` (the
+    empty topic vLLM's own publisher sends) for vllm-router, which drops any other."""
     instance: str | None = None
     """This process's name in the default topic; default the host name (a pod name)."""
     buffer_steps: int = Field(default=10_000, gt=0)

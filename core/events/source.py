@@ -110,7 +110,8 @@ class KVEvents:
         self._blocks = self.chunk_tokens // self.block_size
         self._prefix = hasher.namespace + "."
         self._media = self._resolve_media(config, tiers)
-        self.topic = config.topic or f"kv@{config.instance or socket.gethostname()}@{model}"
+        default = f"kv@{config.instance or socket.gethostname()}@{model}"
+        self.topic = default if config.topic is None else config.topic
         self._lock = threading.Lock()
         self._journal: OrderedDict[str, _Noted] = OrderedDict()
         self._pending: deque[TierEvent] = deque()
