@@ -235,6 +235,22 @@ def test_match_claims_whole_chunks_and_never_the_last_token(kv):
     assert (stats.hits, stats.misses) == (hits, 0), "lookups moved counters"
 
 
+def test_hit_sources_split_a_hit_into_the_cpu_tier_and_the_rest(kv):
+    sched = scheduler(kv)
+    tokens = [*prompt(3 * CHUNK), 1]
+    put(kv, tokens)
+    assert sched.match("all-cpu", tokens, (), BS) == 3 * CHUNK - BS
+    assert sched.hit_sources("all-cpu", 3 * CHUNK - BS) == (3 * CHUNK - BS, 0)
+    assert sched.match("beyond-local", tokens, (), 2 * CHUNK) == CHUNK
+    assert sched.hit_sources("beyond-local", CHUNK) == (CHUNK, 0)
+    later = kv.hasher.key_strings(tokens, partial=False)[1:]
+    kv._io.run(kv.chain.tiers[0].backend.delete_many(later))  # chunks 1-2: file only
+    # (the answer is the tiers' state before the prefetch this lookup starts)
+    assert sched.match("mixed", tokens, (), BS) == 3 * CHUNK - BS
+    assert sched.hit_sources("mixed", 3 * CHUNK - BS) == (CHUNK - BS, 2 * CHUNK)
+    assert sched.hit_sources("unknown", 5) == (0, 5), "a request never matched: not cpu"
+
+
 def test_chunk_size_must_be_whole_blocks(kv):
     with pytest.raises(ConfigError, match=r"multiple of vLLM's block size \(48\)"):
         SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=48)

@@ -100,6 +100,10 @@ def test_kvtier_metrics_in_vllms_metrics_match_the_connector(tmp_path, monkeypat
     assert "syncing kvtier metrics failed" not in served
 
     assert "vllm:prompt_tokens_total" in samples  # vLLM's own metrics are there too
+    # the hit came from the worker's cpu tier: vLLM counts it as host memory
+    by_source = "vllm:prompt_tokens_cached_by_source_total"
+    assert total(samples, by_source, source="host") == cached, samples.get(by_source)
+    assert total(samples, by_source, source="external_unspecified") == 0
     assert hit == cached and stored == 6 * CHUNK, dict(samples)
     tier = {"tier": "cpu"}
     assert total(samples, "kvtier_tier_hits_total", **tier) == cached // CHUNK

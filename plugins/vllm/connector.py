@@ -219,6 +219,18 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return None, False  # a hand-off whose chunks are on their way: ask again
         return n, bool(n) and self.scheduler.is_async(request.request_id)
 
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[Any, int]:
+        """vLLM's per-source split of a hit (its cache-hit metrics): tokens from the
+        workers' ``cpu`` tier are host memory, the rest come from tiers outside the
+        worker process (file, redis, s3, ...), reported as external."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        host, other = self.scheduler.hit_sources(request.request_id, num_external_tokens)
+        split = {CacheHitSource.HOST: host, CacheHitSource.EXTERNAL_UNSPECIFIED: other}
+        return {source: n for source, n in split.items() if n}
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:

@@ -69,6 +69,7 @@ class _Request:
     stored: int = 0
     local: int = 0
     matched: int = 0
+    fast: int = 0  # of ``matched``, the leading tokens the workers' cpu tier holds
     load: tuple[int, int] | None = None
     loading: Transfer | None = None
     asking: _Asking | None = None
@@ -150,6 +151,7 @@ class SchedulerSide:
                 return None
             got = answer
         state.local, state.matched, state.fresh = num_computed_tokens, got.hit, True
+        state.fast = min(got.fast, got.hit)
         n = max(0, got.hit - num_computed_tokens)
         slow = got.hit > max(got.fast, num_computed_tokens)
         state.load_async = n > 0 and (
@@ -158,6 +160,16 @@ class SchedulerSide:
             or got.hit >= len(tokens)  # vLLM recomputes the last token after the load
         )
         return n
+
+    def hit_sources(self, req_id: str, num_external_tokens: int) -> tuple[int, int]:
+        """``num_external_tokens`` (what vLLM allocated for :meth:`match`'s answer)
+        split into ``(from the workers' cpu tier, from slower tiers)``: a load reads the
+        leading chunks the cpu tier holds from RAM and the rest from other tiers."""
+        state = self._requests.get(req_id)
+        if state is None:
+            return 0, num_external_tokens
+        host = min(max(0, state.fast - state.local), num_external_tokens)
+        return host, num_external_tokens - host
 
     def is_async(self, req_id: str) -> bool:
         """Whether the load :meth:`match` last found for ``req_id`` runs between steps
