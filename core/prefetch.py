@@ -47,29 +47,33 @@ class Prefetches:
         """Bytes of chunks in flight at most (``0``: prefetch is off)."""
         self.chunk_bytes = chunk_bytes
         """What one chunk holds of the budget."""
-        self.in_flight_bytes = 0
         self.stats = PrefetchStats()
         self._tasks: dict[str, asyncio.Future[None]] = {}
         self._turns: dict[int, asyncio.Semaphore] = {}
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """The budget held now: every chunk tracked and not done."""
+        return len(self._tasks) * self.chunk_bytes
 
     def turn(self, tier: int) -> asyncio.Semaphore:
         """Held by a prefetch while it reads from tier ``tier`` (:data:`READERS`)."""
         return self._turns.setdefault(tier, asyncio.Semaphore(READERS))
 
     def admit(self, keys: Sequence[str]) -> list[int]:
-        """The indexes of the ``keys`` to start now, holding their share of the budget:
-        those not in flight already, in order, while the budget lasts; the others not
-        in flight are counted as dropped."""
+        """The indexes of the ``keys`` to start now: those not in flight already, in
+        order, while the budget lasts (they hold it once :meth:`track` ed, which the
+        caller does before anything else can admit); the others not in flight are
+        counted as dropped."""
         if self.budget <= 0:
             return []
         admitted: list[int] = []
         for i, key in enumerate(keys):
             if key in self._tasks:
                 continue
-            if self.in_flight_bytes + self.chunk_bytes > self.budget:
+            if self.in_flight_bytes + (len(admitted) + 1) * self.chunk_bytes > self.budget:
                 self.stats.dropped += sum(1 for k in keys[i:] if k not in self._tasks)
                 break
-            self.in_flight_bytes += self.chunk_bytes
             admitted.append(i)
         self.stats.started += len(admitted)
         return admitted
@@ -82,8 +86,7 @@ class Prefetches:
     def done(self, keys: Sequence[str]) -> None:
         """The prefetch of ``keys`` ended (written, or failed): free their budget."""
         for key in keys:
-            if self._tasks.pop(key, None) is not None:
-                self.in_flight_bytes -= self.chunk_bytes
+            self._tasks.pop(key, None)
 
     async def settled(self, keys: Sequence[str]) -> None:
         """Wait until no prefetch of ``keys`` is in flight (so that a load reads them
