@@ -87,6 +87,18 @@ class _Save:
     parts: list[tuple[PagedSlots, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
 
 
+def _overlap(
+    t: Transfer, slots: torch.Tensor, first: int, chunk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The part of ``chunk`` (the KV of tokens from ``first`` on) inside ``[t.start,
+    t.end)`` and those tokens' ``slots`` (``slots`` holds tokens ``[t.start, t.end)``);
+    ``None`` when they do not overlap."""
+    lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
+    if hi <= lo:
+        return None
+    return chunk[:, :, lo - first : hi - first], slots[lo - t.start : hi - t.start]
+
+
 class WorkerSide:
     """Loads and saves of one worker (one tensor-parallel rank)."""
 
@@ -190,12 +202,10 @@ class WorkerSide:
         layer's event once every load's part of it is in place."""
         parts = []  # (slots, [L, 2, T, H, D] source) of every chunk part to copy
         for load, chunks in zip(loads, held, strict=True):
-            t = load.transfer
             for first, chunk in chunks.chunks if chunks is not None else ():
-                lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
-                if hi > lo:
-                    source = self._on_cache_device(chunk[:, :, lo - first : hi - first])
-                    where = load.slots[lo - t.start : hi - t.start].to(source.device)
+                if (overlap := _overlap(load.transfer, load.slots, first, chunk)) is not None:
+                    source = self._on_cache_device(overlap[0])
+                    where = overlap[1].to(source.device)
                     parts.append((PagedSlots(self.caches, where, self.layout), source))
         with torch.inference_mode(self.caches[0].is_inference()):
             for layer, event in enumerate(ready):
@@ -222,10 +232,8 @@ class WorkerSide:
         which vLLM recomputes, overwriting them."""
 
         def scatter(first: int, chunk: torch.Tensor) -> None:
-            lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
-            if hi > lo:
-                part = chunk[:, :, lo - first : hi - first]
-                self._scatter(part, slots[lo - t.start : hi - t.start])
+            if (overlap := _overlap(t, slots, first, chunk)) is not None:
+                self._scatter(*overlap)
 
         try:
             return self.kv.retrieve_to(
