@@ -220,12 +220,13 @@ def scheduler(kv: KVTier, wait: float = 10.0) -> SchedulerSide:
     return SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=BS, wait=wait)
 
 
-def test_match_claims_whole_chunks_and_never_the_last_token(kv):
+def test_match_claims_whole_chunks_but_never_the_last_token(kv):
     sched = scheduler(kv)
     tokens = prompt(3 * CHUNK)
     put(kv, tokens)
     hits = kv.stats().tier("cpu").hits
-    assert sched.match("a", tokens, (), 0) == 2 * CHUNK, "the last token must be computed"
+    assert sched.match("a", tokens, (), 0) == 3 * CHUNK - 1, "the last token is computed"
+    assert not sched.is_async("a"), "a load inside the step"
     assert sched.match("b", [*tokens, 1], (), 0) == 3 * CHUNK
     assert sched.match("c", tokens[: CHUNK + 7], (), 0) == CHUNK
     assert sched.match("d", [*tokens, 1], (), 2 * BS) == 3 * CHUNK - 2 * BS, "beyond local hit"
@@ -281,6 +282,22 @@ def test_plan_loads_the_hit_and_saves_each_chunk_once(kv):
     sched.finished("r")
     assert sched.num_requests == 0
     assert sched.build([step("r", [], 3 * CHUNK + 11, 1)]) == StepPlan(BS)
+
+
+def test_a_whole_prompt_hit_loads_its_last_chunk_but_for_the_last_token(kv):
+    sched = scheduler(kv)
+    tokens = prompt(2 * CHUNK)
+    put(kv, tokens)
+    blocks = [1, 2, 3, 4]
+    assert sched.match("r", tokens, (), BS) == 2 * CHUNK - 1 - BS
+    sched.allocated("r", tokens, (), blocks, 2 * CHUNK - 1 - BS)
+    plan = sched.build([step("r", blocks, 2 * CHUNK - 1, 1, replace=True)])
+    (load,) = plan.loads
+    assert (load.start, load.end, load.block_ids) == (BS, 2 * CHUNK - 1, blocks)
+    assert load.token_ids == tokens, "keyed by the whole last chunk"
+    assert plan.saves == [], "kvtier holds the last chunk already"
+    tokens.append(7)
+    assert sched.build([step("r", [], 2 * CHUNK, 1)]).saves == []
 
 
 def test_decoded_tokens_are_saved_when_they_complete_a_chunk(kv):
@@ -391,6 +408,30 @@ def test_saved_kv_loads_into_another_cache_bit_exact(kv):
     assert stats is not None and stats["load_tokens"] == 2 * CHUNK - BS
     assert stats["load_bytes"] == (2 * CHUNK - BS) * LAYOUT.bytes_per_token()
     assert loader.take_stats() is None
+
+
+def test_a_load_ending_inside_a_chunk_writes_only_its_tokens(kv):
+    tokens = prompt(2 * CHUNK)
+    src = cpu_caches(seed=5)
+    saver = WorkerSide(kv, NAMES)
+    saver.register(src, "CPU_ATTN")
+    blocks = [2, 9, 4, 1]
+    run_step(saver, StepPlan(BS, saves=[Transfer("r", tokens, (), 0, 2 * CHUNK, blocks)]))
+    kv.flush()
+
+    dst = cpu_caches()
+    loader = WorkerSide(kv, NAMES)
+    loader.register(dst, "CPU_ATTN")
+    load = Transfer("s", tokens, (), 0, 2 * CHUNK - 1, [0, 5, 6, 8])
+    run_step(loader, StepPlan(BS, loads=[load]))
+    assert loader.take_load_errors() == set()
+    got = gather_paged([dst[n] for n in NAMES], load.slot_mapping(BS), "cpu")
+    src_slots = Transfer("r", [], (), 0, 2 * CHUNK - 1, blocks).slot_mapping(BS)
+    assert torch.equal(got, gather_paged([src[n] for n in NAMES], src_slots, "cpu"))
+    last = torch.tensor([8 * BS + BS - 1])  # the last token's slot: vLLM computes it
+    assert not gather_paged([dst[n] for n in NAMES], last, "cpu").any()
+    stats = loader.take_stats()
+    assert stats is not None and stats["load_tokens"] == 2 * CHUNK - 1
 
 
 def test_loads_from_slow_tiers_run_between_steps(tmp_path):

@@ -44,6 +44,7 @@ ALICE = {"tokens": P, "cache_salt": "alice"}
 BOB = {"tokens": P, "cache_salt": "bob"}
 PLAIN = {"tokens": P}
 Q_ALICE = {"tokens": Q, "cache_salt": "alice"}
+WHOLE = P[: 3 * CHUNK]  # a prompt of whole chunks only
 
 
 def _run(model: Path, spec: dict[str, Any], out: Path, **env: str) -> list[list[dict[str, Any]]]:
@@ -72,7 +73,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         model,
         {
             "engines": [
-                {"kvtier": None, "steps": [gen(PLAIN, Q_ALICE)]},
+                {"kvtier": None, "steps": [gen(PLAIN, Q_ALICE, {"tokens": WHOLE})]},
                 {"kvtier": with_cpu, "steps": [gen(ALICE), gen(BOB), gen(PLAIN), gen(ALICE)]},
             ]
         },
@@ -92,6 +93,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                         gen(Q_ALICE),
                         gen(BOB, PLAIN),
                         {"keys": [ALICE, BOB, PLAIN]},
+                        gen({"tokens": WHOLE, "cache_salt": "alice"}),
                     ],
                 }
             ]
@@ -104,7 +106,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_a_new_process_serves_the_stored_prefix_with_identical_output(runs):
-    want_p, want_q = runs["baseline"]["outputs"]
+    want_p, want_q, _ = runs["baseline"]["outputs"]
     a_alice = runs["a"][0]
     assert a_alice["cached"] == [0] and a_alice["outputs"] == [want_p]
     assert a_alice["totals"]["save_tokens"] == 3 * CHUNK  # whole chunks, never the tail
@@ -154,6 +156,16 @@ def test_cache_salts_never_share_chunks(runs):
     alice, bob, plain = (set(k[:3]) for k in runs["b"][6]["keys"])
     assert not (alice & bob or alice & plain or bob & plain)
     assert alice | bob | plain <= runs["files"]
+
+
+def test_a_prompt_of_whole_chunks_computes_only_its_last_token(runs):
+    want = runs["baseline"]["outputs"][2]
+    before, whole = runs["b"][5], runs["b"][7]
+    assert whole["cached"] == [3 * CHUNK - 1] and whole["outputs"] == [want]
+    loaded = whole["totals"]["load_tokens"] - before["totals"]["load_tokens"]
+    assert loaded == 3 * CHUNK - 1, "the last chunk but for the last token"
+    assert whole["totals"]["save_tokens"] == before["totals"]["save_tokens"], "held already"
+    assert whole["totals"]["load_error_blocks"] == before["totals"]["load_error_blocks"]
 
 
 def test_no_request_state_outlives_its_request(runs):

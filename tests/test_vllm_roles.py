@@ -105,19 +105,25 @@ def test_a_prompt_shorter_than_a_chunk_is_handed_off_too(pair):
     assert scheduler(consumer_kv, "kv_both").match("e", prompt, (), 0) == 0
 
 
-def test_kv_both_moves_whole_chunks_only(pair):
+def test_kv_both_moves_whole_chunks_only(pair, tmp_path: Path):
     producer_kv, _ = pair
     prompt = tokens(3 * CHUNK + 5, seed=1)
-    both = scheduler(producer_kv, "kv_both")
-    blocks = list(range(1, 9))
-    both.allocated("r", prompt, (), blocks, 0)
-    (save,) = both.build([Scheduled("r", blocks, True, 0, len(prompt))]).saves
-    assert (save.start, save.end) == (0, 3 * CHUNK)
-    producer_kv.store(prompt, torch.randn(LAYOUT.chunk_shape(len(prompt))))
-    producer_kv.flush()
-    assert both.match("s", prompt, (), 0) == 3 * CHUNK
+    with open_kv(tmp_path, "kv_both") as both_kv:
+        both = scheduler(both_kv, "kv_both")
+        blocks = list(range(1, 9))
+        both.allocated("r", prompt, (), blocks, 0)
+        (save,) = both.build([Scheduled("r", blocks, True, 0, len(prompt))]).saves
+        assert (save.start, save.end) == (0, 3 * CHUNK)
+        producer_kv.store(prompt, torch.randn(LAYOUT.chunk_shape(len(prompt))))
+        producer_kv.flush()
+        assert both.match("s", prompt, (), 0) == 3 * CHUNK, "not the producer's partial chunk"
+        both_kv.store(prompt, torch.randn(LAYOUT.chunk_shape(len(prompt))))
+        both_kv.flush()
+        whole = prompt[: 3 * CHUNK]
+        assert both.match("t", whole, (), 0) == 3 * CHUNK - 1, "all but the last token"
     assert role_for("kv_both").finished_params(3 * CHUNK) is None
     assert role_for("kv_both").loadable(len(prompt), CHUNK) == 3 * CHUNK
+    assert role_for("kv_both").loadable(3 * CHUNK, CHUNK) == 3 * CHUNK - 1
     assert role_for("kv_consumer").loadable(len(prompt), CHUNK) == len(prompt)
 
 

@@ -17,9 +17,11 @@ class Transfer:
     """Tokens ``[start, end)`` of one request, copied between kvtier and the paged
     cache (a load, or a save).
 
-    ``token_ids`` is the request's token prefix up to ``end`` (chunk keys chain over
-    it), ``extra_keys`` the per-chunk extra keys (cache salt, LoRA, multimodal
-    inputs) and ``block_ids`` the request's blocks, in order, covering ``[0, end)``.
+    ``token_ids`` is the request's token prefix up to ``end`` or, for a load that ends
+    inside a chunk, to that chunk's end (chunk keys chain over it; the load writes
+    only tokens before ``end``), ``extra_keys`` the per-chunk extra keys (cache salt,
+    LoRA, multimodal inputs) and ``block_ids`` the request's blocks, in order, covering
+    ``[0, end)``.
     """
 
     req_id: str

@@ -75,16 +75,18 @@ class Role:
             return prompt  # the whole prompt, its partial last chunk included
         return computed - computed % chunk_tokens
 
-    def match_limit(self, num_tokens: int) -> int:
-        """How many of a request's ``num_tokens`` tokens a lookup may cover: all of
-        them for a consumer (vLLM then recomputes the last one after the load), all
-        but the last otherwise (loads inside a step must leave one to compute)."""
+    def load_limit(self, num_tokens: int) -> int:
+        """How many of a request's ``num_tokens`` tokens a load may cover: all of them
+        for a consumer (its load runs between steps, and vLLM then recomputes the last
+        token), all but the last otherwise (a load inside a step must leave one to
+        compute, so a chunk holding the last token is loaded but for that token)."""
         return num_tokens if self.partial else num_tokens - 1
 
     def loadable(self, num_tokens: int, chunk_tokens: int) -> int:
-        """The most tokens of a request of ``num_tokens`` tokens this role can load."""
-        limit = self.match_limit(num_tokens)
-        return limit if self.partial else limit - limit % chunk_tokens
+        """The most tokens of a request of ``num_tokens`` tokens this role can load:
+        for ``kv_both``, whose chunks are whole, those of its whole chunks."""
+        whole = num_tokens if self.partial else num_tokens - num_tokens % chunk_tokens
+        return min(whole, self.load_limit(num_tokens))
 
     def finished_params(self, stored: int) -> dict[str, Any] | None:
         """The transfer params a finished request returns: a producer says how many

@@ -69,6 +69,7 @@ class _Request:
     stored: int = 0
     local: int = 0
     matched: int = 0
+    held: int = 0  # the end of the chunks kvtier holds at the match (``matched`` or more)
     fast: int = 0  # of ``matched``, the leading tokens the workers' cpu tier holds
     load: tuple[int, int] | None = None
     loading: Transfer | None = None
@@ -131,9 +132,10 @@ class SchedulerSide:
         num_computed_tokens: int,
     ) -> int | None:
         """Tokens beyond ``num_computed_tokens`` (vLLM's block-aligned local hit) that
-        kvtier can load: the leading whole chunks kvtier holds, never the last token
-        of ``tokens``; ``None`` when the lookup has not answered yet (vLLM asks again
-        at a later step).
+        kvtier can load: the leading chunks kvtier holds, but never the last token of
+        ``tokens`` in a load inside a step (:meth:`Role.load_limit`; a chunk holding it
+        is loaded but for that token); ``None`` when the lookup has not answered yet
+        (vLLM asks again at a later step).
 
         Never waits more than :attr:`wait`: the first call submits the lookup, and
         calls until its answer arrives return ``None``. A later call for the same
@@ -142,22 +144,23 @@ class SchedulerSide:
         may prefetch: :func:`~kvtier.plugins.vllm.lookup.ask`); calling it again for
         the same request replaces the answer.
         """
-        limit = self.role.match_limit(len(tokens))
         state = self._state(req_id, tokens, extra_keys)
         got = NO_HIT
-        if limit >= (1 if self.role.partial else self.chunk_tokens):  # partial: any length
-            answer = self._answer(req_id, state, tokens[:limit])
+        if len(tokens) >= (1 if self.role.partial else self.chunk_tokens):  # partial: any
+            answer = self._answer(req_id, state, tokens)
             if answer is None:
                 return None
             got = answer
-        state.local, state.matched, state.fresh = num_computed_tokens, got.hit, True
-        state.fast = min(got.fast, got.hit)
-        n = max(0, got.hit - num_computed_tokens)
-        slow = got.hit > max(got.fast, num_computed_tokens)
+        hit = min(got.hit, self.role.load_limit(len(tokens)))
+        state.local, state.matched, state.held = num_computed_tokens, hit, got.hit
+        state.fresh = True
+        state.fast = min(got.fast, hit)
+        n = max(0, hit - num_computed_tokens)
+        slow = hit > max(got.fast, num_computed_tokens)
         state.load_async = n > 0 and (
             self.load_async == "always"
             or (self.load_async == "auto" and slow)
-            or got.hit >= len(tokens)  # vLLM recomputes the last token after the load
+            or hit >= len(tokens)  # vLLM recomputes the last token after the load
         )
         return n
 
@@ -215,7 +218,7 @@ class SchedulerSide:
         state = self._state(req_id, tokens, extra_keys)
         state.block_ids = list(block_ids)
         if state.fresh:  # kvtier holds these chunks (a failed load lowers it again)
-            state.stored = max(state.stored, state.matched)
+            state.stored = max(state.stored, state.held)
             state.fresh = False
         if num_external_tokens:
             start = state.local
@@ -226,7 +229,7 @@ class SchedulerSide:
                     f"token {start}, but kvtier matched only up to token {state.matched}"
                 )
             if state.load_async:  # vLLM schedules the request once the load is done
-                state.loading = self._transfer(req_id, state, start, end)
+                state.loading = self._load(req_id, state, start, end)
                 self._async_loads.append(state.loading)
             else:
                 state.load = (start, end)
@@ -245,7 +248,7 @@ class SchedulerSide:
                 state.block_ids.extend(item.block_ids)
             if state.load is not None:
                 start, end = state.load
-                state.loading = self._transfer(item.req_id, state, start, end)
+                state.loading = self._load(item.req_id, state, start, end)
                 plan.loads.append(state.loading)
                 state.load = None
             computed = min(item.num_computed_tokens + item.num_scheduled_tokens, len(state.tokens))
@@ -301,7 +304,17 @@ class SchedulerSide:
             state = self._requests[req_id] = _Request(tokens, extra_keys, [], len(tokens))
         return state
 
-    def _transfer(self, req_id: str, state: _Request, start: int, end: int) -> Transfer:
+    def _load(self, req_id: str, state: _Request, start: int, end: int) -> Transfer:
+        """The load of tokens ``[start, end)``, keyed by the whole chunk holding token
+        ``end - 1`` where kvtier holds it (a load may end inside a chunk)."""
+        chunk_end = -(-end // self.chunk_tokens) * self.chunk_tokens
+        return self._transfer(req_id, state, start, end, keyed=min(chunk_end, state.held))
+
+    def _transfer(
+        self, req_id: str, state: _Request, start: int, end: int, keyed: int = 0
+    ) -> Transfer:
+        """Tokens ``[start, end)`` of the request, its chunk keys chained over its
+        first ``max(end, keyed)`` tokens."""
         blocks = -(-end // self.block_size)
         if len(state.block_ids) < blocks:
             raise RuntimeError(
@@ -310,7 +323,7 @@ class SchedulerSide:
             )
         return Transfer(
             req_id=req_id,
-            token_ids=list(state.tokens[:end]),
+            token_ids=list(state.tokens[: max(end, keyed)]),
             extra_keys=state.extra_keys,
             start=start,
             end=end,
