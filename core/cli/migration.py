@@ -83,8 +83,10 @@ def migrate(
 
     from kvtier.core.codecs.pipeline import CodecPipeline
     from kvtier.core.factory import build_backend
-    from kvtier.core.migrate import ChunkFilter, MigrateOptions, MigrationReport, count_chunks
+    from kvtier.core.migrate import MigrateOptions, count_chunks
     from kvtier.core.migrate import migrate as run_migration
+    from kvtier.core.migrate_report import MigrationReport
+    from kvtier.core.selection import ChunkFilter
 
     if src_url.rstrip("/") == dst_url.rstrip("/"):
         raise ConfigError(

@@ -43,9 +43,9 @@ def purge(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from kvtier.core.factory import build_backend
-    from kvtier.core.migrate import ChunkFilter
     from kvtier.core.purge import check_selection, parse_duration
     from kvtier.core.purge import purge as run_purge
+    from kvtier.core.selection import ChunkFilter
 
     select = ChunkFilter(tuple(model or ()), tuple(namespace or ()), tuple(tenant or ()))
     age = None if older_than is None else parse_duration(older_than)
