@@ -64,7 +64,6 @@ from kvtier.core.blob.framing import (
     signing_flags,
     trailer_bytes,
 )
-from kvtier.core.blob.framing import body_digest as _digest  # noqa: F401 (tests/test_integrity.py)
 from kvtier.core.blob.header import BlobHeader, header_json
 from kvtier.core.blob.reading import read_header
 from kvtier.core.buffers import Buffer, BytesLike
