@@ -40,11 +40,9 @@ nothing. ``copied`` then counts the chunks a real run would copy.
 from __future__ import annotations
 
 import asyncio
-import enum
-import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kvtier.core import blob as fmt
 from kvtier.core.backend import Backend, PutMode
@@ -59,90 +57,25 @@ from kvtier.core.errors import (
     KVTierError,
     quote,
 )
-from kvtier.core.keys import ChunkKey, model_slug, tenant_tag
+from kvtier.core.keys import ChunkKey
+from kvtier.core.migrate_report import MigrationReport, Outcome, Progress
+from kvtier.core.selection import ALL_CHUNKS, ChunkFilter
 
-MAX_PROBLEMS = 50
-"""Problems (corrupt, failed, mismatched chunks) a report keeps by key; more are counted."""
-
-_NAMESPACE_RE = re.compile(
-    r"^(?P<slug>[A-Za-z0-9_-]+)-(?P<fingerprint>[0-9a-f]{16})(?:-(?P<tenant>t[0-9a-f]{12}))?$"
-)
-"""A namespace from :func:`~kvtier.core.keys.namespace_for`: the model slug, the
-fingerprint hash, and the tenant tag if any. A tenant tag (``t`` + 12 hex digits) can
-never be read as a fingerprint hash (16 hex digits), so the split is unambiguous."""
-
-
-class Outcome(str, enum.Enum):
-    """What happened to one chunk."""
-
-    COPIED = "copied"
-    SKIPPED = "skipped"
-    MISMATCHED = "mismatched"
-    CORRUPT = "corrupt"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class ChunkFilter:
-    """Which chunks to migrate: all of them when every field is empty.
-
-    A chunk matches when its namespace is one of ``namespaces`` (exact), its model slug
-    equals that of one of ``models``, and its tenant tag that of one of ``tenants``;
-    an empty field accepts any chunk. A namespace records only the model's slug (the id
-    with characters other than letters, digits and ``_`` turned into ``-``, at most 40
-    characters), so ``org/m`` also selects ``org-m``; use ``namespaces`` to tell such
-    models apart. ``tenants`` selects only chunks stored for one of those tenants.
-    """
-
-    models: tuple[str, ...] = ()
-    namespaces: tuple[str, ...] = ()
-    tenants: tuple[str, ...] = ()
-    _slugs: frozenset[str] = field(init=False, repr=False, compare=False)
-    _tags: frozenset[str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for label, values in (("model", self.models), ("tenant", self.tenants)):
-            if any(not value for value in values):
-                raise ConfigError(f"--{label} must not be empty")
-        for namespace in self.namespaces:
-            try:
-                ChunkKey.parse(f"{namespace}.{'0' * 32}")
-            except ConfigError:
-                raise ConfigError(
-                    f"--namespace {namespace!r} is not a namespace: 1-80 characters of "
-                    "[A-Za-z0-9_-], starting with a letter or digit (see 'kvtier stats URL')"
-                ) from None
-        object.__setattr__(self, "_slugs", frozenset(map(model_slug, self.models)))
-        object.__setattr__(self, "_tags", frozenset(map(tenant_tag, self.tenants)))
-
-    @property
-    def prefix(self) -> str:
-        """A prefix every matching key starts with, to narrow ``iter_keys``."""
-        if len(self.namespaces) == 1:
-            return f"{self.namespaces[0]}."
-        if len(self._slugs) == 1:
-            return f"{next(iter(self._slugs))}-"
-        return ""
-
-    def matches(self, key: ChunkKey) -> bool:
-        """Whether the chunk ``key`` is selected."""
-        if self.namespaces and key.namespace not in self.namespaces:
-            return False
-        if not (self._slugs or self._tags):
-            return True
-        parts = _NAMESPACE_RE.match(key.namespace)
-        if parts is None:
-            return False
-        if self._slugs and parts["slug"] not in self._slugs:
-            return False
-        return not self._tags or parts["tenant"] in self._tags
+__all__ = [
+    "ChunkFilter",
+    "MigrateOptions",
+    "MigrationReport",
+    "Outcome",
+    "count_chunks",
+    "migrate",
+]
 
 
 @dataclass(frozen=True)
 class MigrateOptions:
     """How to migrate; see the module docstring for what each switch does."""
 
-    select: ChunkFilter = ChunkFilter()
+    select: ChunkFilter = ALL_CHUNKS
     recode: CodecPipeline | None = None
     batch_size: int = 8
     """Chunks per Backend call."""
@@ -159,47 +92,7 @@ class MigrateOptions:
                 raise ConfigError(f"{name} must be a positive integer, got {quote(value)}")
 
 
-@dataclass
-class MigrationReport:
-    """Counts per :class:`Outcome`, bytes moved, and the first problems by key."""
-
-    dry_run: bool = False
-    copied: int = 0
-    skipped: int = 0
-    mismatched: int = 0
-    corrupt: int = 0
-    failed: int = 0
-    deleted: int = 0
-    """Source chunks deleted (``delete_source``)."""
-    bytes_read: int = 0
-    """Bytes of source blobs read."""
-    bytes_written: int = 0
-    seconds: float = 0.0
-    problems: list[tuple[Outcome, str, str]] = field(default_factory=list)
-    """``(outcome, key, reason)`` of the first :data:`MAX_PROBLEMS` problem chunks."""
-
-    @property
-    def processed(self) -> int:
-        """Chunks with an outcome so far."""
-        return self.copied + self.skipped + self.mismatched + self.corrupt + self.failed
-
-    @property
-    def ok(self) -> bool:
-        """No chunk failed and none mismatched (corrupt source chunks are not errors:
-        they are unusable wherever they are)."""
-        return not (self.failed or self.mismatched)
-
-    def record(self, key: str, outcome: Outcome, reason: str = "") -> None:
-        setattr(self, outcome.value, getattr(self, outcome.value) + 1)
-        if outcome not in (Outcome.COPIED, Outcome.SKIPPED) and len(self.problems) < MAX_PROBLEMS:
-            self.problems.append((outcome, key, reason))
-
-
-Progress = Callable[[MigrationReport], None]
-"""Called with the running report after every batch."""
-
-
-async def count_chunks(source: Backend, select: ChunkFilter = ChunkFilter()) -> int:
+async def count_chunks(source: Backend, select: ChunkFilter = ALL_CHUNKS) -> int:
     """How many chunks of ``source`` ``select`` matches (one listing, nothing read)."""
     count = 0
     async for key in source.iter_keys(select.prefix):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from kvtier.core.backend import Backend
 from kvtier.core.errors import ConfigError
 from kvtier.core.keys import ChunkKey, is_valid_key
-from kvtier.core.migrate import ChunkFilter
+from kvtier.core.selection import ChunkFilter
 
 PURGE_BATCH = 256
 """Keys per ``delete_many`` call."""

@@ -17,6 +17,7 @@ from test_migrate import fill, key_in, migrated, open_store
 
 from kvtier.core import KVTier
 from kvtier.core import blob as fmt
+from kvtier.core.blob.framing import body_digest
 from kvtier.core.buffers import default_pool
 from kvtier.core.codecs.pipeline import CodecPipeline
 from kvtier.core.errors import ChunkCorruptedError, ConfigError
@@ -83,7 +84,7 @@ def test_a_rewritten_header_cannot_reuse_a_valid_mac() -> None:
     start = data.index(KEY_A.encode())
     data[start : start + len(other)] = other
     body = len(data) - 48
-    data[body : body + 16] = fmt._digest(memoryview(data)[:body], data[6])
+    data[body : body + 16] = body_digest(memoryview(data)[:body], data[6])
     fmt.verify(bytes(data))  # intact as far as a checksum can tell
     with pytest.raises(ChunkCorruptedError, match="MAC"):
         fmt.verify(bytes(data), keys=keys)

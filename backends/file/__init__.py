@@ -89,7 +89,8 @@ Modules: :mod:`~kvtier.backends.file.options` (URL and options),
 :mod:`~kvtier.backends.file.index` (the index, capacity and rescans),
 :mod:`~kvtier.backends.file.chunkio` (the I/O of one chunk),
 :mod:`~kvtier.backends.file.batches` (batches cut over the threads),
-:mod:`~kvtier.backends.file.backend` (the backend).
+:mod:`~kvtier.backends.file.batchio` (the blocking work of a batch, in the threads),
+:mod:`~kvtier.backends.file.backend` (the backend: its hooks on the event loop).
 """
 
 from __future__ import annotations

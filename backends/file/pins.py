@@ -13,11 +13,11 @@ import os
 from functools import partial
 from typing import TYPE_CHECKING
 
+from kvtier.backends.file.batchio import BatchIO
 from kvtier.backends.file.expiry import Expiry, ages
 from kvtier.backends.file.folder import Folder, shard_of
 from kvtier.backends.file.index import ChunkIndex
 from kvtier.backends.file.options import FileOptions
-from kvtier.core.errors import BackendError
 
 if TYPE_CHECKING:
     from kvtier.core.backend import Backend
@@ -34,10 +34,8 @@ class FilePins(_Base):
     folder: Folder
     index: ChunkIndex
     options: FileOptions
+    io: BatchIO
     _expiry: Expiry | None
-
-    def _error(self, exc: OSError, action: str) -> BackendError:
-        raise NotImplementedError  # the backend's
 
     async def ages(self, keys: list[str]) -> list[float | None]:
         """Seconds since each chunk was written (for ``kvtier purge --older-than``),
@@ -46,7 +44,7 @@ class FilePins(_Base):
         try:
             found = await self._blocking(partial(ages, self.folder, keys))
         except OSError as exc:
-            raise self._error(exc, "stat") from exc
+            raise self.io.error(exc, "stat") from exc
         pinned = self.index.is_pinned
         return [None if pinned(key) else age for key, age in zip(keys, found, strict=True)]
 
@@ -57,7 +55,7 @@ class FilePins(_Base):
         try:
             return await self._blocking(partial(self._pin_batch, keys))
         except OSError as exc:
-            raise self._error(exc, "stat") from exc
+            raise self.io.error(exc, "stat") from exc
 
     def _pin_batch(self, keys: list[str]) -> list[bool]:
         for key, known in zip(keys, self.index.knows(keys), strict=True):
@@ -75,7 +73,7 @@ class FilePins(_Base):
             try:
                 await self._blocking(partial(self._restart_ttl, again))
             except OSError as exc:
-                raise self._error(exc, "utime") from exc
+                raise self.io.error(exc, "utime") from exc
         return done
 
     def _restart_ttl(self, keys: list[str]) -> None:

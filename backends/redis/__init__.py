@@ -21,7 +21,8 @@ one says ``pip install 'kvtier[redis]'``.
 The package: ``url`` (URLs, no redis-py), ``client`` (the redis-py client, checks at
 open, error translation), ``transport`` (batches as pipelines; the version-checked fast
 path), ``resp`` (its RESP2 packing and parsing into pool buffers), ``split`` (blobs
-over the server's value size) and ``backend`` (the tier).
+over the server's value size), ``listing`` (SCAN, sizes and ``INFO`` for listing and
+stats), ``pins`` (ages and pins) and ``backend`` (the tier).
 """
 
 from __future__ import annotations

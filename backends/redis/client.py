@@ -163,3 +163,9 @@ def translate(url: str, exc: BaseException, op: str) -> BackendError:
     if isinstance(exc, _UNREACHABLE):
         return BackendUnavailableError(f"{where} failed, the server is unavailable: {exc}")
     return BackendError(f"{where} failed: {type(exc).__name__}: {exc}")
+
+
+def is_wrongtype(reply: object) -> bool:
+    """Whether ``reply`` is the server's WRONGTYPE error: the key holds another type
+    (a split blob's hash, where a string was asked for)."""
+    return isinstance(reply, rex.ResponseError) and str(reply).startswith("WRONGTYPE")

@@ -31,9 +31,9 @@ from kvtier.core.errors import ConfigError, KVTierError
 from kvtier.core.factory import build_tiers
 from kvtier.core.keys import ChunkHasher, namespace_for
 from kvtier.core.layout import KVLayout, ModelFingerprint, dtype_from_name
-from kvtier.core.migrate import ChunkFilter
 from kvtier.core.plugins import get_registry
 from kvtier.core.purge import check_selection, purge
+from kvtier.core.selection import ChunkFilter
 from kvtier.plugins.ops import admin
 from kvtier.plugins.ops.auth import token_matches
 from kvtier.plugins.ops.bodies import Body, error
