@@ -140,6 +140,7 @@ def test_demo_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
 
 
 def test_check_backend_runs_the_conformance_suite(monkeypatch, capsys):
+    path = list(sys.path)
     code, out, _ = run(
         monkeypatch,
         capsys,
@@ -154,6 +155,7 @@ def test_check_backend_runs_the_conformance_suite(monkeypatch, capsys):
     )
     assert code == 0, out
     assert " passed" in out and "failed" not in out
+    assert sys.path == path and "core" not in sys.modules, "the suite's own import name only"
 
 
 def test_console_script_exit_code():

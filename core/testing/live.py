@@ -1,9 +1,13 @@
 """The conformance suite against the backend named on pytest's command line.
 
-Run by ``kvtier check-backend URL``, or directly::
+Run by ``kvtier check-backend URL``, or from a test module of your own that imports
+:class:`TestLiveBackend` (``from kvtier.core.testing.live import TestLiveBackend``)::
 
-    pytest --pyargs kvtier.core.testing.live --kvtier-backend-url URL \\
+    pytest test_mine.py --kvtier-backend-url URL \\
         [--kvtier-backend-capacity 64MiB] [--kvtier-backend-option KEY=VALUE ...]
+
+(``pytest --pyargs kvtier.core.testing.live`` works too, but pytest then imports this
+module as ``core.testing.live`` with the folder above ``core/`` on ``sys.path``.)
 
 Every test is skipped when ``--kvtier-backend-url`` is not given. The suite writes and
 deletes keys in its own ``conformance-*`` namespace; use a store (or prefix) set aside

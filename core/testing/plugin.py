@@ -1,6 +1,6 @@
 """kvtier's pytest plugin (entry point ``pytest11``): options for live conformance runs.
 
-``kvtier check-backend URL`` runs ``pytest --pyargs kvtier.core.testing.live`` with::
+``kvtier check-backend URL`` runs the suite of :mod:`kvtier.core.testing.live` with::
 
     --kvtier-backend-url URL              the store to test (data is written to it)
     --kvtier-backend-capacity SIZE        bytes, or e.g. 64MiB / 2GiB
