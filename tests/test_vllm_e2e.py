@@ -68,13 +68,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     kvtier = {"chunk_tokens": CHUNK, "tiers": [file], **budget}
     cpu = {"url": "cpu://", "capacity": "64MiB"}
     with_cpu = {"chunk_tokens": CHUNK, "tiers": [cpu, file], **budget}
+    partial_file = {"url": f"file://{root / 'kv-partial'}", "capacity": "64MiB"}
+    partial = {"chunk_tokens": CHUNK, "store_partial_chunks": True, "tiers": [partial_file]}
     gen = lambda *prompts: {"generate": list(prompts), "max_tokens": 8}  # noqa: E731
-    baseline, a = _run(
+    baseline, a, tail = _run(
         model,
         {
             "engines": [
                 {"kvtier": None, "steps": [gen(PLAIN, Q_ALICE, {"tokens": WHOLE})]},
                 {"kvtier": with_cpu, "steps": [gen(ALICE), gen(BOB), gen(PLAIN), gen(ALICE)]},
+                {"kvtier": {**partial, **budget}, "steps": [gen(PLAIN), gen(PLAIN)]},
             ]
         },
         root / "a.json",
@@ -102,7 +105,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the worker in the scheduler's process
     )
     files = {p.name for p in store.rglob("*") if p.is_file()}
-    return {"baseline": baseline[0], "a": a, "b": b, "files": files}
+    return {"baseline": baseline[0], "a": a, "b": b, "tail": tail, "files": files}
 
 
 def test_a_new_process_serves_the_stored_prefix_with_identical_output(runs):
@@ -166,6 +169,17 @@ def test_a_prompt_of_whole_chunks_computes_only_its_last_token(runs):
     assert loaded == 3 * CHUNK - 1, "the last chunk but for the last token"
     assert whole["totals"]["save_tokens"] == before["totals"]["save_tokens"], "held already"
     assert whole["totals"]["load_error_blocks"] == before["totals"]["load_error_blocks"]
+
+
+def test_with_partial_chunks_a_repeated_prompt_computes_only_its_last_token(runs):
+    want_p = runs["baseline"]["outputs"][0]
+    first, again = runs["tail"]
+    assert first["cached"] == [0] and first["outputs"] == [want_p]
+    assert first["totals"]["save_tokens"] == len(P), "its partial last chunk too"
+    assert again["cached"] == [len(P) - 1] and again["outputs"] == [want_p]
+    assert again["totals"]["load_tokens"] == len(P) - 1
+    assert again["totals"]["save_tokens"] == len(P), "nothing stored twice"
+    assert again["totals"]["load_error_blocks"] == 0
 
 
 def test_no_request_state_outlives_its_request(runs):

@@ -70,7 +70,7 @@ def test_the_producer_saves_the_whole_prompt_and_the_consumer_loads_it(pair):
     assert (save.start, save.end) == (0, len(prompt)), "the partial last chunk too"
     live = [*prompt, 7]  # decoding goes on: nothing past the prompt is saved
     producer._requests["r"].tokens = live
-    assert producer.build([Scheduled("r", [], len(prompt), 1, False)]).saves == []
+    assert producer.build([Scheduled("r", [], False, len(prompt), 1)]).saves == []
     assert producer.stored("r") == len(prompt)
     producer.finished("r")
     assert role_for("kv_producer").finished_params(len(prompt)) == {
@@ -87,7 +87,7 @@ def test_the_producer_saves_the_whole_prompt_and_the_consumer_loads_it(pair):
     (load,) = plan.async_loads
     assert (load.start, load.end) == (0, len(prompt))
     assert plan.saves == [], "a consumer never saves"
-    assert consumer.build([Scheduled("d", [8], len(prompt), 1, False)]).saves == []
+    assert consumer.build([Scheduled("d", [8], False, len(prompt), 1)]).saves == []
     assert role_for("kv_consumer").finished_params(0) is None
 
 
@@ -125,6 +125,44 @@ def test_kv_both_moves_whole_chunks_only(pair, tmp_path: Path):
     assert role_for("kv_both").loadable(len(prompt), CHUNK) == 3 * CHUNK
     assert role_for("kv_both").loadable(3 * CHUNK, CHUNK) == 3 * CHUNK - 1
     assert role_for("kv_consumer").loadable(len(prompt), CHUNK) == len(prompt)
+
+
+def test_kv_both_with_partial_chunks_stores_the_prompt_tail_then_its_whole_chunk(tmp_path):
+    config = KVTierConfig.model_validate(
+        {
+            "chunk_tokens": CHUNK,
+            "store_partial_chunks": True,
+            "tiers": [{"url": f"file://{tmp_path}", "capacity": "16MiB"}],
+        }
+    )
+    role = role_for("kv_both", config.store_partial_chunks)
+    assert role.kvtier_config(config).store_partial_chunks
+    prompt = tokens(3 * CHUNK + 5, seed=3)
+    blocks = list(range(1, 9))
+    with KVTier.open(config, model="tiny", layout=LAYOUT) as kv:
+        both = SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=BS, role=role)
+        both.allocated("r", prompt, (), blocks, 0)
+        (save,) = both.build([Scheduled("r", blocks, True, 0, len(prompt))]).saves
+        assert (save.start, save.end) == (0, len(prompt)), "the partial last chunk too"
+        live = [*prompt, *tokens(CHUNK, seed=4)]
+        both._requests["r"].tokens = live
+        assert both.build([Scheduled("r", [], False, len(prompt), 1)]).saves == []
+        decoded = 4 * CHUNK - 1  # this step's token completes chunk 3
+        (whole,) = both.build([Scheduled("r", [], False, decoded, 1)]).saves
+        assert (whole.start, whole.end) == (3 * CHUNK, 4 * CHUNK), "the whole chunk, again"
+        assert whole.token_ids == live[: 4 * CHUNK]
+        assert role_for("kv_both", True).finished_params(len(prompt)) is None
+
+        kv.store(prompt, torch.randn(LAYOUT.chunk_shape(len(prompt))))
+        kv.flush()
+        again = SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=BS, role=role)
+        assert again.match("s", prompt, (), 0) == len(prompt) - 1, "all but the last token"
+        assert again.is_async("s"), "from the file tier: between steps"
+        again.allocated("s", prompt, (), blocks[:7], len(prompt) - 1)
+        plan = again.build([Scheduled("s", blocks[:7], True, len(prompt) - 1, 1)])
+        (load,) = plan.async_loads
+        assert (load.start, load.end, load.token_ids) == (0, len(prompt) - 1, prompt)
+        assert plan.saves == [], "the prompt's chunks are held"
 
 
 def test_the_handoff_waits_for_announced_chunks_at_most_its_wait():

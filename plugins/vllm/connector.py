@@ -90,8 +90,10 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         route_to_vllm()
-        self.kv_role = role_for(self._kv_transfer_config.kv_role)
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        self.kv_role = role_for(
+            self._kv_transfer_config.kv_role, settings.config.store_partial_chunks
+        )
         parallel = vllm_config.parallel_config
         _check_parallelism(parallel)
         self.layer_names, layout = _kv_layout(kv_cache_config)

@@ -7,7 +7,10 @@ hand-off of a prompt's KV from the prefill instance to the decode instance.
   sample the next one). It stores no chunk past the prompt.
 * ``kv_consumer`` (a decode instance) loads, the partial last chunk included, and
   stores nothing.
-* ``kv_both``: loads and stores whole chunks, prompt and output alike.
+* ``kv_both``: loads and stores whole chunks, prompt and output alike; with
+  ``store_partial_chunks`` in the config also the prompt's last partial chunk (so that
+  the same prompt again computes only its last token), and once decoding completes
+  that chunk, the whole chunk too.
 
 The hand-off: the producer's response returns as soon as the prompt is computed, when
 its chunks may still be on their way to the shared tier (the worker copied them out
@@ -42,9 +45,11 @@ PARAMS_KEY = "kvtier"
 
 @dataclass(frozen=True)
 class Role:
-    """One of :data:`ROLES` (:func:`role_for` checks the name)."""
+    """One of :data:`ROLES` (:func:`role_for` checks the name); ``partial_chunks``: the
+    config's ``store_partial_chunks``, which only ``kv_both`` leaves to the config."""
 
     name: str
+    partial_chunks: bool = False
 
     @property
     def loads(self) -> bool:
@@ -56,31 +61,35 @@ class Role:
 
     @property
     def partial(self) -> bool:
-        """Whether the last partial prompt chunk moves (stored by a producer, loaded by
-        a consumer)."""
-        return self.name != "kv_both"
+        """Whether the last partial prompt chunk moves (stored by a producer or by
+        ``kv_both`` with ``partial_chunks``, loaded by a consumer or by the latter)."""
+        return self.name != "kv_both" or self.partial_chunks
 
     def kvtier_config(self, config: KVTierConfig) -> KVTierConfig:
         """The worker's kvtier config: producers and consumers key partial chunks."""
-        if not self.partial:
+        if self.name == "kv_both":
             return config
         return config.model_copy(update={"store_partial_chunks": True})
 
     def save_end(self, computed: int, prompt: int, chunk_tokens: int) -> int:
         """Where the saves of a request with ``computed`` tokens computed, ``prompt``
-        of them its prompt, end (the start is what is already stored)."""
+        of them its prompt, end (they start at the chunk holding the first token not
+        yet stored)."""
         if not self.saves:
             return 0
-        if self.name == "kv_producer" and computed >= prompt:
+        whole = computed - computed % chunk_tokens
+        if not self.partial or computed < prompt:
+            return whole
+        if self.name == "kv_producer":
             return prompt  # the whole prompt, its partial last chunk included
-        return computed - computed % chunk_tokens
+        return max(whole, prompt)
 
     def load_limit(self, num_tokens: int) -> int:
         """How many of a request's ``num_tokens`` tokens a load may cover: all of them
         for a consumer (its load runs between steps, and vLLM then recomputes the last
         token), all but the last otherwise (a load inside a step must leave one to
         compute, so a chunk holding the last token is loaded but for that token)."""
-        return num_tokens if self.partial else num_tokens - 1
+        return num_tokens if self.name == "kv_consumer" else num_tokens - 1
 
     def loadable(self, num_tokens: int, chunk_tokens: int) -> int:
         """The most tokens of a request of ``num_tokens`` tokens this role can load:
@@ -99,13 +108,14 @@ class Role:
 KV_BOTH = Role("kv_both")
 
 
-def role_for(kv_role: Any) -> Role:
-    """The :class:`Role` of vLLM's ``kv_role``; :class:`ConfigError` for anything else."""
+def role_for(kv_role: Any, partial_chunks: bool = False) -> Role:
+    """The :class:`Role` of vLLM's ``kv_role`` (``partial_chunks``: the config's
+    ``store_partial_chunks``); :class:`ConfigError` for any other role."""
     if kv_role not in ROLES:
         raise ConfigError(
             f"kvtier's vLLM connector: kv_role must be one of {', '.join(ROLES)}, got {kv_role!r}"
         )
-    return Role(kv_role)
+    return Role(kv_role, partial_chunks)
 
 
 def handed_off(params: Mapping[str, Any] | None) -> int:

@@ -253,8 +253,9 @@ class SchedulerSide:
                 state.load = None
             computed = min(item.num_computed_tokens + item.num_scheduled_tokens, len(state.tokens))
             end = self.role.save_end(computed, state.prompt, self.chunk_tokens)
-            if end > state.stored:
-                plan.saves.append(self._transfer(item.req_id, state, state.stored, end))
+            if end > state.stored:  # from the chunk that holds token ``stored``
+                start = state.stored - state.stored % self.chunk_tokens
+                plan.saves.append(self._transfer(item.req_id, state, start, end))
                 state.stored = end
         return plan
 

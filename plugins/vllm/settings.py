@@ -107,8 +107,4 @@ def load_settings(extra: Mapping[str, Any]) -> ConnectorSettings:
     if overrides:  # deployment config, like the file: KVTIER_* variables win over both
         merged = apply_env(config.model_dump() | overrides, os.environ)
         config = validate_model(KVTierConfig, merged, where)
-    if config.store_partial_chunks:
-        raise ConfigError(
-            f"{where}: store_partial_chunks must be false for vLLM (vLLM caches whole blocks only)"
-        )
     return ConnectorSettings(config, model, LookupBudget(**budget), load_async, layerwise)
