@@ -156,6 +156,7 @@ class TierChain(ChainReads):
         limits: Sequence[float | None] | None = None,
         *,
         prefetch: bool = False,
+        held: int = 0,
     ) -> list[int]:
         """For each tier ``t``, the number of leading keys available in tiers ``0..t``.
         Each tier is asked only about the keys the tiers above it lack.
@@ -166,8 +167,9 @@ class TierChain(ChainReads):
         timeout still opens its circuit breaker and later lookups skip it at once.
 
         Side-effect free, unless ``prefetch``: then the leading keys found only in
-        slower tiers start moving into the faster tiers that promote (see
-        :meth:`prefetch`; the answer does not wait for it)."""
+        slower tiers, past the first ``held`` (which the caller holds itself), start
+        moving into the faster tiers that promote (see :meth:`prefetch`; the answer
+        does not wait for it)."""
         missing = list(range(len(keys)))
         found = [len(self.tiers)] * len(keys)  # the fastest tier holding each key
         counts = []
@@ -181,8 +183,8 @@ class TierChain(ChainReads):
                             found[i] = t
                     missing = [i for i in missing if found[i] != t]
             counts.append(missing[0] if missing else len(keys))
-        if prefetch and counts:
-            self.prefetch(keys[: counts[-1]], found[: counts[-1]])
+        if prefetch and counts and counts[-1] > held:
+            self.prefetch(keys[held : counts[-1]], found[held : counts[-1]])
         return counts
 
     async def _contains(

@@ -75,6 +75,7 @@ class RetrieveAPI:
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
         prefetch: bool = False,
+        held: int = 0,
     ) -> int:
         """Leading tokens of ``tokens`` whose KV is available in some tier (no tier
         counter moves, nothing is promoted; the engine counts the lookup). ``limits``:
@@ -84,9 +85,11 @@ class RetrieveAPI:
         into the faster tiers that promote, in the background and within the config's
         ``prefetch_bytes``, so that the :meth:`retrieve` that follows reads them from
         RAM (:meth:`flush` waits for the copies; a retrieve of a chunk still being
-        copied waits for it instead of reading it again). The answer does not wait."""
+        copied waits for it instead of reading it again), except the chunks inside the
+        first ``held`` tokens, which the caller holds itself (an engine's own prefix
+        cache). The answer does not wait."""
         self._check_open()
-        counts = self._io.run(self._lookup(tokens, extra_keys, limits, prefetch))
+        counts = self._io.run(self._lookup(tokens, extra_keys, limits, prefetch, held))
         return counts[-1] if counts else 0
 
     def lookup_by_tier(
@@ -96,13 +99,14 @@ class RetrieveAPI:
         extra_keys: Sequence[ExtraKeys] = (),
         limits: Sequence[float | None] | None = None,
         prefetch: bool = False,
+        held: int = 0,
     ) -> concurrent.futures.Future[list[int]]:
         """:meth:`lookup` without waiting, tier by tier: a future of, for each tier
         ``i``, the leading tokens available in tiers ``0..i`` (the last one is
         :meth:`lookup`'s answer). For callers that must never block on storage,
         such as an engine's scheduler."""
         self._check_open()
-        return self._io.submit(self._lookup(tokens, extra_keys, limits, prefetch))
+        return self._io.submit(self._lookup(tokens, extra_keys, limits, prefetch, held))
 
     async def _lookup(
         self,
@@ -110,12 +114,17 @@ class RetrieveAPI:
         extra_keys: Sequence[ExtraKeys],
         limits: Sequence[float | None] | None,
         prefetch: bool = False,
+        held: int = 0,
     ) -> list[int]:
         keys, bounds = self._chunks(tokens, extra_keys)
         counts: list[int] = []
+        held_chunks = sum(1 for _, end in bounds if end <= held)
 
         async def by_tier() -> int:
-            counts.extend(await self.chain.lookup_by_tier(keys, limits, prefetch=prefetch))
+            found = await self.chain.lookup_by_tier(
+                keys, limits, prefetch=prefetch, held=held_chunks
+            )
+            counts.extend(found)
             return counts[-1] if counts else 0
 
         await self._counted(0, len(tokens), by_tier, bounds)

@@ -77,6 +77,22 @@ def test_lookup_with_prefetch_moves_slow_chunks_into_cpu(slow):
         assert cache.stats().prefetched == 4, "chunks in cpu already are not prefetched"
 
 
+def test_chunks_the_caller_holds_are_not_prefetched(tmp_path):
+    tokens, kv = prompt(4 * CHUNK)
+    slow = {"url": f"file://{tmp_path}/kv", "capacity": "64MiB"}
+    with open_kv(slow) as cache:
+        cache.store(tokens, kv)
+    with open_kv(slow) as cache:
+        held = 2 * CHUNK + 3  # an engine's own prefix cache: chunks 0 and 1 whole
+        assert cache.lookup(tokens, prefetch=True, held=held) == 4 * CHUNK
+        cache.flush()
+        assert in_cpu(cache, tokens) == [False, False, True, True]
+        assert cache.stats().prefetched == 2
+        assert cache.lookup(tokens, prefetch=True, held=4 * CHUNK) == 4 * CHUNK
+        cache.flush()
+        assert cache.stats().prefetched == 2, "all held: nothing to prefetch"
+
+
 def test_prefetch_is_off_with_a_zero_budget(tmp_path):
     slow = {"url": f"file://{tmp_path}/kv", "capacity": "64MiB"}
     tokens, kv = prompt(2 * CHUNK)

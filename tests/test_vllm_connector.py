@@ -252,6 +252,17 @@ def test_hit_sources_split_a_hit_into_the_cpu_tier_and_the_rest(kv):
     assert sched.hit_sources("unknown", 5) == (0, 5), "a request never matched: not cpu"
 
 
+def test_the_lookup_does_not_prefetch_what_vllm_holds(kv):
+    sched = scheduler(kv)
+    tokens = [*prompt(3 * CHUNK), 1]
+    put(kv, tokens)
+    keys = kv.hasher.key_strings(tokens, partial=False)
+    kv._io.run(kv.chain.tiers[0].backend.delete_many(keys))  # only in the file tier
+    assert sched.match("r", tokens, (), 2 * CHUNK) == CHUNK  # vLLM holds chunks 0-1
+    kv.flush()
+    assert kv.stats().prefetched == 1, "chunk 2 only"
+
+
 def test_chunk_size_must_be_whole_blocks(kv):
     with pytest.raises(ConfigError, match=r"multiple of vLLM's block size \(48\)"):
         SchedulerSide(LocalLookups(kv), chunk_tokens=CHUNK, block_size=48)
@@ -677,7 +688,9 @@ def test_remote_lookups_answer_as_the_workers_chain_does(tmp_path: Path, engine:
         assert client.submit(tokens, ()).result(10.0) == (0, 0), "salted chunks"
         put(rank1, tokens, SALT)
         rank0.chain.tiers[0].backend.store.blobs.clear()  # rank 0: only in the file tier
-        assert client.submit(tokens, SALT).result(10.0) == (4 * CHUNK, 0)
+        assert client.submit(tokens, SALT, 2 * CHUNK).result(10.0) == (4 * CHUNK, 0)
+        rank0.flush()
+        assert rank0.stats().prefetched == 2, "not the chunks vLLM holds itself"
         assert client.submit(tokens[: CHUNK - 1], ()).result(10.0) == (0, 0)
         assert client.answers == {}, "answered lookups are forgotten"
     finally:

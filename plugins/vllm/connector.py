@@ -399,8 +399,10 @@ class _Deferred:
     def __init__(self, connect: Callable[[], Lookups]) -> None:
         self.connect = connect
 
-    def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
-        return self.connect().submit(tokens, extra_keys)
+    def submit(
+        self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...], held: int = 0
+    ) -> Pending:
+        return self.connect().submit(tokens, extra_keys, held)
 
     def close(self) -> None:
         pass

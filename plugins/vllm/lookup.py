@@ -19,8 +19,9 @@ their process's RAM), and must never make the scheduler wait on a slow or hung t
   not asked at all.
 * Prefetch: every lookup (:func:`ask`) also starts copying the leading chunks it
   found only in slower tiers (file, Redis, ...) into the worker's ``cpu`` tier, in
-  the background, so that the load that follows reads RAM; the config's
-  ``prefetch_bytes`` bounds the bytes in flight (``0`` turns it off).
+  the background, so that the load that follows reads RAM; not those inside vLLM's
+  own prefix-cache hit, which it will not load. The config's ``prefetch_bytes``
+  bounds the bytes in flight (``0`` turns it off).
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class Pending(Protocol):
 
 
 class Lookups(Protocol):
-    """Where the scheduler side sends its lookups."""
+    """Where the scheduler side sends its lookups (``held``: leading tokens vLLM
+    holds itself, not prefetched)."""
 
-    def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending: ...
+    def submit(
+        self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...], held: int = 0
+    ) -> Pending: ...
 
     def close(self) -> None: ...
 
@@ -92,11 +96,13 @@ def ask(
     tokens: Tokens,
     extra_keys: tuple[ExtraKeys, ...],
     limits: Sequence[float | None] | None,
+    held: int = 0,
 ) -> concurrent.futures.Future[list[int]]:
     """A worker's lookup for the scheduler side: ``kv``'s answer tier by tier, each
-    tier waited for at most its ``limits``, prefetching what only slower tiers hold
-    toward the ``cpu`` tier (within ``prefetch_bytes``)."""
-    return kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=limits, prefetch=True)
+    tier waited for at most its ``limits``, prefetching what only slower tiers hold,
+    past the ``held`` tokens vLLM holds itself, toward the ``cpu`` tier (within
+    ``prefetch_bytes``)."""
+    return kv.lookup_by_tier(tokens, extra_keys=extra_keys, limits=limits, prefetch=True, held=held)
 
 
 def tier_limits(kv: KVTier, local: float, remote: float) -> list[float | None]:
@@ -134,8 +140,10 @@ class LocalLookups:
         self.limits = None if limits is None else list(limits)
         self.local = local_tiers(kv)
 
-    def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
-        return _FuturePending(ask(self.kv, tokens, extra_keys, self.limits), self.local)
+    def submit(
+        self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...], held: int = 0
+    ) -> Pending:
+        return _FuturePending(ask(self.kv, tokens, extra_keys, self.limits, held), self.local)
 
     def close(self) -> None:
         pass

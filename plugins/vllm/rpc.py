@@ -2,7 +2,8 @@
 side's :class:`RemoteLookups` (see :mod:`kvtier.plugins.vllm.lookup`).
 
 ZMQ over a local IPC socket, msgspec's msgpack for the messages: a request is
-``(seq, tokens as int64 bytes, extra_keys)``, an answer ``(seq, hit, fast)`` (see
+``(seq, tokens as int64 bytes, extra_keys, held)`` (``held``: tokens the engine
+holds, which the lookup does not prefetch), an answer ``(seq, hit, fast)`` (see
 :class:`~kvtier.plugins.vllm.lookup.Answer`; ``hit`` is -1 when the lookup failed). Both come with
 vLLM.
 """
@@ -50,7 +51,7 @@ def lookup_address(engine_id: str, tp_rank: int) -> str:
 
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_request = msgspec.msgpack.Decoder(tuple[int, bytes, Any]).decode
+_decode_request = msgspec.msgpack.Decoder(tuple[int, bytes, Any, int]).decode
 _decode_answer = msgspec.msgpack.Decoder(tuple[int, int, int]).decode
 
 
@@ -99,11 +100,11 @@ class LookupServer:
         self._socket.close()
 
     def _start(self, peer: bytes, payload: bytes) -> None:
-        seq, raw, extra = _decode_request(payload)
+        seq, raw, extra, held = _decode_request(payload)
         tokens = np.frombuffer(raw, dtype=np.int64)
         extra_keys = _tuples(extra)
         try:
-            future = ask(self.kv, tokens, extra_keys, self.limits)
+            future = ask(self.kv, tokens, extra_keys, self.limits, held)
         except Exception:
             log.exception("kvtier: lookup %d failed", seq)
             self._answer(peer, seq, _FAILED)
@@ -175,11 +176,13 @@ class RemoteLookups:
         self.answers: dict[int, dict[int, Answer]] = {}
         """Answers so far of each lookup still wanted, by rank."""
 
-    def submit(self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...]) -> Pending:
+    def submit(
+        self, tokens: Sequence[int], extra_keys: tuple[ExtraKeys, ...], held: int = 0
+    ) -> Pending:
         self._seq += 1
         seq = self._seq
         raw = np.asarray(tokens, dtype=np.int64).tobytes()
-        payload = _encode((seq, raw, list(extra_keys)))
+        payload = _encode((seq, raw, list(extra_keys), held))
         self.answers[seq] = {}
         for rank, sock in enumerate(self._sockets):
             try:

@@ -147,7 +147,7 @@ class SchedulerSide:
         state = self._state(req_id, tokens, extra_keys)
         got = NO_HIT
         if len(tokens) >= (1 if self.role.partial else self.chunk_tokens):  # partial: any
-            answer = self._answer(req_id, state, tokens)
+            answer = self._answer(req_id, state, tokens, num_computed_tokens)
             if answer is None:
                 return None
             got = answer
@@ -181,12 +181,16 @@ class SchedulerSide:
         state = self._requests.get(req_id)
         return state is not None and state.load_async
 
-    def _answer(self, req_id: str, state: _Request, tokens: Sequence[int]) -> Answer | None:
+    def _answer(
+        self, req_id: str, state: _Request, tokens: Sequence[int], local: int
+    ) -> Answer | None:
+        """The lookup's answer for ``tokens`` (``local``: vLLM's own hit, not
+        prefetched); see :meth:`match`."""
         asking = state.asking
         if asking is None or asking.tokens != len(tokens):
             if asking is not None:
                 asking.pending.cancel()
-            pending = self.lookups.submit(tokens, state.extra_keys)
+            pending = self.lookups.submit(tokens, state.extra_keys, local)
             asking = state.asking = _Asking(len(tokens), pending, time.monotonic())
         hit = asking.pending.result(self.wait)
         if hit is None:
