@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, TypeVar
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 """Anything exposing the buffer protocol as contiguous bytes."""
@@ -41,7 +41,31 @@ def _size_class(nbytes: int) -> int:
     return -(-nbytes // step) * step
 
 
-class Buffer:
+_Held = TypeVar("_Held", bound="Releasable")
+
+
+class Releasable:
+    """Something that holds pooled memory until :meth:`release`; as a context manager
+    it is released on exit."""
+
+    __slots__ = ()
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Held) -> _Held:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Buffer(Releasable):
     """A leased byte region: ``view`` is a writable memoryview of exactly ``nbytes``.
 
     The lease starts with one reference. ``retain`` adds one, ``release`` drops one;
@@ -111,17 +135,6 @@ class Buffer:
 
     def __bytes__(self) -> bytes:
         return bytes(self.view)
-
-    def __enter__(self) -> Buffer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"Buffer(nbytes={self.nbytes}, refs={self._refs})"

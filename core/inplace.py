@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvtier.core.blob import Blob
-from kvtier.core.buffers import Buffer, release_all
+from kvtier.core.buffers import Buffer, Releasable, release_all
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.errors import ConfigError
 from kvtier.core.plugins import PluginRegistry
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kvtier.core.store_queue import StoreQueue
 
 
-class HeldChunks:
+class HeldChunks(Releasable):
     """The chunks :meth:`KVTier.retrieve_held` delivered: ``chunks`` lists ``(first,
     kv)`` in token order, ``kv`` the KV of ``tokens[first:first + T]`` (read only;
     valid until :meth:`release`); ``end`` is the end of the run. A context manager
@@ -38,17 +38,6 @@ class HeldChunks:
         """Let go of the blobs (once; the chunk tensors are then invalid)."""
         buffers, self._buffers, self.chunks = self._buffers, [], []
         release_all(buffers)
-
-    def __enter__(self) -> HeldChunks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 class PendingStore:

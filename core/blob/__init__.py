@@ -43,8 +43,6 @@ module holds :class:`Blob` and the functions to read one. Import everything from
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from kvtier.core.blob.framing import (
     FORMAT_VERSION,
     MAGIC,
@@ -66,7 +64,7 @@ from kvtier.core.blob.framing import (
 )
 from kvtier.core.blob.header import BlobHeader, header_json
 from kvtier.core.blob.reading import read_header
-from kvtier.core.buffers import Buffer, BytesLike
+from kvtier.core.buffers import Buffer, BytesLike, Releasable
 from kvtier.core.errors import ChunkCorruptedError
 from kvtier.core.integrity import MacKeys
 
@@ -98,7 +96,7 @@ __all__ = [
 ]
 
 
-class Blob:
+class Blob(Releasable):
     """An encoded chunk in a :class:`Buffer`, with its validated header.
 
     The holder owns one reference of ``buf``: pass it on or :meth:`release` it (or use
@@ -139,17 +137,6 @@ class Blob:
 
     def release(self) -> None:
         self.buf.release()
-
-    def __enter__(self) -> Blob:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"Blob({self.key!r}, {self.header.pipeline}, {self.nbytes} bytes)"
