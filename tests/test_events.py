@@ -327,11 +327,13 @@ def test_replay_sends_buffered_batches_from_a_sequence(tmp_path: Path, fleets: l
 
     fleet = Fleet(config(tmp_path))
     fleets.append(fleet)
-    for i, tokens in enumerate(prompts()[:2]):
+    # Each sync publishes at least one batch; how the publisher groups a store's
+    # events into batches is up to its thread, so only the lower bound is known.
+    for i, tokens in enumerate(prompts()[:3]):
         fleet.kv.store(tokens, kv_of(len(tokens), i))
         fleet.sync()
     last = fleet.publisher.last_seq
-    assert last >= 3
+    assert last >= 2
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     try:
