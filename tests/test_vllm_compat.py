@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from typing import Any
 
 import needs
@@ -16,6 +17,7 @@ import pytest
 if not needs.HAS_VLLM:
     needs.missing_vllm()
 
+import vllm
 from vllm.config import (
     CacheConfig,
     CompilationConfig,
@@ -60,6 +62,15 @@ def _parameters(cls: type, name: str) -> list[str]:
     if isinstance(attr, property):
         return []
     return list(inspect.signature(getattr(cls, name)).parameters)
+
+
+def test_the_vllm_installed_is_the_one_asked_for():
+    """``.ci/run`` names the vLLM it layers over another's dependencies
+    (``KVTEST_VLLM_VERSION``): a wrong layering must not test the other vLLM."""
+    wanted = os.environ.get("KVTEST_VLLM_VERSION")
+    if wanted is None:
+        pytest.skip("KVTEST_VLLM_VERSION is not set: any vLLM is checked")
+    assert vllm.__version__ == wanted, f"vLLM {vllm.__version__} from {vllm.__file__}"
 
 
 @pytest.mark.parametrize("name", HOOKS)
