@@ -180,6 +180,12 @@ class KVTierConfig(_Strict):
     slower tiers into the faster tiers that promote, each chunk holding its unencoded
     size of this budget until it is written; chunks beyond it are left to the load
     (counted as dropped). ``0``: never prefetch."""
+    blob_layout: Literal["chunk", "layers"] = "chunk"
+    """How chunks are written: ``chunk``, each blob one section under one checksum;
+    ``layers``, each layer of a chunk encoded on its own with its own digest, so that
+    a reader can use a layer before the rest of the blob arrives (the vLLM connector's
+    layer-by-layer loads from tiers that read ranges: docs/vllm.md). Blobs of either
+    layout are read whatever this says."""
     codec_threads: int = Field(default=2, ge=1, le=64)
     """Threads that checksum, encode and decode chunks, off the callers' threads and the
     I/O loop (two use both cores of a small machine)."""

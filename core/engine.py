@@ -112,7 +112,7 @@ class KVTier(RetrieveAPI, SegmentAPI):
             self.layout,
             config.store_queue_bytes,
             through,
-            raw=CodecPipeline.from_config("raw", registry),
+            raw=CodecPipeline.from_config("raw", registry, layered=config.blob_layout == "layers"),
             registry=registry,
             pool=pool,
             codec=self._codec,

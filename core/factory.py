@@ -81,7 +81,8 @@ def build_tiers(
                     "read_only is for inspecting a store (kvtier ls, stats); a tier chain "
                     "writes to its tiers: remove read_only"
                 )
-            pipeline = CodecPipeline.from_config(tier_config.codec, registry)
+            layered = config.blob_layout == "layers"
+            pipeline = CodecPipeline.from_config(tier_config.codec, registry, layered=layered)
             if layout is not None:
                 _check_codec(pipeline, layout, pool)
         except ConfigError as exc:

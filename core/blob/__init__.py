@@ -3,7 +3,7 @@
 Layout (integers little-endian)::
 
     0                magic b"KVTB"
-    4                format version, u16 (1)
+    4                format version, u16: 1 (whole chunk) or 2 (layered, below)
     6                flags, u16: 0, or 1 for a signed blob (anything else is corrupt)
     8                header_len, u32 (at most MAX_HEADER_BYTES)
     12               payload_len, u64
@@ -11,7 +11,8 @@ Layout (integers little-endian)::
                      {"key": str, "dtype": "float16", "shape": [L, 2, T, H, D],
                       "stages": [{"name": "int8", "params": {...}}, ...],
                       "sizes": [n0, n1, ...],
-                      "segment": {"start": s}}      (only in segment chunks)
+                      "segment": {"start": s},      (only in segment chunks)
+                      "layers": [[n0, n1, ...], ...]}  (only in layered blobs)
     20+header_len    payload, payload_len bytes
     end-8            xxh3_64 of every byte before it, u64
                      or, in a signed blob (flags 1, see kvtier.core.integrity):
@@ -21,7 +22,13 @@ Layout (integers little-endian)::
 ``sizes[i]`` is the payload size after stage ``i``; the last equals payload_len.
 ``segment`` marks a chunk of a position-independent segment: its keys are rotated to
 canonical positions ``s .. s+T-1`` (``s``, its offset in the segment, is the canonical
-start). Blobs written before segments existed have no ``segment`` and read as before. The
+start). Blobs written before segments existed have no ``segment`` and read as before.
+A layered blob (version 2, :mod:`~kvtier.core.blob.layered`) encodes each layer of the
+chunk on its own, one payload section after another; ``layers[i]`` are layer ``i``'s
+section sizes after each stage (adding up to ``sizes``), and its trailer starts with a
+digest per section, so that a reader can check one layer before the others arrive.
+Readers read both versions; writers write version 2 where the config asks for it
+(``blob_layout: layers``). The
 encoder pads the JSON with spaces so that the payload starts at a multiple of 64
 bytes. Everything read from a blob is validated before it is used: lengths first
 (so a lying header cannot make the reader allocate), then the checksum, then the
@@ -36,15 +43,19 @@ left the process (an in-process tier keeps the buffers it was given) is read wit
 reading them back, :mod:`kvtier.core.codecs.decode`'s.
 
 Modules: :mod:`~kvtier.core.blob.framing` (the prefix, limits, trailer; :func:`frame`,
-:func:`seal`), :mod:`~kvtier.core.blob.header` (the JSON header, written and validated),
-:mod:`~kvtier.core.blob.reading` (the checks of :func:`verify` and :func:`parse`); this
-module holds :class:`Blob` and the functions to read one. Import everything from here.
+the whole-chunk seal), :mod:`~kvtier.core.blob.header` (the JSON header, written and
+validated), :mod:`~kvtier.core.blob.layered` (layered blobs: seal, head and section
+checks), :mod:`~kvtier.core.blob.reading` (the checks of :func:`verify` and
+:func:`parse`, and of a blob's head); this module holds :class:`Blob` and the functions
+to read one. Import everything from here.
 """
 
 from __future__ import annotations
 
+from kvtier.core.blob import framing, layered
 from kvtier.core.blob.framing import (
     FORMAT_VERSION,
+    LAYERED_VERSION,
     MAGIC,
     MAX_BLOB_BYTES,
     MAX_CHUNK_BYTES,
@@ -58,18 +69,25 @@ from kvtier.core.blob.framing import (
     frame,
     padded_header_len,
     payload_start,
-    seal,
     signing_flags,
     trailer_bytes,
 )
 from kvtier.core.blob.header import BlobHeader, header_json
-from kvtier.core.blob.reading import read_header
+from kvtier.core.blob.layered import check_head, check_section
+from kvtier.core.blob.reading import (
+    Prefix,
+    check_signature,
+    read_head,
+    read_header,
+    read_prefix,
+)
 from kvtier.core.buffers import Buffer, BytesLike, Releasable
 from kvtier.core.errors import ChunkCorruptedError
 from kvtier.core.integrity import MacKeys
 
 __all__ = [
     "FORMAT_VERSION",
+    "LAYERED_VERSION",
     "MAGIC",
     "MAX_BLOB_BYTES",
     "MAX_CHUNK_BYTES",
@@ -83,12 +101,18 @@ __all__ = [
     "Blob",
     "BlobHeader",
     "ChunkCorruptedError",
+    "Prefix",
+    "check_head",
+    "check_section",
+    "check_signature",
     "frame",
     "header_json",
     "padded_header_len",
     "parse",
     "payload_of",
     "payload_start",
+    "read_head",
+    "read_prefix",
     "seal",
     "signing_flags",
     "trailer_bytes",
@@ -116,7 +140,7 @@ class Blob(Releasable):
         known to be there: before the blob's bytes leave the process. Sealing again
         rewrites the same bytes."""
         if not self.sealed:
-            seal(self.buf.view, keys, self.key)
+            seal(self.buf.view, keys, self.key, self.header)
             self.sealed = True
 
     @property
@@ -140,6 +164,18 @@ class Blob(Releasable):
 
     def __repr__(self) -> str:
         return f"Blob({self.key!r}, {self.header.pipeline}, {self.nbytes} bytes)"
+
+
+def seal(
+    view: memoryview, keys: MacKeys | None = None, key: str = "", header: BlobHeader | None = None
+) -> None:
+    """Write the checksum of a framed blob (the one pass over its bytes on the way in);
+    a signed blob gets its digest and MAC instead, which need ``keys`` and the blob's
+    chunk ``key``. A layered blob's ``header`` is parsed from ``view`` unless given."""
+    if read_prefix(view).version == FORMAT_VERSION:
+        framing.seal(view, keys, key)
+        return
+    layered.seal(view, header or parse(view), keys, key)
 
 
 def _view_of(blob: BytesLike | Buffer | Blob) -> memoryview:

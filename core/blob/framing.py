@@ -1,6 +1,7 @@
 """The frame of a blob: its prefix, limits and trailer (the checksum, or a signed
-blob's digest and MAC), written by :func:`frame` and :func:`seal`; see
-:mod:`kvtier.core.blob` for the layout."""
+blob's digest and MAC; a layered blob's section digests before them), written by
+:func:`frame` and, for whole-chunk blobs, :func:`seal` (layered blobs:
+:mod:`kvtier.core.blob.layered`); see :mod:`kvtier.core.blob` for the layout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from kvtier.core.integrity import MAC_BYTES, MacKeys
 
 MAGIC = b"KVTB"
 FORMAT_VERSION = 1
+"""A blob whose payload is one section, covered by one checksum."""
+LAYERED_VERSION = 2
+"""A layer-addressable blob: one payload section per layer, each with its own digest."""
+VERSIONS = (FORMAT_VERSION, LAYERED_VERSION)
 MAX_HEADER_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 4 << 30
 MAX_STAGES = 8
@@ -30,13 +35,24 @@ DIGEST_BYTES = 16
 SIGNED_TRAILER = DIGEST_BYTES + MAC_BYTES
 OVERHEAD = PREFIX.size + CHECKSUM.size
 """Bytes of a blob besides its header and payload: the size of the smallest blob."""
-MAX_BLOB_BYTES = PREFIX.size + SIGNED_TRAILER + MAX_HEADER_BYTES + MAX_STAGE_BYTES
+MAX_SECTIONS = 4096
+"""Most layers (sections) a layered blob may hold."""
+MAX_BLOB_BYTES = (
+    PREFIX.size + SIGNED_TRAILER + MAX_SECTIONS * DIGEST_BYTES + MAX_HEADER_BYTES + MAX_STAGE_BYTES
+)
 """The largest blob a reader accepts."""
 
 
-def trailer_bytes(signed: bool) -> int:
-    """Bytes after the payload: the checksum, or in a signed blob the digest and MAC."""
-    return SIGNED_TRAILER if signed else CHECKSUM.size
+def section_digest_bytes(signed: bool) -> int:
+    """Bytes of one section digest of a layered blob: xxh3-64, or in a signed blob the
+    128-bit digest its flags name (see :func:`body_digest`)."""
+    return DIGEST_BYTES if signed else CHECKSUM.size
+
+
+def trailer_bytes(signed: bool, sections: int = 0) -> int:
+    """Bytes after the payload: the checksum, or in a signed blob the digest and MAC,
+    after the table of ``sections`` section digests of a layered blob."""
+    return sections * section_digest_bytes(signed) + (SIGNED_TRAILER if signed else CHECKSUM.size)
 
 
 def body_digest(body: memoryview, flags: int) -> bytes:
@@ -70,33 +86,47 @@ def signing_flags(keys: MacKeys | None) -> int:
     return SIGNED | (STRONG if keys.strong else 0)
 
 
-def frame(view: memoryview, header: bytes, header_len: int, payload_len: int, flags: int) -> None:
-    """Write the prefix (with ``flags``, see :func:`signing_flags`) and the space-padded
-    header in front of a payload already in place; ``view`` is the whole blob
-    (:func:`trailer_bytes` longer than prefix, header and payload). The blob still
-    needs :func:`seal`."""
-    PREFIX.pack_into(view, 0, MAGIC, FORMAT_VERSION, flags, header_len, payload_len)
+def frame(
+    view: memoryview,
+    header: bytes,
+    header_len: int,
+    payload_len: int,
+    flags: int,
+    version: int = FORMAT_VERSION,
+) -> None:
+    """Write the prefix (with ``flags``, see :func:`signing_flags`, and ``version``) and
+    the space-padded header in front of a payload already in place; ``view`` is the
+    whole blob (:func:`trailer_bytes` longer than prefix, header and payload). The blob
+    still needs sealing (:func:`kvtier.core.blob.seal`)."""
+    PREFIX.pack_into(view, 0, MAGIC, version, flags, header_len, payload_len)
     end = PREFIX.size + header_len
     view[PREFIX.size : PREFIX.size + len(header)] = header
     view[PREFIX.size + len(header) : end] = b" " * (header_len - len(header))
 
 
 def seal(view: memoryview, keys: MacKeys | None = None, key: str = "") -> None:
-    """Write the checksum of a framed blob (the one pass over its bytes on the way in);
-    a signed blob gets its digest and MAC instead, which need ``keys`` and the blob's
-    chunk ``key``."""
+    """Write the checksum of a framed whole-chunk blob (the one pass over its bytes on
+    the way in); a signed blob gets its digest and MAC instead, which need ``keys`` and
+    the blob's chunk ``key``."""
     _, _, flags, header_len, _ = PREFIX.unpack_from(view, 0)
     if not flags & SIGNED:
         body = view.nbytes - CHECKSUM.size
         CHECKSUM.pack_into(view, body, xxhash.xxh3_64_intdigest(view[:body]))
         return
+    body = view.nbytes - SIGNED_TRAILER
+    sign(view, body, body_digest(view[:body], flags), header_len, keys, key)
+
+
+def sign(
+    view: memoryview, at: int, digest: bytes, header_len: int, keys: MacKeys | None, key: str
+) -> None:
+    """Write a signed blob's ``digest`` at ``at`` and, after it, the MAC of prefix,
+    header and digest with ``keys`` for chunk ``key``."""
     if keys is None:
         raise ConfigError("a signed blob needs the integrity keys to be sealed")
-    body = view.nbytes - SIGNED_TRAILER
-    digest = body_digest(view[:body], flags)
-    view[body : body + DIGEST_BYTES] = digest
+    view[at : at + DIGEST_BYTES] = digest
     signed_part = bytes(view[: PREFIX.size + header_len]) + digest
-    view[body + DIGEST_BYTES :] = keys.sign(key, signed_part)
+    view[at + DIGEST_BYTES :] = keys.sign(key, signed_part)
 
 
 def corrupt(what: str) -> ChunkCorruptedError:

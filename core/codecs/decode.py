@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,6 +106,10 @@ def _codecs_for(
         raise _corrupt(
             f"{names[0]} payload for {header.shape} is {expected} bytes, not {header.sizes[0]}"
         )
+    if header.layers is not None:
+        section = tensor_codec.encoded_nbytes((1, *header.shape[1:]), header.dtype)
+        if any(sizes[0] != section for sizes in header.layers):
+            raise _corrupt(f"{names[0]} sections of {header.shape} are {section} bytes each")
     return tensor_codec, byte_codecs
 
 
@@ -128,9 +132,29 @@ def decode_into(
         raise _corrupt(
             f"blob holds {header.shape} {header.dtype}, expected {tuple(out.shape)} {out.dtype}"
         )
+    payload = payload_of(blob, header)
+    if header.layers is None:
+        _decode_section(payload, header, header.sizes, tensor_codec, byte_codecs, out)
+        return
+    offset = 0
+    for layer, sizes in enumerate(header.layers):
+        section = payload[offset : offset + sizes[-1]]
+        _decode_section(section, header, sizes, tensor_codec, byte_codecs, out[layer : layer + 1])
+        offset += sizes[-1]
+
+
+def _decode_section(
+    data: memoryview,
+    header: BlobHeader,
+    sizes: Sequence[int],
+    tensor_codec: TensorCodec,
+    byte_codecs: Sequence[ByteCodec],
+    out: torch.Tensor,
+) -> None:
+    """Run the byte codecs backwards over ``data`` (sizes after each stage: ``sizes``),
+    then the tensor codec into ``out``."""
     try:
-        data = payload_of(blob, header)
-        stages = zip(byte_codecs, header.stages[1:], header.sizes[:-1], strict=True)
+        stages = zip(byte_codecs, header.stages[1:], sizes[:-1], strict=True)
         for codec, (name, params), nbytes in reversed(list(stages)):
             data = memoryview(codec.decode(data, params, nbytes)).cast("B")
             if data.nbytes != nbytes:
@@ -140,6 +164,28 @@ def decode_into(
         raise
     except Exception as exc:
         raise _corrupt(f"decoding {header.key!r:.120} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def layer_of(
+    blob: BytesLike | Buffer | Blob, header: BlobHeader, layer: int, registry: PluginRegistry
+) -> torch.Tensor:
+    """Layer ``layer`` (``[2, T, H, D]``) of a layered blob whose head and that layer's
+    section were checked: a zero-copy view of the section for ``raw`` blobs (valid while
+    the blob is), else decoded into per-thread scratch memory that the thread's next
+    decode overwrites. Raises :class:`ChunkCorruptedError` like :func:`decode_into`."""
+    assert header.layers is not None, "a whole-chunk blob has no layers to read alone"
+    tensor_codec, byte_codecs = _codecs_for(header, registry)
+    offset, nbytes = header.section(layer)
+    start = offset - header.payload_offset
+    section = payload_of(blob, header)[start : start + nbytes]
+    shape = (1, *header.shape[1:])
+    count = math.prod(shape)
+    if header.pipeline == "raw" and count:
+        return tensor_view(section, header.dtype, count).view(header.shape[1:])
+    memory = _scratch.get(count * header.dtype.itemsize)
+    out = tensor_view(memory, header.dtype, count).view(shape)
+    _decode_section(section, header, header.layers[layer], tensor_codec, byte_codecs, out)
+    return out[0]
 
 
 MAX_EXPANSION = 64

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 import torch
 
 from kvtier.core import blob as fmt
-from kvtier.core.buffers import Buffer, BufferPool, BytesLike
+from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.codec import ByteCodec, Codec, Params, TensorCodec
 from kvtier.core.errors import ConfigError, PluginError
 from kvtier.core.integrity import MacKeys
@@ -47,18 +47,23 @@ def _parse_steps(steps: Steps) -> list[tuple[str, dict[str, Any]]]:
     return parsed
 
 
-def _lease(pool: BufferPool, header_len: int, payload_len: int, flags: int) -> Buffer:
+def _lease(
+    pool: BufferPool, header_len: int, payload_len: int, flags: int, sections: int
+) -> Buffer:
     """A buffer from ``pool`` for a blob: prefix, ``header_len`` bytes of (padded)
-    header, ``payload_len`` bytes of payload and the trailer ``flags`` ask for."""
-    return pool.acquire(
-        fmt.payload_start(header_len) + payload_len + fmt.trailer_bytes(bool(flags))
-    )
+    header, ``payload_len`` bytes of payload and the trailer ``flags`` ask for (after
+    the digests of ``sections`` sections of a layered blob)."""
+    trailer = fmt.trailer_bytes(bool(flags), sections)
+    return pool.acquire(fmt.payload_start(header_len) + payload_len + trailer)
 
 
-def _framed(buf: Buffer, header: bytes, header_len: int, payload_len: int, flags: int) -> fmt.Blob:
+def _framed(
+    buf: Buffer, header: bytes, header_len: int, payload_len: int, flags: int, layered: bool
+) -> fmt.Blob:
     """``buf`` as an unsealed blob, once prefix and header are written in front of its
     payload (see :func:`kvtier.core.blob.frame`)."""
-    fmt.frame(buf.view, header, header_len, payload_len, flags)
+    version = fmt.LAYERED_VERSION if layered else fmt.FORMAT_VERSION
+    fmt.frame(buf.view, header, header_len, payload_len, flags, version)
     return fmt.Blob(buf, fmt.parse(buf.view), sealed=False)
 
 
@@ -72,10 +77,12 @@ class CodecPipeline:
 
     Encodes chunks into blobs; :func:`kvtier.core.blob.decode_into` reads them back
     using only the blob's header, whatever pipeline wrote it. Thread safe when its
-    codecs are (the built-in ones are). Each byte codec may appear once.
+    codecs are (the built-in ones are). Each byte codec may appear once. ``layered``:
+    write layer-addressable blobs (each layer encoded on its own, see
+    :mod:`kvtier.core.blob.layered`), else whole-chunk ones.
     """
 
-    def __init__(self, stages: Sequence[Codec]) -> None:
+    def __init__(self, stages: Sequence[Codec], *, layered: bool = False) -> None:
         stages = tuple(stages)
         if not stages or not isinstance(stages[0], TensorCodec):
             first = stages[0].name if stages else "nothing"
@@ -95,9 +102,12 @@ class CodecPipeline:
         self.tensor_codec: TensorCodec = stages[0]
         self.byte_codecs = tuple(c for c in stages[1:] if isinstance(c, ByteCodec))
         self.name = "+".join(names)
+        self.layered = layered
 
     @classmethod
-    def from_config(cls, steps: Steps, registry: PluginRegistry) -> CodecPipeline:
+    def from_config(
+        cls, steps: Steps, registry: PluginRegistry, *, layered: bool = False
+    ) -> CodecPipeline:
         """Build from ``"int8+zstd"`` or ``["int8", {"name": "zstd", "level": 9}]``.
 
         A pipeline that does not start with a tensor codec gets ``raw`` in front
@@ -107,10 +117,10 @@ class CodecPipeline:
         codecs = [_build(name, options, registry) for name, options in _parse_steps(steps)]
         if not isinstance(codecs[0], TensorCodec):
             codecs.insert(0, _build("raw", {}, registry))
-        return cls(codecs)
+        return cls(codecs, layered=layered)
 
     def __repr__(self) -> str:
-        return f"CodecPipeline({self.name!r})"
+        return f"CodecPipeline({self.name!r}{', layered' if self.layered else ''})"
 
     def _header(
         self,
@@ -120,13 +130,14 @@ class CodecPipeline:
         params: list[Params],
         sizes: list[int],
         segment_start: int | None = None,
+        layers: list[list[int]] | None = None,
     ) -> bytes:
         for codec, p in zip(self.stages, params, strict=True):
             if not isinstance(p, dict):
                 raise PluginError(f"codec {codec.name!r} returned parameters {p!r}, not a dict")
         stages = [(codec.name, p) for codec, p in zip(self.stages, params, strict=True)]
         try:
-            return fmt.header_json(key, dtype, shape, stages, sizes, segment_start)
+            return fmt.header_json(key, dtype, shape, stages, sizes, segment_start, layers)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -160,61 +171,120 @@ class CodecPipeline:
             raise ConfigError(
                 f"chunk {tuple(chunk.shape)} is larger than {fmt.MAX_CHUNK_BYTES} bytes"
             )
-        payload_len = self.tensor_codec.encoded_nbytes(chunk.shape, chunk.dtype)
         if not self.byte_codecs:
-            blob = self._encode_in_place(key, chunk, payload_len, pool, flags, segment_start)
+            blob = self._encode_in_place(key, chunk, pool, flags, segment_start)
         else:
-            with pool.acquire(payload_len) as first:
-                params = [self.tensor_codec.encode_into(chunk, first.view)]
-                data: BytesLike = first.view
-                sizes = [payload_len]
-                itemsize = self.tensor_codec.payload_itemsize(chunk.dtype)
-                for codec in self.byte_codecs:
-                    data, stage_params = codec.encode(memoryview(data).cast("B"), itemsize)
-                    params.append(stage_params)
-                    sizes.append(memoryview(data).nbytes)
-                header = self._header(
-                    key, chunk.dtype, tuple(chunk.shape), params, sizes, segment_start
-                )
-                blob = self._assemble(header, memoryview(data).cast("B"), pool, flags)
+            blob = self._encode_staged(key, chunk, pool, flags, segment_start)
         if sealed:
             blob.ensure_sealed(keys)
         return blob
+
+    def _sections(self, chunk: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of ``chunk`` encoded on their own: each layer (``[1, 2, T, H, D]``)
+        of a layered pipeline, else the whole chunk."""
+        if not self.layered:
+            return [chunk]
+        return [chunk[i : i + 1] for i in range(chunk.shape[0])]
+
+    def _encode_staged(
+        self,
+        key: str,
+        chunk: torch.Tensor,
+        pool: BufferPool,
+        flags: int,
+        segment_start: int | None,
+    ) -> fmt.Blob:
+        """Encode through the byte codecs (each layer on its own for a layered blob),
+        then copy the result behind the header."""
+        dtype, shape = chunk.dtype, tuple(chunk.shape)
+        if not self.layered:
+            nbytes = self.tensor_codec.encoded_nbytes(shape, dtype)
+            with pool.acquire(nbytes) as first:
+                params, data, sizes = self._through_stages(chunk, first.view)
+                header = self._header(key, dtype, shape, params, sizes, segment_start)
+                return self._assemble(header, [data], pool, flags, 0)
+        outputs: list[bytes] = []
+        layers: list[list[int]] = []
+        for part in self._sections(chunk):
+            with pool.acquire(self.tensor_codec.encoded_nbytes(part.shape, dtype)) as first:
+                params, data, sizes = self._through_stages(part, first.view)
+                # a stage may answer with its input or its per-thread scratch, which
+                # the next layer's encode reuses: keep a copy of anything not new
+                outputs.append(data.obj if isinstance(data.obj, bytes) else bytes(data))
+            layers.append(sizes)
+        totals = [sum(column) for column in zip(*layers, strict=True)]
+        header = self._header(key, dtype, shape, params, totals, segment_start, layers)
+        sections = [memoryview(d) for d in outputs]
+        return self._assemble(header, sections, pool, flags, len(layers))
+
+    def _through_stages(
+        self, part: torch.Tensor, first: memoryview
+    ) -> tuple[list[Params], memoryview, list[int]]:
+        """Encode ``part`` with the tensor codec into ``first`` (its exact size), then
+        through the byte codecs: the stages' parameters, the result and its size after
+        each stage."""
+        params = [self.tensor_codec.encode_into(part, first)]
+        itemsize = self.tensor_codec.payload_itemsize(part.dtype)
+        data, sizes = first, [first.nbytes]
+        for codec in self.byte_codecs:
+            out, stage_params = codec.encode(data, itemsize)
+            data = memoryview(out).cast("B")
+            params.append(stage_params)
+            sizes.append(data.nbytes)
+        return params, data, sizes
+
+    def _layers(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[list[int]] | None:
+        """A layered blob's section sizes for a tensor codec alone (``None``: whole)."""
+        if not self.layered:
+            return None
+        section = self.tensor_codec.encoded_nbytes((1, *shape[1:]), dtype)
+        return [[section] for _ in range(shape[0])]
 
     def _encode_in_place(
         self,
         key: str,
         chunk: torch.Tensor,
-        payload_len: int,
         pool: BufferPool,
         flags: int,
         segment_start: int | None,
     ) -> fmt.Blob:
         dtype, shape = chunk.dtype, tuple(chunk.shape)
-        guess = self._header(key, dtype, shape, [{}], [payload_len], segment_start)
+        parts = self._sections(chunk)
+        nbytes = [self.tensor_codec.encoded_nbytes(p.shape, dtype) for p in parts]
+        payload_len, layers = sum(nbytes), self._layers(shape, dtype)
+        guess = self._header(key, dtype, shape, [{}], [payload_len], segment_start, layers)
         header_len = min(fmt.padded_header_len(len(guess) + _PARAMS_SLACK), fmt.MAX_PADDED_HEADER)
         start = fmt.payload_start(header_len)
-        buf = _lease(pool, header_len, payload_len, flags)
+        buf = _lease(pool, header_len, payload_len, flags, len(parts) if layers else 0)
         try:
             payload = buf.view[start : start + payload_len]
-            params = self.tensor_codec.encode_into(chunk, payload)
-            header = self._header(key, dtype, shape, [params], [payload_len], segment_start)
+            offset, params = 0, {}
+            for part, size in zip(parts, nbytes, strict=True):
+                params = self.tensor_codec.encode_into(part, payload[offset : offset + size])
+                offset += size
+            header = self._header(key, dtype, shape, [params], [payload_len], segment_start, layers)
             if len(header) <= header_len:
-                return _framed(buf, header, header_len, payload_len, flags)
-            relocated = self._assemble(header, payload, pool, flags)
+                return _framed(buf, header, header_len, payload_len, flags, self.layered)
+            relocated = self._assemble(header, [payload], pool, flags, len(layers or ()))
         except BaseException:
             buf.release()
             raise
         buf.release()
         return relocated
 
-    @staticmethod
-    def _assemble(header: bytes, payload: memoryview, pool: BufferPool, flags: int) -> fmt.Blob:
+    def _assemble(
+        self, header: bytes, parts: list[memoryview], pool: BufferPool, flags: int, sections: int
+    ) -> fmt.Blob:
+        """A new blob of ``header`` and the payload ``parts`` (with the digest slots of
+        ``sections`` sections)."""
         header_len = fmt.padded_header_len(len(header))
         start = fmt.payload_start(header_len)
-        buf = _lease(pool, header_len, payload.nbytes, flags)
-        buf.view[start : start + payload.nbytes] = payload
-        return _framed(buf, header, header_len, payload.nbytes, flags)
+        payload_len = sum(p.nbytes for p in parts)
+        buf = _lease(pool, header_len, payload_len, flags, sections)
+        for part in parts:
+            buf.view[start : start + part.nbytes] = part
+            start += part.nbytes
+        return _framed(buf, header, header_len, payload_len, flags, self.layered)
 
     def blank(
         self,
@@ -235,12 +305,13 @@ class CodecPipeline:
         if self.name != "raw":
             raise ConfigError(f"only the raw pipeline has blank blobs, not {self.name!r}")
         payload_len = self.tensor_codec.encoded_nbytes(shape, dtype)
-        header = self._header(key, dtype, shape, [{}], [payload_len])
+        layers = self._layers(shape, dtype)
+        header = self._header(key, dtype, shape, [{}], [payload_len], layers=layers)
         header_len = fmt.padded_header_len(len(header))
         flags = fmt.signing_flags(keys)
-        buf = _lease(pool, header_len, payload_len, flags)
+        buf = _lease(pool, header_len, payload_len, flags, len(layers or ()))
         try:
-            return _framed(buf, header, header_len, payload_len, flags)
+            return _framed(buf, header, header_len, payload_len, flags, self.layered)
         except BaseException:
             buf.release()
             raise
