@@ -8,7 +8,8 @@ holding a returned buffer keeps valid bytes. When a blob does not fit, the evict
 policy picks victims until it does; a blob larger than the whole capacity is rejected
 (``False``). Capacity counts ``Buffer.nbytes``. With ``options: {ttl: SECONDS}`` a
 blob older than that is a miss, removed when met and by a sweep every ``ttl / 4``
-seconds (at most a few hundred per sweep).
+seconds (at most a few hundred per sweep). ``read_into_many`` copies the ranges
+straight out of the stored buffers.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class MemoryBackend(RamPins, Backend):
     below) before this tier lets go of them. :attr:`store` holds the blobs.
     """
 
-    capabilities = replace(CAPABILITIES, process_local=True)
+    capabilities = replace(CAPABILITIES, process_local=True, ranged_reads=True)
+    """``ranged_reads``: the base's ``_read_into`` is native here, since ``_get_unique``
+    is a lookup that hands back the stored buffer itself: only the ranges are copied."""
     options: MemoryOptions
     options_model = MemoryOptions
 

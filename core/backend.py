@@ -7,6 +7,9 @@ Contract (checked for every backend by :mod:`kvtier.core.testing`):
 * Every batch method takes a sequence and returns a list in the same order; an empty
   batch is a no-op; duplicate keys are allowed.
 * A miss is ``None`` (``get_many``) or ``False``, never an exception.
+* ``read_into_many`` copies ranges of stored values into the caller's memory; a
+  backend without a native range read gets the base's default (whole values read,
+  the ranges copied out).
 * ``get_many`` returns buffers the caller owns and must release. ``put_many`` does not
   take ownership of its buffers: a backend that keeps one calls ``retain()``.
 * Client-library errors are translated: unreachable, timed out or closed ->
@@ -35,13 +38,26 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from kvtier.core.blocking import BlockingPool, Orphan
-from kvtier.core.buffers import Buffer, BufferPool, default_pool
+from kvtier.core.buffers import Buffer, BufferPool, default_pool, release_all
 from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.keys import validate_key
 from kvtier.core.plugins import PluginRegistry, get_registry
 from kvtier.core.urls import redact
 
 T = TypeVar("T")
+Read = tuple[str, int, memoryview]
+"""One read of :meth:`Backend.read_into_many`: ``(key, offset, out)``."""
+
+
+def copy_range(value: Buffer | bytes | None, offset: int, out: memoryview) -> int | None:
+    """Copy ``value``'s bytes from ``offset`` on into ``out``, as many as fit; the count
+    copied (0 from ``offset`` at or past the end), ``None`` if ``value`` is ``None``."""
+    if value is None:
+        return None
+    view = value.view if isinstance(value, Buffer) else memoryview(value)
+    part = view[offset : offset + out.nbytes]
+    out[: part.nbytes] = part
+    return part.nbytes
 
 
 class PutMode(str, enum.Enum):
@@ -80,6 +96,9 @@ class Capabilities:
     backend that reads from peers verifies each blob itself), so the tier chain does
     not compute their checksum again. Bytes read from storage outside the process are
     never trusted: leave it ``False``."""
+    ranged_reads: bool = False
+    """``read_into_many`` reads only the asked ranges (a native range read); else the
+    base's default reads whole values and copies the ranges out."""
 
 
 @dataclass
@@ -250,6 +269,54 @@ class Backend(ABC):
             out.append(buf)
         return out
 
+    async def read_into_many(self, reads: Sequence[Read]) -> list[int | None]:
+        """Read ranges of stored values into the caller's memory: for each
+        ``(key, offset, out)``, the value's bytes from ``offset`` on are written into
+        ``out`` (as many as fit; fewer where the value ends first) and the number written
+        is returned; ``None`` where ``key`` is missing. An ``offset`` at or past the end
+        reads 0 bytes. A key may appear in several reads (not folded). Each read sees the
+        value as stored when it runs: a value replaced between reads is not detected
+        here (callers check what they read: kvtier's blob digests).
+
+        ``out`` is a writable, C-contiguous memoryview of bytes (format ``"B"``, one
+        dimension: ``view.cast("B")`` makes one); anything else, or an ``offset`` that is
+        not a non-negative int, raises :class:`ConfigError` before any I/O. Bytes of
+        ``out`` past the returned count are left as they were. Once the call has
+        returned or raised (cancelled included), nothing writes into ``out`` any more.
+        """
+        self._check_open()
+        checked = [self._check_read(i, read) for i, read in enumerate(reads)]
+        if not checked:
+            return []
+        return await self._read_into(checked)
+
+    def _check_read(self, i: int, read: Read) -> Read:
+        """``read`` (the ``i``-th of a batch) if its key, offset and ``out`` are usable."""
+        try:
+            key, offset, out = read
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{self.safe_url}: read {i} must be a (key, offset, out) tuple, got {read!r}"
+            ) from None
+        validate_key(key)
+        what = f"{self.safe_url}: read {i} ({key}, offset {offset!r})"
+        if type(offset) is not int or offset < 0:
+            raise ConfigError(f"{what}: the offset must be a non-negative int")
+        if not isinstance(out, memoryview):
+            raise ConfigError(f"{what}: out must be a memoryview, got {type(out).__name__}")
+        try:
+            usable = not out.readonly and out.c_contiguous and out.ndim == 1
+            usable = usable and out.format == "B"
+        except ValueError:  # a released memoryview
+            raise ConfigError(f"{what}: out is a released memoryview") from None
+        if not usable:
+            raise ConfigError(
+                f"{what}: out must be a writable, C-contiguous memoryview of bytes "
+                f"(format 'B', one dimension; cast it with .cast('B')), got "
+                f"format {out.format!r}, shape {out.shape}, readonly={out.readonly}"
+            )
+        return key, offset, out
+
     async def put_many(
         self, items: Sequence[tuple[str, Buffer]], mode: PutMode = PutMode.OVERWRITE
     ) -> list[bool]:
@@ -301,6 +368,20 @@ class Backend(ABC):
     @abstractmethod
     async def _get_unique(self, keys: list[str]) -> list[Buffer | None]:
         """Blobs for ``keys``, each a reference the caller owns; ``None`` for a miss."""
+
+    async def _read_into(self, reads: list[Read]) -> list[int | None]:
+        """Copy each ``(key, offset, out)`` range of a stored value into ``out``; the
+        count copied, ``None`` for a missing key (see :meth:`read_into_many`). The
+        reads are checked; a key may repeat. A backend with a native range read
+        overrides this and sets ``capabilities.ranged_reads``; by default every
+        distinct value is read whole with :meth:`_get_unique` and the ranges copied."""
+        keys = list(dict.fromkeys(key for key, _, _ in reads))
+        blobs = await self._get_unique(keys)
+        try:
+            found = dict(zip(keys, blobs, strict=True))
+            return [copy_range(found[key], offset, out) for key, offset, out in reads]
+        finally:
+            release_all(blobs)
 
     @abstractmethod
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:

@@ -27,7 +27,7 @@ import torch
 from kvtier.backends.file import TEMP_GRACE_S, FileBackend, chunkio
 from kvtier.core import KVLayout, KVTier
 from kvtier.core.backend import Backend, PutMode
-from kvtier.core.buffers import Buffer, default_pool
+from kvtier.core.buffers import Buffer, address_of, default_pool
 from kvtier.core.errors import BackendError, BackendUnavailableError, ConfigError
 from kvtier.core.factory import build_backend
 from kvtier.core.testing import BackendConformance
@@ -730,6 +730,85 @@ def test_cancelled_put_leaves_keys_absent_or_complete(
     assert list((root / ".tmp").iterdir()) == []
 
 
+# -- ranged reads ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_ranged_reads_read_only_their_ranges(
+    url: str, monkeypatch: pytest.MonkeyPatch, o_direct: bool
+) -> None:
+    """``read_into_many`` asks the disk for its ranges alone, straight into ``out``
+    (opened without O_DIRECT, so unaligned ranges of an ``o_direct`` tier work)."""
+    items = {key(i): data(i, 3 * MiB + i) for i in range(2)}
+    asked: list[tuple[int, int]] = []  # (address of the first byte, bytes)
+    real = os.preadv
+
+    def preadv(fd: int, views: list[memoryview], offset: int) -> int:
+        asked.extend((address_of(v), v.nbytes) for v in views)
+        return real(fd, views, offset)
+
+    async def scenario() -> None:
+        async with make(url, capacity=64 * MiB, o_direct=o_direct) as backend:
+            assert backend.capabilities.ranged_reads
+            assert await put(backend, items) == [True, True]
+            outs = [memoryview(bytearray(n)) for n in (4096, 1000, 333)]
+            reads = [
+                (key(0), 5, outs[0]),
+                (key(1), MiB + 1, outs[1]),
+                (key(0), 3 * MiB - 3, outs[2]),
+            ]
+            monkeypatch.setattr(os, "preadv", preadv)
+            assert await backend.read_into_many(reads) == [4096, 1000, 3]
+            monkeypatch.undo()
+            for k, offset, out in reads:
+                want = items[k][offset : offset + out.nbytes]
+                assert out[: len(want)] == want
+            assert sorted(asked) == sorted((address_of(out), out.nbytes) for out in outs)
+
+    run(scenario)
+
+
+def test_cancelled_ranged_reads_write_nothing_after_the_cancel(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled ``read_into_many`` raises only once its running reads are done, and
+    starts no other: after it, nothing writes into the caller's memory."""
+    threads = 2
+    items = {key(i): data(i, MiB) for i in range(8)}
+    slow_preadv, reading, resume = paused(os.preadv, count=threads)
+    active = [0]
+    real = os.preadv
+
+    async def scenario() -> None:
+        async with make(url, capacity=64 * MiB, threads=threads) as backend:
+            assert await put(backend, items) == [True] * 8
+
+            def preadv(*args: Any) -> int:
+                active[0] += 1
+                try:
+                    return slow_preadv(*args)
+                finally:
+                    active[0] -= 1
+
+            outs = [memoryview(bytearray(MiB)) for _ in items]
+            monkeypatch.setattr(os, "preadv", preadv)
+            reads = [(k, 0, out) for k, out in zip(items, outs, strict=True)]
+            task = asyncio.ensure_future(backend.read_into_many(reads))
+            await asyncio.to_thread(reading.wait, 10)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=0.1)
+            assert not done, "the cancel returned while reads still wrote into out"
+            resume.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert active[0] == 0
+            monkeypatch.setattr(os, "preadv", real)
+            filled = [bytes(out) == items[k] for k, out in zip(items, outs, strict=True)]
+            assert filled.count(True) == threads, "reads started after the cancel"
+
+    run(scenario)
+
+
 # -- parallel batches ------------------------------------------------------------------
 
 
@@ -867,6 +946,8 @@ def test_the_event_loop_makes_no_syscall(
             assert await backend.contains_many([key(5), key(9)]) == [True, False]
             assert await backend.contains_many([key(5)]) == [True]  # known: from memory
             assert await get(backend, [key(5), key(9)]) == [data(5, 100 * KiB), None]
+            out = memoryview(bytearray(10))
+            assert await backend.read_into_many([(key(5), 7, out), (key(9), 0, out)]) == [10, None]
             assert len([k async for k in backend.iter_keys()]) == 3
             assert (await backend.stats()).keys == 3
             assert await backend.delete_many([key(5), key(9)]) == [True, False]

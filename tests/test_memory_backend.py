@@ -104,6 +104,30 @@ def test_put_and_get_are_zero_copy() -> None:
     assert buf.refcount == 1
 
 
+def test_ranged_reads_copy_from_the_stored_buffer_and_count_as_reads() -> None:
+    """``read_into_many`` copies the ranges out of the buffer stored, holds no
+    reference after, and a ranged read is a use for the eviction policy, as a get is."""
+    pool = BufferPool()
+    bufs = [blob(pool, 1000) for _ in range(4)]
+    evicted: list[tuple[str, int]] = []
+
+    async def body(backend: MemoryBackend) -> None:
+        assert backend.capabilities.ranged_reads
+        backend.eviction_listener = evicted.extend
+        assert await backend.put_many([(key(i), b) for i, b in enumerate(bufs)]) == [True] * 4
+        out = memoryview(bytearray(300))
+        assert await backend.read_into_many([(key(0), 900, out), (key(0), 0, out[100:])]) == [
+            100,
+            200,
+        ]
+        assert out[:100] == bufs[0].view[900:] and out[100:] == bufs[0].view[:200]
+        assert [b.refcount for b in bufs] == [2] * 4, "the read kept a reference"
+        assert await backend.put_many([(key(4), blob(pool, 1000))]) == [True]
+
+    run(body, capacity=4000, eviction="lru")
+    assert evicted == [(key(1), 1000)], "the ranged read of key 0 did not count as a use"
+
+
 @pytest.mark.parametrize(("eviction", "victim"), [("lru", 1), ("lfu", 2)])
 def test_eviction_order_follows_policy(eviction: str, victim: int) -> None:
     """Keys 1-4 fill the tier; key 1 is read 3 times, then 2, 3, 4 once each.

@@ -357,6 +357,52 @@ def test_a_split_value_with_a_missing_part_is_a_miss(valkey_server: ValkeyServer
     session(valkey_server.url, body, max_value_bytes=64 * KiB)
 
 
+@pytest.mark.parametrize("release", ["installed", "unknown"])
+def test_ranged_reads_are_getrange_in_one_pipeline(
+    request: pytest.FixtureRequest,
+    valkey_server: ValkeyServer,
+    monkeypatch: pytest.MonkeyPatch,
+    release: str,
+) -> None:
+    """String values are read with GETRANGE (one pipeline, only the ranges); a split
+    value takes a second trip and is read whole; a malformed value is a miss, removed;
+    with ``refresh_ttl`` a ranged read refreshes the TTL as a get does."""
+    if release == "unknown":
+        request.getfixturevalue("unknown_redis_py")
+    sent: list[list[str]] = []
+    run_slice = transport.Transport._slice
+
+    async def recorded(self: Any, node: Any, jobs: list) -> Any:
+        sent.append(sorted({command[0] for _, commands in jobs for command in commands}))
+        return await run_slice(self, node, jobs)
+
+    small, large = data(1, 20 * KiB), data(2, 300 * KiB)
+    names = [f"kvtier:{{{key(i)}}}" for i in range(4)]
+
+    async def body(backend: RedisBackend) -> None:
+        assert await put(backend, {key(1): small, key(2): large}) == [True, True]
+        with raw(valkey_server) as client:
+            client.rpush(names[3], b"not a chunk")
+            client.pexpire(names[1], 5_000)
+        outs = [memoryview(bytearray(n)) for n in (100, 1000, 100, 5, 10)]
+        offsets = [(key(1), 7), (key(2), 100 * KiB), (key(1), 20 * KiB - 50), (key(3), 0)]
+        reads = [(k, offset, out) for (k, offset), out in zip(offsets, outs, strict=False)]
+        reads.append((key(4), 0, outs[4]))  # never stored
+        with monkeypatch.context() as patch:
+            patch.setattr(transport.Transport, "_slice", recorded)
+            got = await backend.read_into_many(reads)
+        assert got == [100, 1000, 50, None, None]
+        assert outs[0] == small[7:107] and outs[1] == large[100 * KiB : 100 * KiB + 1000]
+        assert outs[2][:50] == small[-50:]
+        assert sent == [["EXISTS", "GETRANGE", "PEXPIRE"], ["HGETALL", "PEXPIRE"], ["EVAL"]]
+        assert (await backend.stats()).details["malformed_removed"] == 1
+        with raw(valkey_server) as client:
+            assert client.pttl(names[1]) > 50_000, "the ranged read refreshed the TTL"
+            assert not client.exists(names[3]), "the malformed value was not removed"
+
+    session(valkey_server.url, body, max_value_bytes=64 * KiB, parallel=1, ttl=60, refresh_ttl=True)
+
+
 def test_split_size_comes_from_the_server(valkey_factory) -> None:
     server = valkey_factory("--proto-max-bulk-len", "1mb")
     with raw(server) as client, pytest.raises(redis.ResponseError):

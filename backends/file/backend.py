@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
 from functools import partial
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from kvtier.backends.file.folder import Folder
 from kvtier.backends.file.index import ChunkIndex
 from kvtier.backends.file.options import FileOptions, root_from_url
 from kvtier.backends.file.pins import FilePins
-from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode
+from kvtier.core.backend import Backend, BackendStats, Capabilities, PutMode, Read
 from kvtier.core.blocking import BlockingPool
 from kvtier.core.buffers import Buffer, release_all
 from kvtier.core.errors import BackendUnavailableError, ConfigError
@@ -32,12 +33,31 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+async def settled(futures: Sequence[Future[Any]]) -> None:
+    """Wait until every one of ``futures`` is done, whatever their outcome; a cancel
+    meanwhile is raised once they are."""
+    pending = [asyncio.wrap_future(f) for f in futures if not f.done()]
+    if not pending:
+        return
+    waiting = asyncio.ensure_future(asyncio.wait(pending))
+    cancelled = False
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            cancelled = True
+    for wrapped in pending:  # their outcome is the caller's business, not the loop's
+        if not wrapped.cancelled():
+            wrapped.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class FileBackend(FilePins, Backend):
     """A bounded, persistent, shareable byte store with one file per chunk."""
 
-    capabilities = Capabilities(
-        persistent=True, shared=True, bounded=True, listing=True, create_mode=True
-    )
+    capabilities = Capabilities(persistent=True, shared=True, bounded=True, listing=True,
+                                create_mode=True, ranged_reads=True)  # fmt: skip
     options: FileOptions
     options_model = FileOptions
 
@@ -88,6 +108,22 @@ class FileBackend(FilePins, Backend):
         wake = self._waker()
         calls = [partial(self.io.get_group, group, wake) for group in groups]
         return flat(await self._pool().run_all(calls, orphan=release_all))
+
+    async def _read_into(self, reads: list[Read]) -> list[int | None]:
+        """The reads spread over the workers (``os.preadv`` of each range into its
+        ``out``). Returns or raises, cancelled included, only once no worker writes into
+        an ``out`` any more: a cancel or a failure stops the groups before their next
+        read, and the ones running are waited for."""
+        pool, wake, stop = self._pool(), self._waker(), threading.Event()
+        groups = self._groups(reads, [out.nbytes for _, _, out in reads])
+        futures: list[Future[list[int | None]]] = []
+        try:
+            for group in groups:
+                futures.append(pool.submit(partial(self.io.read_group, group, stop, wake)))
+            return flat(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+        finally:
+            stop.set()
+            await settled(futures)
 
     async def _put_unique(self, items: list[tuple[str, Buffer]], mode: PutMode) -> list[bool]:
         self._check_writable("put_many")

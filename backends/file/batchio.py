@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from typing import TypeVar
 
 from kvtier.backends.file.batches import FolderSync
 from kvtier.backends.file.chunkio import (
@@ -25,6 +26,7 @@ from kvtier.backends.file.chunkio import (
     create_temp,
     o_direct_works,
     read_all,
+    read_at,
     write_all,
 )
 from kvtier.backends.file.expiry import Expiry
@@ -32,7 +34,7 @@ from kvtier.backends.file.folder import TEMP_DIR, Folder, RootState, Tree, new_t
 from kvtier.backends.file.index import ChunkIndex, Reservation
 from kvtier.backends.file.listing import keys_in, shards
 from kvtier.backends.file.options import FileOptions
-from kvtier.core.backend import PutMode
+from kvtier.core.backend import PutMode, Read
 from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import (
     BackendError,
@@ -43,6 +45,16 @@ from kvtier.core.errors import (
 
 Wake = Callable[[], None]
 """Tells the event loop, from a worker thread, that chunks were evicted."""
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Stopped(Exception):
+    """A group of ranged reads stopped early: nobody awaits it any more."""
+
+
+def _keep(results: object) -> None:
+    """Nothing to release: ranged reads fill the caller's memory."""
 
 
 class BatchIO:
@@ -197,27 +209,56 @@ class BatchIO:
     def get_group(self, keys: Sequence[str], wake: Wake) -> list[Buffer | None]:
         """Each key's blob in a pool buffer, or ``None``; on an error nothing read is
         kept."""
-        out: list[Buffer | None] = []
+        return self._each(keys, keys, self._read, wake, release_all)
+
+    def read_group(
+        self, reads: Sequence[Read], stop: threading.Event, wake: Wake
+    ) -> list[int | None]:
+        """Each ``(key, offset, out)`` range of a chunk read into ``out``: the count read,
+        or ``None`` for a missing chunk. Once ``stop`` is set the group raises
+        :class:`Stopped` before its next read (its caller is gone)."""
+
+        def read(tree: Tree, item: Read) -> int | None:
+            if stop.is_set():
+                raise Stopped
+            return self._read_range(tree, *item)
+
+        return self._each([key for key, _, _ in reads], reads, read, wake, _keep)
+
+    def _each(
+        self,
+        keys: Sequence[str],
+        items: Sequence[Item],
+        read: Callable[[Tree, Item], Result | None],
+        wake: Wake,
+        drop: Callable[[list[Result | None]], None],
+    ) -> list[Result | None]:
+        """``read(tree, item)`` of each item (of chunk ``key``); ``None`` results are
+        misses, read again if the folder turns out to be replaced. On an error ``drop``
+        gets what was read."""
+        out: list[Result | None] = []
         try:
             with self.folder.use() as tree:
-                for key in keys:
-                    out.append(self._read(tree, key))
-                missed = [k for k, buf in zip(keys, out, strict=True) if buf is None]
+                for item in items:
+                    out.append(read(tree, item))
+                missed = [k for k, got in zip(keys, out, strict=True) if got is None]
                 state = self._follow(tree, wake, missed) if missed else RootState.SAME
             if state is RootState.NEW:  # the folder was replaced: read the misses from the new one
                 with self.folder.use() as tree:
-                    for i, key in enumerate(keys):
+                    for i, item in enumerate(items):
                         if out[i] is None:
-                            out[i] = self._read(tree, key)
+                            out[i] = read(tree, item)
         except BaseException as exc:
-            release_all(out)
+            drop(out)
             if isinstance(exc, OSError):
                 raise self.error(exc, "read") from exc
             raise
         return out
 
-    def _read(self, tree: Tree, key: str) -> Buffer | None:
-        opened = self.folder.open_chunk(tree, key, self.read_flags)
+    def _opened(self, tree: Tree, key: str, flags: int) -> tuple[int, os.stat_result] | None:
+        """``key``'s file opened with ``flags`` and its ``fstat``; ``None`` if it is
+        missing or expired."""
+        opened = self.folder.open_chunk(tree, key, flags)
         if opened is None:
             self.index.missed(key)
             return None
@@ -226,19 +267,44 @@ class BatchIO:
             os.close(fd)
             self.expiry.drop(key)
             return None
+        return opened
+
+    def _touch(self, key: str, fd: int, st: os.stat_result) -> None:
+        """``key``'s file was read: its access time (LRU order on restart) and index."""
+        if not self.options.read_only:
+            with contextlib.suppress(OSError):
+                os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
+        self.index.read(key, fd, st.st_size)
+
+    def _read(self, tree: Tree, key: str) -> Buffer | None:
+        opened = self._opened(tree, key, self.read_flags)
+        if opened is None:
+            return None
+        fd, st = opened
         try:
             buf = read_all(fd, st.st_size, self.pool, direct=self.options.o_direct)
             try:
-                if not self.options.read_only:  # the access time orders LRU on restart
-                    with contextlib.suppress(OSError):
-                        os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
-                self.index.read(key, fd, st.st_size)
+                self._touch(key, fd, st)
             except BaseException:
                 buf.release()
                 raise
         finally:
             os.close(fd)
         return buf
+
+    def _read_range(self, tree: Tree, key: str, offset: int, out: memoryview) -> int | None:
+        # Never O_DIRECT: a range's offset, length and ``out`` need not be aligned to
+        # pages, and a bounce buffer would cost the copy a ranged read saves.
+        opened = self._opened(tree, key, READ_FLAGS)
+        if opened is None:
+            return None
+        fd, st = opened
+        try:
+            done = read_at(fd, out, offset, min(out.nbytes, st.st_size - offset))
+            self._touch(key, fd, st)
+        finally:
+            os.close(fd)
+        return done
 
     def put_group(
         self,

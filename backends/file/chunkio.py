@@ -54,17 +54,23 @@ def read_all(fd: int, nbytes: int, pool: BufferPool, *, direct: bool) -> Buffer:
     try:
         # O_DIRECT reads whole pages; the view is trimmed back to the file's length.
         target = buf.block[: padded(nbytes)] if direct else buf.view
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [target[done:]], done)
-            if got == 0:
-                break
-            done += got
-        buf.resize(min(done, nbytes))
+        buf.resize(min(read_at(fd, target, 0, nbytes), nbytes))
     except BaseException:
         buf.release()
         raise
     return buf
+
+
+def read_at(fd: int, out: memoryview, offset: int, want: int) -> int:
+    """Read ``fd`` from ``offset`` into ``out`` until ``want`` bytes (or the end of the
+    file, or of ``out``) are in; the count read."""
+    done = 0
+    while done < want and done < out.nbytes:
+        got = os.preadv(fd, [out[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def create_temp(tmp: int, name: str, *, direct: bool) -> int:

@@ -24,7 +24,8 @@ stays a miss) and counted as ``malformed_removed`` in ``stats().details``.
 
 Every batch is one round trip (:mod:`~kvtier.backends.redis.transport`): a write,
 ``CREATE`` (SET NX) included, pipelines each blob's SET, or its parts and the script
-that publishes them; a read pipelines GETs, and only split blobs take a second trip.
+that publishes them; a read pipelines GETs (``read_into_many``: GETRANGE and EXISTS of
+each range), and only split blobs take a second trip.
 
 Errors: an unreachable server, a timeout or a cluster without a live node is
 :class:`BackendUnavailableError`; wrong credentials at ``open()`` are
@@ -58,7 +59,7 @@ from kvtier.backends.redis.resp import Command, Reply, release_all
 from kvtier.backends.redis.split import DISCARD, INCOMPLETE, STORED, assemble, write_job
 from kvtier.backends.redis.transport import Job, Transport, fast_path_works
 from kvtier.backends.redis.url import parse_url
-from kvtier.core.backend import Backend, Capabilities, PutMode
+from kvtier.core.backend import Backend, Capabilities, PutMode, Read, copy_range
 from kvtier.core.buffers import Buffer
 from kvtier.core.errors import BackendError, BackendUnavailableError
 
@@ -74,9 +75,8 @@ class RedisBackend(RedisPins, RedisListing, Backend):
     ``False`` result. One instance serves one event loop.
     """
 
-    capabilities = Capabilities(
-        persistent=True, shared=True, bounded=False, listing=True, create_mode=True
-    )
+    capabilities = Capabilities(persistent=True, shared=True, bounded=False, listing=True,
+                                create_mode=True, ranged_reads=True)  # fmt: skip
     options: RedisOptions
     options_model = RedisOptions
 
@@ -183,12 +183,9 @@ class RedisBackend(RedisPins, RedisListing, Backend):
                 else:
                     out.append(None)
             if split:
-                blobs = await self._get_split([names[i] for i in split])
+                blobs = await self._split_blobs([names[i] for i in split])
                 for i, blob in zip(split, blobs, strict=True):
                     out[i] = blob
-                malformed = [names[i] for i, blob in zip(split, blobs, strict=True) if blob is None]
-                if malformed:
-                    await self._discard(malformed)
         except BaseException:
             release_all(replies[len(out) :])
             release_all(out)
@@ -197,6 +194,58 @@ class RedisBackend(RedisPins, RedisListing, Backend):
         self._counts["hits"] += hits
         self._counts["misses"] += len(out) - hits
         return out
+
+    async def _read_into(self, reads: list[Read]) -> list[int | None]:
+        """One round trip: each read's EXISTS and GETRANGE (which answers ``""`` for a
+        missing key too), copied into ``out``. A split blob (a hash: WRONGTYPE) is read
+        whole in a second trip and its ranges copied out."""
+        ttl = self._ttl_ms if self.options.refresh_ttl else None
+        jobs: list[Job] = []
+        for key, offset, out in reads:
+            name = self._name(key)
+            job: list[Command] = [("EXISTS", name)]
+            if out.nbytes:  # GETRANGE of an empty range would be the whole value (end -1)
+                job.append(("GETRANGE", name, offset, offset + out.nbytes - 1))
+            if ttl is not None:
+                job.append(("PEXPIRE", name, ttl))
+            jobs.append((name, job))
+        replies = await self._run("get", jobs)
+        counts: list[int | None] = []
+        split: dict[str, list[int]] = {}  # name -> the reads of its split blob
+        try:
+            for i, ((key, _, out), (exists, *got)) in enumerate(zip(reads, replies, strict=True)):
+                part = got[0] if out.nbytes else b""
+                if is_wrongtype(part):
+                    split.setdefault(self._name(key), []).append(i)
+                    part = b""
+                for reply in (exists, part):
+                    if isinstance(reply, Exception):
+                        raise self._failed(reply, "get")
+                counts.append(copy_range(part, 0, out) or (0 if exists else None))
+        finally:
+            release_all(replies)
+        if split:
+            blobs = await self._split_blobs(list(split))
+            try:
+                for blob, indexes in zip(blobs, split.values(), strict=True):
+                    for i in indexes:
+                        key, offset, out = reads[i]
+                        counts[i] = copy_range(blob, offset, out)
+            finally:
+                release_all(blobs)
+        return counts
+
+    async def _split_blobs(self, names: Sequence[str]) -> list[Buffer | None]:
+        """:meth:`_get_split`, and those found malformed discarded."""
+        blobs = await self._get_split(names)
+        malformed = [name for name, blob in zip(names, blobs, strict=True) if blob is None]
+        if malformed:
+            try:
+                await self._discard(malformed)
+            except BaseException:
+                release_all(blobs)
+                raise
+        return blobs
 
     async def _get_split(self, names: Sequence[str]) -> list[Buffer | None]:
         """The blobs of the split hashes ``names``; ``None`` for a value that is no

@@ -1,7 +1,8 @@
 """The hooks and fixtures of :class:`~kvtier.core.testing.BackendConformance`.
 
-The suite's test groups (``batches``, ``lifetime``, ``capacity``, ``concurrency``,
-``out_of_band``) derive from :class:`SuiteBase`; ``BackendConformance`` joins them.
+The suite's test groups (``batches``, ``ranges``, ``lifetime``, ``capacity``,
+``concurrency``, ``out_of_band``) derive from :class:`SuiteBase`;
+``BackendConformance`` joins them.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from kvtier.core.testing.harness import (
     expect_no_error,
     require,
     same_bytes,
+    scratch,
 )
 
 
@@ -136,6 +137,7 @@ class BatchTests(SuiteBase):
                     "put_many(CREATE)": lambda: backend.put_many([], PutMode.CREATE),
                     "contains_many": lambda: backend.contains_many([]),
                     "delete_many": lambda: backend.delete_many([]),
+                    "read_into_many": lambda: backend.read_into_many([]),
                 }
                 for name, call in calls.items():
                     got = await call()
@@ -175,6 +177,10 @@ class BatchTests(SuiteBase):
                     "get_many": (lambda: backend.get_many([key]), None),
                     "contains_many": (lambda: backend.contains_many([key]), False),
                     "delete_many": (lambda: backend.delete_many([key]), False),
+                    "read_into_many": (
+                        lambda: backend.read_into_many([(key, 0, scratch(16))]),
+                        None,
+                    ),
                 }
                 for name, (call, miss) in calls.items():
                     what = f"{name} of a {round_} key"

@@ -7,9 +7,9 @@ test of the suite for it. Tests are synchronous and drive the backend with
 it), so the suite needs no asyncio plugin. Keys live in the ``NAMESPACE`` namespace
 with random digests, so runs against a shared store never collide.
 
-The tests live in one module per concern (``batches``, ``lifetime``, ``capacity``,
-``concurrency``, ``out_of_band``); the hooks and fixtures in ``base``; the shared
-helpers in ``harness`` (re-exported here).
+The tests live in one module per concern (``batches``, ``ranges``, ``lifetime``,
+``capacity``, ``concurrency``, ``out_of_band``); the hooks and fixtures in ``base``;
+the shared helpers in ``harness`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from kvtier.core.testing.harness import (
 )
 from kvtier.core.testing.lifetime import LifetimeTests
 from kvtier.core.testing.out_of_band import OutOfBandTests
+from kvtier.core.testing.ranges import RangeTests
 
 __all__ = [
     "INVALID_KEYS",
@@ -44,7 +45,7 @@ __all__ = [
 
 
 class BackendConformance(
-    BatchTests, LifetimeTests, CapacityTests, ConcurrencyTests, OutOfBandTests
+    BatchTests, RangeTests, LifetimeTests, CapacityTests, ConcurrencyTests, OutOfBandTests
 ):
     """Conformance tests for a kvtier storage backend; subclass it in a test module.
 

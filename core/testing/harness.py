@@ -151,7 +151,13 @@ def keyed_calls(backend: Backend, key: str, buf: Buffer) -> dict[str, Call]:
         "put_many(CREATE)": lambda: backend.put_many([(key, buf)], PutMode.CREATE),
         "contains_many": lambda: backend.contains_many([key]),
         "delete_many": lambda: backend.delete_many([key]),
+        "read_into_many": lambda: backend.read_into_many([(key, 0, scratch(16))]),
     }
+
+
+def scratch(nbytes: int) -> memoryview:
+    """Writable memory for ``read_into_many`` to read into."""
+    return memoryview(bytearray(nbytes))
 
 
 def require(backend: Backend, capability: str) -> None:

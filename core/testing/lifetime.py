@@ -16,6 +16,7 @@ from kvtier.core.testing.harness import (
     expect_no_error,
     keyed_calls,
     require,
+    scratch,
 )
 
 
@@ -149,6 +150,9 @@ class LifetimeTests(SuiteBase):
                 "put_many": lambda: backend.put_many([(good, buf), (bad_key, buf)]),
                 "contains_many": lambda: backend.contains_many([good, bad_key]),
                 "delete_many": lambda: backend.delete_many([good, bad_key]),
+                "read_into_many": lambda: backend.read_into_many(
+                    [(good, 0, scratch(16)), (bad_key, 0, scratch(16))]
+                ),
             }
             for name, call in mixed.items():
                 await expect_error(ConfigError, f"{name} with a valid and an invalid key", call)

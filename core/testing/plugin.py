@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-SUITE_MODULES = "base batches capacity concurrency conformance harness lifetime out_of_band"
+SUITE_MODULES = "base batches capacity concurrency conformance harness lifetime out_of_band ranges"
 """Modules of ``kvtier.core.testing`` whose asserts pytest rewrites (the suite's)."""
 pytest.register_assert_rewrite(*(f"kvtier.core.testing.{name}" for name in SUITE_MODULES.split()))
 
