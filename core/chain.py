@@ -6,7 +6,8 @@ failing tier is skipped (its chunks look missing) and never raises into the call
 Everything about stored bytes is decided in the chain, once: which tier serves a
 chunk, whether its bytes are verified (only bytes from outside the process are), what
 happens to a corrupt blob (counted, deleted, read from the next tier): the read path,
-:mod:`kvtier.core.reads`; and which faster tiers get a copy (promotion, here).
+:mod:`kvtier.core.reads` (layer by layer: :mod:`kvtier.core.layer_reads`); and which
+faster tiers get a copy (promotion, here).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from kvtier.core.buffers import Buffer, BufferPool
 from kvtier.core.codecs import decode as decoding
 from kvtier.core.errors import BackendUnavailableError
 from kvtier.core.integrity import MacKeys
+from kvtier.core.layer_reads import ChainLayerReads
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.prefetch import Prefetches
 from kvtier.core.quotas import TenantLedger, evict
-from kvtier.core.reads import FETCH_PARTS, ChainReads, Read, Target
+from kvtier.core.reads import FETCH_PARTS, Read, Target
 from kvtier.core.specs import EventKind, TierEvent
 from kvtier.core.tier import Tier
 
@@ -39,7 +41,7 @@ __all__ = ["FETCH_PARTS", "Target", "TierChain"]
 """Re-exported: :data:`FETCH_PARTS` and ``Target`` live in :mod:`kvtier.core.reads`."""
 
 
-class TierChain(ChainReads):
+class TierChain(ChainLayerReads):
     """The ordered tiers of one :class:`KVTier`; index 0 is the fastest.
 
     ``codec`` runs the CPU work on chunks (checksums, encoding, decoding).

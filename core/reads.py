@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -89,24 +89,37 @@ class ChainReads:
         await self.prefetches.settled(keys)  # promoted by now, or not at all
         served: dict[int, Read] = {}
         try:
-            pending = list(range(len(keys)))
-            for t in range(len(self.tiers)):
-                if not pending:
-                    break
-                reads = [
-                    self._serve(t, part, keys, targets, served) for part in self._parts(t, pending)
-                ]
-                results = await asyncio.gather(*reads, return_exceptions=True)
-                failure = next((r for r in results if isinstance(r, BaseException)), None)
-                if failure is not None:
-                    raise failure
-                pending = [i for i in pending if i not in served]
+            await self._serve_tiers(
+                range(len(self.tiers)), list(range(len(keys))), keys, targets, served
+            )
             count = next((i for i in range(len(keys)) if i not in served), len(keys))
             self._promote([r for i, r in served.items() if i < count])
             return count
         finally:
             for r in served.values():
                 r.buf.release()
+
+    async def _serve_tiers(
+        self,
+        tiers: Iterable[int],
+        pending: list[int],
+        keys: Sequence[str],
+        targets: Sequence[Target] | None,
+        served: dict[int, Read],
+    ) -> None:
+        """Ask ``tiers``, in order, for the chunks ``pending`` (indexes into ``keys``)
+        that no tier before served (see :meth:`_serve`); the hits go into ``served``."""
+        for t in tiers:
+            if not pending:
+                return
+            reads = [
+                self._serve(t, part, keys, targets, served) for part in self._parts(t, pending)
+            ]
+            results = await asyncio.gather(*reads, return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                raise failure
+            pending = [i for i in pending if i not in served]
 
     def _parts(self, t: int, wanted: list[int]) -> list[list[int]]:
         """``wanted`` split for concurrent reads from tier ``t``: in one part for a tier

@@ -1,8 +1,9 @@
 """Lookups and retrieves of :class:`~kvtier.core.engine.KVTier`: how many leading
 tokens of a prompt the tiers hold, and their KV, into a tensor (:meth:`RetrieveAPI.retrieve`),
-handed to a sink chunk by chunk (:meth:`RetrieveAPI.retrieve_to`) or held as views of
-the verified blobs (:meth:`RetrieveAPI.retrieve_held`). Every call is counted in the
-engine's stats."""
+handed to a sink chunk by chunk (:meth:`RetrieveAPI.retrieve_to`), held as views of
+the verified blobs (:meth:`RetrieveAPI.retrieve_held`), or handed over layer by layer
+as each layer arrives (:meth:`RetrieveAPI.retrieve_layers`). Every call is counted in
+the engine's stats."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import concurrent.futures
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -27,6 +28,23 @@ if TYPE_CHECKING:
 
 ChunkSink = Callable[[int, torch.Tensor], None]
 """What :meth:`KVTier.retrieve_to` hands each chunk to: ``sink(first, chunk)``."""
+
+LayerSink = Callable[[int, int, int, torch.Tensor], None]
+"""What :meth:`KVTier.retrieve_layers` hands each layer of each chunk to:
+``sink(request, first, layer, kv)``."""
+
+
+async def _leading(delivered: list[bool]) -> int:
+    """How many leading chunks were delivered."""
+    return next((n for n, ok in enumerate(delivered) if not ok), len(delivered))
+
+
+class Wanted(NamedTuple):
+    """One prompt of :meth:`KVTier.retrieve_layers`: its tokens from ``start`` on."""
+
+    tokens: Tokens
+    extra_keys: Sequence[ExtraKeys] = ()
+    start: int = 0
 
 
 class RetrieveAPI:
@@ -240,6 +258,53 @@ class RetrieveAPI:
         release_all(buf for first, _, buf in kept if first >= end)
         held = [item for item in kept if item[0] < end]
         return HeldChunks(end, [(first, chunk) for first, chunk, _ in held], [b for *_, b in held])
+
+    def retrieve_layers(
+        self,
+        wanted: Sequence[Wanted],
+        sink: LayerSink,
+        layer_done: Callable[[int], None],
+    ) -> list[int]:
+        """Fetch the chunks of several prompts and hand them over layer by layer, each
+        layer as soon as it arrived and passed its check: ``sink(request, first, layer,
+        kv)``, ``kv`` being layer ``layer``'s KV (``[2, T, kv_heads, head_dim]``) of
+        ``wanted[request].tokens[first:first + T]``; ``layer_done(layer)`` once that
+        layer of every chunk that can be had was handed over (called for every layer,
+        in order, from kvtier's I/O thread). Returns, per prompt, the end of the longest
+        run delivered from its ``start`` (``start`` when none was).
+
+        Layered blobs (``blob_layout: layers``) in tiers that read byte ranges (file,
+        redis) are read layer by layer, so layer 0 is handed over while later layers are
+        still on their way; every other chunk is read whole first
+        (:meth:`TierChain.fetch_layers <kvtier.core.layer_reads.ChainLayerReads.fetch_layers>`).
+        The sink's contract is :meth:`retrieve_to`'s (valid during the call, read only,
+        called from the codec threads, for chunks past the returned end too); an
+        exception from it propagates. Every argument is checked before anything is
+        read: a bad one raises :class:`ConfigError`."""
+        self._check_open()
+        if not callable(sink) or not callable(layer_done):
+            raise ConfigError("sink(request, first, layer, kv) and layer_done(layer) are callables")
+        keys: list[str] = []
+        owners: list[tuple[int, int]] = []  # per chunk: (request, first token)
+        spans: list[tuple[int, list[tuple[int, int]]]] = []  # per request: (offset, bounds)
+        for r, w in enumerate(wanted):
+            chunk_keys, bounds = self._chunks(w.tokens, w.extra_keys, w.start, note=True)
+            spans.append((len(keys), bounds))
+            keys += chunk_keys
+            owners += [(r, first) for first, _ in bounds]
+
+        def deliver(i: int, layer: int, kv: torch.Tensor) -> None:
+            sink(*owners[i], layer, kv)
+
+        async def fetch() -> list[int]:
+            done = await self.chain.fetch_layers(keys, self.layout.num_layers, deliver, layer_done)
+            ends = []
+            for w, (offset, bounds) in zip(wanted, spans, strict=True):
+                run = partial(_leading, done[offset : offset + len(bounds)])
+                ends.append(await self._counted(3, len(w.tokens) - w.start, run, bounds, w.start))
+            return ends
+
+        return self._io.run(fetch())
 
     def _fetch_to(
         self,

@@ -5,6 +5,7 @@ the pooled blobs kvtier queues. Counted on real tensors, without vLLM: every byt
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,12 +67,16 @@ def copies(monkeypatch) -> Iterator[Copies]:
     yield seen
 
 
-@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
+@pytest.mark.parametrize(
+    ("layerwise", "blob_layout"),
+    [(True, "chunk"), (False, "chunk"), (True, "layers")],
+    ids=["layerwise", "whole", "streamed"],
+)
 @pytest.mark.parametrize("tier", ["cpu", "file"])
 def test_raw_loads_and_saves_copy_once(
-    tmp_path: Path, copies: Copies, tier: str, layerwise: bool
+    tmp_path: Path, copies: Copies, tier: str, layerwise: bool, blob_layout: str
 ) -> None:
-    cfg = config(tmp_path)
+    cfg = {**config(tmp_path), "blob_layout": blob_layout}
     if tier == "file":
         del cfg["tiers"][0]
     tokens = prompt(3 * CHUNK + 5)
@@ -158,6 +163,58 @@ def test_wait_layer_returns_once_its_layer_is_in_place(tmp_path: Path, monkeypat
             "cpu",
         )
         assert torch.equal(layer0, want[:1])
+        assert torch.equal(
+            gather_paged([dst[n] for n in NAMES], load.slot_mapping(BS), "cpu"), want
+        )
+        loader.close()
+        saver.close()
+
+
+def test_streamed_loads_hand_over_layer_0_before_layer_1_is_read(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """blob_layout: layers, from a file tier: the forward may run layer 0 while layer
+    1's bytes are still on disk (their reads are held back until the test has seen
+    layer 0 in place)."""
+    cfg = {**config(tmp_path), "blob_layout": "layers"}
+    del cfg["tiers"][0]
+    with KVTier.open(cfg, model="tiny", layout=LAYOUT) as kv:
+        tokens = prompt(2 * CHUNK)
+        saver = WorkerSide(kv, NAMES)
+        src = cpu_caches(seed=4)
+        saver.register(src, "CPU_ATTN")
+        save = Transfer("w", tokens, (), 0, 2 * CHUNK, [1, 2, 3, 4])
+        run_step(saver, StepPlan(BS, saves=[save]))
+        kv.flush()
+        backend = kv.chain.tiers[0].backend
+        read = backend.read_into_many
+        gate, reached, offsets = threading.Event(), threading.Event(), []
+
+        async def held_back(reads):
+            offsets.append(sorted({offset for _, offset, _ in reads}))
+            if len(offsets) == 4:  # head, tail, layer 0, then layer 1's sections
+                reached.set()
+                await asyncio.to_thread(gate.wait, 10)
+            return await read(reads)
+
+        monkeypatch.setattr(backend, "read_into_many", held_back)
+        dst = cpu_caches()
+        loader = WorkerSide(kv, NAMES)
+        loader.register(dst, "CPU_ATTN")
+        load = Transfer("r", tokens, (), 0, 2 * CHUNK, [5, 6, 7, 8])
+        plan = StepPlan(BS, loads=[load])
+        with torch.inference_mode():
+            loader.start_load(plan)
+            loader.wait_layer(NAMES[0])
+            assert reached.wait(10), "layer 1's read never started"
+            assert not dst[NAMES[1]].any(), "layer 1 is not in place yet"
+            gate.set()
+            for name in NAMES[1:]:
+                loader.wait_layer(name)
+            loader.finish_step(plan)
+        assert offsets[2] < offsets[3], "layer 1's sections come after layer 0's"
+        assert loader.take_load_errors() == set()
+        want = gather_paged([src[n] for n in NAMES], save.slot_mapping(BS), "cpu")
         assert torch.equal(
             gather_paged([dst[n] for n in NAMES], load.slot_mapping(BS), "cpu"), want
         )

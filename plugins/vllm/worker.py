@@ -7,6 +7,9 @@ Free of vLLM imports. Each step, for the plan the scheduler side built:
   every verified chunk in its blob (for the raw codec, the blob's own bytes) and the
   thread copies them into the paged cache layer by layer; :meth:`WorkerSide.wait_layer`,
   called before each attention layer runs, returns as soon as its layer is in place.
+  With ``blob_layout: layers``, :meth:`KVTier.retrieve_layers` streams layered blobs
+  from tiers that read byte ranges, so layer ``i`` is copied into the cache (and its
+  wait returns) while later layers are still being read.
   Whole (``layerwise=False``), :meth:`KVTier.retrieve_to` hands each chunk to a sink
   that scatters it into every layer as it arrives, and :meth:`WorkerSide.wait_layer`
   waits for the whole fetch. Either way one copy, no staging tensor. Tokens kvtier
@@ -40,6 +43,7 @@ import torch
 
 from kvtier.core.engine import HeldChunks, KVTier, PendingStore
 from kvtier.core.errors import ConfigError
+from kvtier.core.retrieval import Wanted
 from kvtier.kernels import PagedLayout, PagedSlots, paged_view, scatter_paged
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
@@ -165,6 +169,9 @@ class WorkerSide:
             for load in loads:
                 load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
             return
+        if self.kv.config.blob_layout == "layers":
+            self._stream_layers(loads, ready)
+            return
         held: list[HeldChunks | None] = []
         try:
             for load in loads:
@@ -180,6 +187,37 @@ class WorkerSide:
                     chunks.release()
             for event in ready:  # also after a failure: its tokens are load errors
                 event.set()
+
+    def _stream_layers(self, loads: list[_Load], ready: list[threading.Event]) -> None:
+        """Fetch the loads layer by layer (:meth:`KVTier.retrieve_layers`), copying each
+        chunk's layer into the paged cache as it arrives and setting each layer's event
+        once every load's part of it is in place."""
+        wanted = [Wanted(x.transfer.token_ids, x.transfer.extra_keys, x.fetch_start) for x in loads]
+
+        def deliver(request: int, first: int, layer: int, kv: torch.Tensor) -> None:
+            load = loads[request]
+            part = _overlap(load.transfer, load.slots, first, kv.unsqueeze(0))
+            if part is None:
+                return
+            source = self._on_cache_device(part[0][0])
+            slots = PagedSlots(self.caches, part[1].to(source.device), self.layout)
+            with torch.inference_mode(self.caches[0].is_inference()):  # a codec thread
+                slots.scatter_layer(layer, source)
+            self._synchronize()
+
+        def layer_done(layer: int) -> None:
+            ready[layer].set()
+
+        try:
+            ends = self.kv.retrieve_layers(wanted, deliver, layer_done)
+        except Exception:
+            log.exception("kvtier: loading %d requests layer by layer failed", len(loads))
+            ends = [load.fetch_start for load in loads]
+        finally:
+            for event in ready:  # also after a failure: its tokens are load errors
+                event.set()
+        for load, end in zip(loads, ends, strict=True):
+            load.loaded = end
 
     def _hold(self, load: _Load) -> HeldChunks | None:
         """Fetch ``load``'s chunks and keep them (``None``, logged, if that fails)."""
