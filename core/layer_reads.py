@@ -21,6 +21,7 @@ and freed once nothing writes into them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class ChainLayerReads(ChainReads):
         await self.prefetches.settled(keys)
         held: dict[int, _Held] = {}
         streams: dict[int, _Stream] = {}
+        reading: asyncio.Future[list[tuple[_Stream, bool]]] | None = None
         try:
             pending = list(range(len(keys)))
             for t, tier in enumerate(self.tiers):
@@ -122,8 +124,15 @@ class ChainLayerReads(ChainReads):
                     streams.update(opened)
                 await self._read_whole([t], whole, keys, held)
                 pending = [i for i in pending if i not in held and i not in streams]
+            reading = asyncio.ensure_future(self._read_sections(0, keys, dict(streams)))
             for layer in range(layers):
-                await self._layer(layer, keys, streams, held, deliver)
+                broken = await reading
+                await self._replace(broken, layer, keys, streams, held)
+                if layer + 1 < layers:  # read the next layer while this one is handed over
+                    reading = asyncio.ensure_future(
+                        self._read_sections(layer + 1, keys, dict(streams))
+                    )
+                await self._deliver(layer, streams, held, deliver)
                 layer_done(layer)
             for s in streams.values():
                 held[s.index] = _Held(s.read())
@@ -131,6 +140,8 @@ class ChainLayerReads(ChainReads):
             self._promote([h.read for h in held.values()])
             return [i in held for i in range(len(keys))]
         finally:
+            if reading is not None:  # nothing may write into the buffers once released
+                await asyncio.gather(reading, return_exceptions=True)
             release_all(h.read.buf for h in held.values())
             release_all(s.buf for s in streams.values())
 
@@ -160,23 +171,30 @@ class ChainLayerReads(ChainReads):
 
     # -- one layer ---------------------------------------------------------------------
 
-    async def _layer(
+    async def _replace(
         self,
+        broken: list[tuple[_Stream, bool]],
         layer: int,
         keys: Sequence[str],
         streams: dict[int, _Stream],
         held: dict[int, _Held],
-        deliver: LayerSink,
     ) -> None:
-        """Read layer ``layer``'s sections of the ``streams`` and hand that layer of
-        every chunk over; streams that break off are read whole from the tiers below
-        (into ``held``) or dropped."""
-        broken: dict[int, list[int]] = {}  # tier -> its streams that broke off
-        for s in await self._read_sections(layer, keys, streams):
+        """Drop the streams that broke off at ``layer`` (their buffers given back, or
+        abandoned where a failed read may still write into them) and read their chunks
+        whole from the tiers below, to be handed over from ``layer`` on."""
+        by_tier: dict[int, list[int]] = {}
+        for s, abandon in broken:
             del streams[s.index]
-            broken.setdefault(s.tier, []).append(s.index)
-        for t, indexes in broken.items():  # read whole from the tiers below
+            if not abandon:
+                s.buf.release()
+            by_tier.setdefault(s.tier, []).append(s.index)
+        for t, indexes in by_tier.items():
             await self._read_whole(range(t + 1, len(self.tiers)), indexes, keys, held, layer)
+
+    async def _deliver(
+        self, layer: int, streams: dict[int, _Stream], held: dict[int, _Held], deliver: LayerSink
+    ) -> None:
+        """Hand layer ``layer`` of every chunk over, in the codec threads."""
 
         def from_memory(i: int, h: _Held) -> None:
             deliver(i, layer, h.layer(layer, self.registry))
@@ -190,11 +208,12 @@ class ChainLayerReads(ChainReads):
 
     async def _read_sections(
         self, layer: int, keys: Sequence[str], streams: dict[int, _Stream]
-    ) -> list[_Stream]:
+    ) -> list[tuple[_Stream, bool]]:
         """Read and check layer ``layer``'s section of every stream into its buffer;
-        returns the streams that broke off, their buffers given back or abandoned
-        (corrupt sections counted and deleted)."""
-        broken: list[_Stream] = []
+        returns the streams that broke off, each with whether its buffer must be
+        abandoned (corrupt sections counted and deleted). Gives no buffer back: the
+        caller may be handing the previous layer over from them."""
+        broken: list[tuple[_Stream, bool]] = []
         by_tier: dict[int, list[_Stream]] = {}
         for s in streams.values():
             by_tier.setdefault(s.tier, []).append(s)
@@ -205,14 +224,11 @@ class ChainLayerReads(ChainReads):
                 for s, (offset, nbytes) in zip(group, spans, strict=True)
             ]
             got = await self._read_into(t, reads)
-            if got is None:
-                broken += group  # abandoned: the failed read may still write into them
+            if got is None:  # the failed read may still write into the buffers
+                broken += [(s, True) for s in group]
                 continue
             arrived = [s for s, n, (_, want) in zip(group, got, spans, strict=True) if n == want]
-            for s in group:
-                if s not in arrived:
-                    s.buf.release()
-                    broken.append(s)
+            broken += [(s, False) for s in group if s not in arrived]
 
             def check(s: _Stream) -> ChunkCorruptedError | None:
                 try:
@@ -224,9 +240,8 @@ class ChainLayerReads(ChainReads):
             problems = await self.codec.run_all([partial(check, s) for s in arrived])
             for s, problem in zip(arrived, problems, strict=True):
                 if problem is not None:
-                    s.buf.release()
                     await self._discard_corrupt(t, keys[s.index], str(problem))
-                    broken.append(s)
+                    broken.append((s, False))
         return broken
 
     # -- opening streams -------------------------------------------------------------

@@ -59,6 +59,17 @@ def test_ls_and_stats(monkeypatch, capsys, store):
     assert code == 0 and f"chunks in {namespace}" in out and "bytes_used" in out
 
 
+def test_ls_names_layered_blobs(monkeypatch, capsys, tmp_path):
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+    url = f"file://{tmp_path}/kv"
+    tier = {"url": url, "capacity": "16MiB", "codec": "int8"}
+    cfg = {"chunk_tokens": 8, "blob_layout": "layers", "tiers": [tier]}
+    with KVTier.open(cfg, model="org/cli-model", layout=layout) as cache:
+        cache.store(torch.arange(8), torch.randn(layout.chunk_shape(8)).half())
+    code, out, _ = run(monkeypatch, capsys, "ls", url)
+    assert code == 0 and "int8, layered [2, 2, 8, 2, 8]" in out, out
+
+
 def test_config_validate(monkeypatch, capsys, tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(

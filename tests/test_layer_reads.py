@@ -89,10 +89,11 @@ def test_layered_blobs_stream_layer_by_layer_from_ranged_tiers(kind, tmp_path, r
     assert (stats.hits, stats.misses, stats.corrupt) == (4, 0, 0)
 
 
-def test_a_layer_is_handed_over_before_the_next_is_read(tmp_path, request):
-    """Damage layer 1's sections on disk while layer 0 is being handed over: had they
-    been read already, the damage would go unseen; it is caught, and the chunks count
-    as not delivered (no tier below holds them)."""
+def test_a_layer_is_handed_over_before_the_blob_is_read_whole(tmp_path, request):
+    """Layer ``i + 1`` is read while layer ``i`` is handed over, layer ``i + 2`` after.
+    Damage layer 2's sections on disk while layer 0 is being handed over: had they been
+    read already, the damage would go unseen; it is caught, and the chunks count as not
+    delivered (no tier below holds them)."""
     tokens, kv = prompt(2 * CHUNK)
     slow = tier("file", tmp_path, request)
     with open_kv(slow) as cache:
@@ -100,18 +101,18 @@ def test_a_layer_is_handed_over_before_the_next_is_read(tmp_path, request):
     files = sorted(p for p in (tmp_path / "kv").rglob("*") if p.is_file())
     assert len(files) == 2
 
-    def damage_layer_1(first: int, layer: int) -> None:
+    def damage_layer_2(first: int, layer: int) -> None:
         if layer == 0 and first == 0:
             for path in files:
                 data = bytearray(path.read_bytes())
-                data[fmt.verify(data).section(1)[0]] ^= 0xFF
+                data[fmt.verify(data).section(2)[0]] ^= 0xFF
                 path.write_bytes(data)
 
     with open_kv(slow) as cache:
-        got = Receiver(len(tokens), damage_layer_1)
+        got = Receiver(len(tokens), damage_layer_2)
         assert cache.retrieve_layers([Wanted(tokens)], got.sink, got.done) == [0]
         assert cache.stats().tiers[0].corrupt == 2
-    assert torch.equal(got.kv[0], kv[0]) and not got.kv[1:].any()
+    assert torch.equal(got.kv[:2], kv[:2]) and not got.kv[2:].any()
     assert not any(path.exists() for path in files), "the corrupt blobs were deleted"
 
 

@@ -124,6 +124,17 @@ def test_a_step_that_fails_gives_back_the_store_queue(tmp_path: Path) -> None:
         assert kv.lookup(tokens) == 0, "half-gathered chunks are never written"
 
 
+def two_chunk_load(
+    kv: KVTier, tokens: list[int]
+) -> tuple[dict[str, torch.Tensor], WorkerSide, Transfer, StepPlan]:
+    """Empty caches, a worker on them, and a plan loading two chunks into blocks 5-8."""
+    dst = cpu_caches()
+    loader = WorkerSide(kv, NAMES)
+    loader.register(dst, "CPU_ATTN")
+    load = Transfer("r", tokens, (), 0, 2 * CHUNK, [5, 6, 7, 8])
+    return dst, loader, load, StepPlan(BS, loads=[load])
+
+
 def test_wait_layer_returns_once_its_layer_is_in_place(tmp_path: Path, monkeypatch) -> None:
     """Layer-wise: the forward may run layer 0 while layer 1 is still being copied."""
     with KVTier.open(config(tmp_path), model="tiny", layout=LAYOUT) as kv:
@@ -142,11 +153,7 @@ def test_wait_layer_returns_once_its_layer_is_in_place(tmp_path: Path, monkeypat
             scatter(self, layer, src)
 
         monkeypatch.setattr(PagedSlots, "scatter_layer", held_back)
-        dst = cpu_caches()
-        loader = WorkerSide(kv, NAMES)
-        loader.register(dst, "CPU_ATTN")
-        load = Transfer("r", tokens, (), 0, 2 * CHUNK, [5, 6, 7, 8])
-        plan = StepPlan(BS, loads=[load])
+        dst, loader, load, plan = two_chunk_load(kv, tokens)
         with torch.inference_mode():
             loader.start_load(plan)
             loader.wait_layer(NAMES[0])  # returns although layer 1 is held back
@@ -198,11 +205,7 @@ def test_streamed_loads_hand_over_layer_0_before_layer_1_is_read(
             return await read(reads)
 
         monkeypatch.setattr(backend, "read_into_many", held_back)
-        dst = cpu_caches()
-        loader = WorkerSide(kv, NAMES)
-        loader.register(dst, "CPU_ATTN")
-        load = Transfer("r", tokens, (), 0, 2 * CHUNK, [5, 6, 7, 8])
-        plan = StepPlan(BS, loads=[load])
+        dst, loader, load, plan = two_chunk_load(kv, tokens)
         with torch.inference_mode():
             loader.start_load(plan)
             loader.wait_layer(NAMES[0])

@@ -70,14 +70,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with_cpu = {"chunk_tokens": CHUNK, "tiers": [cpu, file], **budget}
     partial_file = {"url": f"file://{root / 'kv-partial'}", "capacity": "64MiB"}
     partial = {"chunk_tokens": CHUNK, "store_partial_chunks": True, "tiers": [partial_file]}
+    layered_file = {"url": f"file://{root / 'kv-layers'}", "capacity": "64MiB"}
+    layered = {"chunk_tokens": CHUNK, "blob_layout": "layers", "tiers": [layered_file]}
+    layered.update(prefetch_bytes=0, **budget)  # the loads stream from the file tier
     gen = lambda *prompts: {"generate": list(prompts), "max_tokens": 8}  # noqa: E731
-    baseline, a, tail = _run(
+    baseline, a, tail, streamed = _run(
         model,
         {
             "engines": [
                 {"kvtier": None, "steps": [gen(PLAIN, Q_ALICE, {"tokens": WHOLE})]},
                 {"kvtier": with_cpu, "steps": [gen(ALICE), gen(BOB), gen(PLAIN), gen(ALICE)]},
                 {"kvtier": {**partial, **budget}, "steps": [gen(PLAIN), gen(PLAIN)]},
+                {"kvtier": layered, "steps": [gen(Q_ALICE), gen(Q_ALICE)]},
             ]
         },
         root / "a.json",
@@ -105,7 +109,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the worker in the scheduler's process
     )
     files = {p.name for p in store.rglob("*") if p.is_file()}
-    return {"baseline": baseline[0], "a": a, "b": b, "tail": tail, "files": files}
+    return {
+        "baseline": baseline[0],
+        "a": a,
+        "b": b,
+        "tail": tail,
+        "streamed": streamed,
+        "files": files,
+    }
 
 
 def test_a_new_process_serves_the_stored_prefix_with_identical_output(runs):
@@ -123,6 +134,17 @@ def test_a_new_process_serves_the_stored_prefix_with_identical_output(runs):
     assert b_p["totals"]["load_error_blocks"] == 0
     # Q's chunks past P were computed, then stored: the next Q load covers all of them.
     assert b_q["totals"]["save_tokens"] == 2 * CHUNK
+
+
+def test_layered_blobs_stream_from_the_file_tier_with_identical_output(runs):
+    want_q = runs["baseline"]["outputs"][1]
+    first, second = runs["streamed"]
+    assert first["cached"] == [0] and first["outputs"] == [want_q]
+    assert second["cached"] == [5 * CHUNK] and second["outputs"] == [want_q]
+    assert second["totals"]["load_tokens"] == 5 * CHUNK
+    assert second["totals"]["load_error_blocks"] == 0
+    file = next(t for t in second["stats"]["tiers"] if t["name"] == "file")
+    assert file["hits"] == 5 and file["corrupt"] == 0
 
 
 def test_a_corrupt_chunk_is_a_load_error_recomputed_and_stored_again(runs):

@@ -31,7 +31,8 @@ async def _describe_keys(backend: Backend, prefix: str, limit: int) -> list[tupl
         with blob:
             try:
                 header = verify(blob.view, expected_key=key)
-                what = f"{header.pipeline} {list(header.shape)}"
+                layered = ", layered" if header.layers is not None else ""
+                what = f"{header.pipeline}{layered} {list(header.shape)}"
             except KVTierError as exc:
                 what = f"CORRUPT: {exc}"
             rows.append((ChunkKey.parse(key).namespace, key, f"{blob.nbytes} B  {what}"))
