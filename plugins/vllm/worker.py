@@ -3,18 +3,13 @@
 Free of vLLM imports. Each step, for the plan the scheduler side built:
 
 * loads: :meth:`WorkerSide.start_load` fetches the chunks from kvtier on a
-  background thread. Layer-wise (the default), :meth:`KVTier.retrieve_held` keeps
-  every verified chunk in its blob (for the raw codec, the blob's own bytes) and the
-  thread copies them into the paged cache layer by layer; :meth:`WorkerSide.wait_layer`,
-  called before each attention layer runs, returns as soon as its layer is in place.
-  With ``blob_layout: layers``, :meth:`KVTier.retrieve_layers` streams layered blobs
-  from tiers that read byte ranges, so layer ``i`` is copied into the cache (and its
-  wait returns) while later layers are still being read.
-  Whole (``layerwise=False``), :meth:`KVTier.retrieve_to` hands each chunk to a sink
-  that scatters it into every layer as it arrives, and :meth:`WorkerSide.wait_layer`
-  waits for the whole fetch. Either way one copy, no staging tensor. Tokens kvtier
-  could not deliver (evicted, corrupt, a tier down) are reported by
-  :meth:`WorkerSide.take_load_errors` as block ids, which vLLM recomputes.
+  background thread, which copies them into the paged cache
+  (:class:`~kvtier.plugins.vllm.fill.CacheFiller`: layer by layer by default, streamed
+  layer by layer with ``blob_layout: layers``, else whole chunks);
+  :meth:`WorkerSide.wait_layer`, called before each attention layer runs, returns as
+  soon as its layer is in place (whole chunks: once the fetch is done). One copy, no
+  staging tensor. Tokens kvtier could not deliver (evicted, corrupt, a tier down) are
+  reported by :meth:`WorkerSide.take_load_errors` as block ids, which vLLM recomputes.
 * saves: :meth:`WorkerSide.save_layer`, called after each attention layer, gathers
   the layer's new KV out of the paged cache straight into the pooled blobs kvtier
   will queue (:meth:`KVTier.begin_store`); :meth:`WorkerSide.finish_step` commits
@@ -26,9 +21,7 @@ blocks a load fills were allocated to that load's request alone (vLLM never shar
 a block it has not computed), the forward writes only the slots of the tokens it
 computes, and it reads the loaded blocks only in attention, after
 ``wait_for_layer_load`` of that layer, which returns once that layer's copies (or
-all copies) into the cache are done. Copies into a cache on another device are
-synchronized before a layer is reported in place. All copies go through
-:mod:`kvtier.kernels`.
+all copies) into the cache are done.
 """
 
 from __future__ import annotations
@@ -37,14 +30,14 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from kvtier.core.engine import HeldChunks, KVTier, PendingStore
+from kvtier.core.engine import KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.core.retrieval import Wanted
-from kvtier.kernels import PagedLayout, PagedSlots, paged_view, scatter_paged
+from kvtier.kernels import PagedLayout, PagedSlots, paged_view
+from kvtier.plugins.vllm.fill import CacheFiller, Load
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
@@ -75,32 +68,10 @@ def layout_for_backend(backend: str, ndim: int) -> PagedLayout:
 
 
 @dataclass
-class _Load:
-    transfer: Transfer
-    fetch_start: int  # ``transfer.start`` rounded down to a chunk
-    slots: torch.Tensor  # slot of each token in [transfer.start, transfer.end)
-    block_size: int
-    loaded: int = 0  # end of the tokens kvtier delivered
-    layers_done: set[int] = field(default_factory=set)
-
-
-@dataclass
 class _Save:
     transfer: Transfer
     pending: PendingStore  # the pooled blobs the layers are gathered into
     parts: list[tuple[PagedSlots, torch.Tensor]]  # (slots, [L, 2, T, H, D] blob view)
-
-
-def _overlap(
-    t: Transfer, slots: torch.Tensor, first: int, chunk: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The part of ``chunk`` (the KV of tokens from ``first`` on) inside ``[t.start,
-    t.end)`` and those tokens' ``slots`` (``slots`` holds tokens ``[t.start, t.end)``);
-    ``None`` when they do not overlap."""
-    lo, hi = max(first, t.start), min(first + chunk.shape[2], t.end)
-    if hi <= lo:
-        return None
-    return chunk[:, :, lo - first : hi - first], slots[lo - t.start : hi - t.start]
 
 
 class WorkerSide:
@@ -119,7 +90,7 @@ class WorkerSide:
         self.totals = dict.fromkeys(COUNTERS, 0)
         self._stats = dict.fromkeys(COUNTERS, 0)
         self._errors: set[int] = set()
-        self._loads: list[_Load] = []
+        self._loads: list[Load] = []
         self._fetching: Future[None] | None = None
         self._ready: list[threading.Event] = []  # per layer: every load's layer is in place
         self._saves: list[_Save] = []
@@ -128,6 +99,7 @@ class WorkerSide:
         self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-vllm-async-load")
         self._received: set[str] = set()
         self._received_lock = threading.RLock()  # counters, errors, received
+        self._filler: CacheFiller | None = None  # set by register()
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], backend: str) -> None:
         """Record the paged cache of every layer, laid out as attention backend
@@ -137,6 +109,7 @@ class WorkerSide:
             raise ConfigError(f"vLLM registered no KV cache for layers {missing}")
         self.caches = [kv_caches[name] for name in self.layer_index]
         layout = self.layout = layout_for_backend(backend, self.caches[0].dim())
+        self._filler = CacheFiller(self.kv, self.caches, layout, self.layerwise)
         lay = self.kv.layout
         view = paged_view(self.caches[0], layout)
         if view.dtype != lay.dtype or tuple(view.shape[3:]) != (lay.num_kv_heads, lay.head_dim):
@@ -160,136 +133,14 @@ class WorkerSide:
         for t in plan.loads:
             fetch_start = t.start - t.start % chunk
             slots = t.slot_mapping(plan.block_size)
-            self._loads.append(_Load(t, fetch_start, slots, plan.block_size))
+            self._loads.append(Load(t, fetch_start, slots, plan.block_size))
         self._ready = [threading.Event() for _ in self.caches]
-        self._fetching = self._pool.submit(self._fetch, list(self._loads), self._ready)
+        self._fetching = self._pool.submit(self._fill().fill, list(self._loads), self._ready)
 
-    def _fetch(self, loads: list[_Load], ready: list[threading.Event]) -> None:
-        if not self.layerwise:
-            for load in loads:
-                load.loaded = self._retrieve(load.transfer, load.fetch_start, load.slots)
-            return
-        if self.kv.config.blob_layout == "layers":
-            self._stream_layers(loads, ready)
-            return
-        held: list[HeldChunks | None] = []
-        try:
-            for load in loads:
-                held.append(self._hold(load))
-            self._scatter_layers(loads, held, ready)
-        except Exception:
-            log.exception("kvtier: copying %d loads into the paged cache failed", len(loads))
-            for load in loads:
-                load.loaded = load.fetch_start
-        finally:
-            for chunks in held:
-                if chunks is not None:
-                    chunks.release()
-            for event in ready:  # also after a failure: its tokens are load errors
-                event.set()
-
-    def _stream_layers(self, loads: list[_Load], ready: list[threading.Event]) -> None:
-        """Fetch the loads layer by layer (:meth:`KVTier.retrieve_layers`), copying each
-        chunk's layer into the paged cache as it arrives and setting each layer's event
-        once every load's part of it is in place."""
-        wanted = [Wanted(x.transfer.token_ids, x.transfer.extra_keys, x.fetch_start) for x in loads]
-
-        def deliver(request: int, first: int, layer: int, kv: torch.Tensor) -> None:
-            load = loads[request]
-            part = _overlap(load.transfer, load.slots, first, kv.unsqueeze(0))
-            if part is None:
-                return
-            source = self._on_cache_device(part[0][0])
-            slots = PagedSlots(self.caches, part[1].to(source.device), self.layout)
-            with torch.inference_mode(self.caches[0].is_inference()):  # a codec thread
-                slots.scatter_layer(layer, source)
-            self._synchronize()
-
-        def layer_done(layer: int) -> None:
-            ready[layer].set()
-
-        try:
-            ends = self.kv.retrieve_layers(wanted, deliver, layer_done)
-        except Exception:
-            log.exception("kvtier: loading %d requests layer by layer failed", len(loads))
-            ends = [load.fetch_start for load in loads]
-        finally:
-            for event in ready:  # also after a failure: its tokens are load errors
-                event.set()
-        for load, end in zip(loads, ends, strict=True):
-            load.loaded = end
-
-    def _hold(self, load: _Load) -> HeldChunks | None:
-        """Fetch ``load``'s chunks and keep them (``None``, logged, if that fails)."""
-        t = load.transfer
-        load.loaded = load.fetch_start
-        try:
-            chunks = self.kv.retrieve_held(
-                t.token_ids, extra_keys=t.extra_keys, start=load.fetch_start
-            )
-        except Exception:
-            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
-            return None
-        load.loaded = chunks.end
-        return chunks
-
-    def _scatter_layers(
-        self, loads: list[_Load], held: list[HeldChunks | None], ready: list[threading.Event]
-    ) -> None:
-        """Copy the held chunks into the paged cache layer by layer, setting each
-        layer's event once every load's part of it is in place."""
-        parts = []  # (slots, [L, 2, T, H, D] source) of every chunk part to copy
-        for load, chunks in zip(loads, held, strict=True):
-            for first, chunk in chunks.chunks if chunks is not None else ():
-                if (overlap := _overlap(load.transfer, load.slots, first, chunk)) is not None:
-                    source = self._on_cache_device(overlap[0])
-                    where = overlap[1].to(source.device)
-                    parts.append((PagedSlots(self.caches, where, self.layout), source))
-        with torch.inference_mode(self.caches[0].is_inference()):
-            for layer, event in enumerate(ready):
-                for slots, source in parts:
-                    slots.scatter_layer(layer, source[layer])
-                self._synchronize()
-                event.set()
-
-    def _on_cache_device(self, chunk: torch.Tensor) -> torch.Tensor:
-        device = self.caches[0].device
-        return chunk if device.type == "cpu" else chunk.to(device)
-
-    def _synchronize(self) -> None:
-        """Wait for this thread's copies into a cache on an accelerator."""
-        device = self.caches[0].device
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-
-    def _retrieve(self, t: Transfer, fetch_start: int, slots: torch.Tensor) -> int:
-        """Fetch ``t`` from ``fetch_start`` and scatter each chunk that arrives into
-        every layer's cache at ``slots`` (those of tokens ``[t.start, t.end)``);
-        returns the end of the tokens kvtier delivered (``fetch_start`` on failure).
-        Chunks past that end may have been scattered: their blocks are load errors,
-        which vLLM recomputes, overwriting them."""
-
-        def scatter(first: int, chunk: torch.Tensor) -> None:
-            if (overlap := _overlap(t, slots, first, chunk)) is not None:
-                self._scatter(*overlap)
-
-        try:
-            return self.kv.retrieve_to(
-                t.token_ids, scatter, extra_keys=t.extra_keys, start=fetch_start
-            )
-        except Exception:
-            log.exception("kvtier: loading %d tokens of request %s failed", t.end, t.req_id)
-            return fetch_start
-
-    def _scatter(self, part: torch.Tensor, slots: torch.Tensor) -> None:
-        """Copy ``part`` (``[L, 2, T, H, D]``, host memory valid during the call) into
-        every layer's cache at ``slots``; done when this returns."""
-        # On an accelerator: one host-to-device copy per chunk, then copies between
-        # the device's blocks, synchronized (the chunk's memory goes after the call).
-        source = self._on_cache_device(part)
-        with torch.inference_mode(self.caches[0].is_inference()):
-            scatter_paged(source, self.caches, slots.to(source.device), self.layout)
-        self._synchronize()
+    def _fill(self) -> CacheFiller:
+        if self._filler is None:
+            raise RuntimeError("register() the paged caches before loading into them")
+        return self._filler
 
     def wait_layer(self, layer_name: str) -> None:
         """Block until layer ``layer_name`` of the plan's loads is in the paged cache
@@ -324,7 +175,7 @@ class WorkerSide:
         vLLM does not run until :meth:`take_received` names it), then report it."""
         chunk = self.kv.config.chunk_tokens
         fetch_start = t.start - t.start % chunk
-        loaded = self._retrieve(t, fetch_start, t.slot_mapping(block_size))
+        loaded = self._fill().fill_whole(t, fetch_start, t.slot_mapping(block_size))
         good = max(min(loaded, t.end), t.start)
         with self._received_lock:  # the errors are reported no later than the request
             self._settle(t, good, block_size)
