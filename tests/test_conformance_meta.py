@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from kvtier.backends.memory import MemoryBackend, MemoryOptions
-from kvtier.core.backend import Backend, BackendStats, PutMode
+from kvtier.core.backend import Backend, BackendStats, PutMode, Read
 from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.errors import BackendUnavailableError, ConfigError
 from kvtier.core.plugins import BUILTIN_PLUGINS
@@ -299,6 +299,31 @@ class StatsNeverShrink(MemoryBackend):
         self.peak = max(self.peak, (stats.keys or 0, stats.bytes_used or 0))
         stats.keys, stats.bytes_used = self.peak
         return stats
+
+
+# -- broken backends: ranged reads ------------------------------------------------------
+
+
+@catches(
+    "test_read_ranges", r"read_into_many of the middle of a 20011-byte value: \d+ bytes differ"
+)
+class RangesFromStart(MemoryBackend):
+    """Ranged reads ignore their offset: every range is read from the value's start."""
+
+    async def _read_into(self, reads: list[Read]) -> list[int | None]:
+        return await super()._read_into([(key, 0, out) for key, _, out in reads])
+
+
+@catches(
+    "test_read_into_rejects_bad_arguments",
+    r"read_into_many with a negative offset did not raise ConfigError",
+)
+class UncheckedReads(MemoryBackend):
+    """A base bug: ``read_into_many`` checks only that the backend is open."""
+
+    async def read_into_many(self, reads: Sequence[Read]) -> list[int | None]:
+        self._check_open()
+        return await self._read_into(list(reads)) if reads else []
 
 
 # -- broken backends: buffer ownership, lifetime, errors ---------------------------------
