@@ -19,7 +19,8 @@ shuffled as a busy cache hands them out), kvtier chunks of 256 tokens, with
 * a step loading from ``file`` with a simulated forward, layered blobs
   (``blob_layout: layers``: each layer streamed, checked and scattered as it is
   read) against whole-chunk blobs (every blob read before layer 0 is scattered),
-  both layer-wise, each from its own file tier (page cache warm).
+  both layer-wise, each from its own file tier, with the page cache warm, then
+  dropped before every step (as root; else the case says so).
 
 Contenders run in turns (one warm-up round, then ``--reps`` rounds, the order
 rotating); medians and min-max ranges in GB/s of KV moved, and new / old per round.
@@ -44,7 +45,7 @@ from kvtier.plugins.vllm.worker import WorkerSide
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import Case, Contender, Timed, kvtier_revision, spread, table
-from tiers import write_json
+from tiers import drop_page_cache, write_json
 
 LAYOUT = KVLayout(num_layers=28, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 CHUNK = 256
@@ -150,7 +151,6 @@ def measure_streamed(
     """A step loading from a file tier with a simulated forward: layered blobs,
     streamed layer by layer, against whole-chunk blobs; ``firsts`` gets the seconds
     until layer 0 could run."""
-    nbytes = len(setup.tokens) * LAYOUT.bytes_per_token()
     caches, workers = [], {}
     for blob_layout in ("layers", "chunk"):
         tier = {"url": f"file://{folder}/kv-{blob_layout}", "capacity": "4GiB"}
@@ -163,27 +163,8 @@ def measure_streamed(
         kv.flush()
     try:
         compute = layer_compute(layer_ms)
-        seen: dict[str, list[float]] = {"layered blobs": [], "whole-chunk blobs": []}
-        step = {
-            "layered blobs": Contender(
-                "kvtier",
-                "each layer read, checked and scattered as it arrives",
-                Timed(lambda rep: seen["layered blobs"].append(
-                    setup.load_new(workers["layers"], compute))),
-            ),
-            "whole-chunk blobs": Contender(
-                "kvtier",
-                "every blob read, then scattered layer by layer",
-                Timed(lambda rep: seen["whole-chunk blobs"].append(
-                    setup.load_new(workers["chunk"], compute))),
-            ),
-        }  # fmt: skip
-        note = f"page cache warm; forward simulated: {layer_ms:g} ms per layer"
-        name = "step loading from file, layered"
-        case = Case.measure(name, reps, step, nbytes=nbytes, note=note)
-        setup.check_load()
-        firsts[name] = {k: spread([x * 1e3 for x in v[1:]], 1) for k, v in seen.items()}
-        return [case]
+        args = (setup, workers, compute, reps, firsts, layer_ms)
+        return [layered_step(*args, cold=False), layered_step(*args, cold=True)]
     finally:
         for worker in workers.values():
             worker.close()
@@ -260,6 +241,52 @@ def measure(
         layerwise.close()
         worker.close()
     return cases
+
+
+def layered_step(
+    setup: Setup,
+    workers: dict[str, WorkerSide],
+    compute: Callable[[], object],
+    reps: int,
+    firsts: dict,
+    layer_ms: float,
+    *,
+    cold: bool,
+) -> Case:
+    """One step case of :func:`measure_streamed`, the page cache dropped before every
+    step when ``cold`` (as root)."""
+    nbytes = len(setup.tokens) * LAYOUT.bytes_per_token()
+    dropped = [cold]
+    seen: dict[str, list[float]] = {"layered blobs": [], "whole-chunk blobs": []}
+
+    def before(rep: int) -> None:
+        if cold:
+            dropped[0] = drop_page_cache() and dropped[0]
+
+    def contender(name: str, blob_layout: str, what: str) -> Contender:
+        def run(rep: int) -> None:
+            seen[name].append(setup.load_new(workers[blob_layout], compute))
+
+        kind = "kvtier" if blob_layout == "layers" else "plain"  # the default: the baseline
+        return Contender(kind, what, Timed(run, before=before))
+
+    step = {
+        "layered blobs": contender(
+            "layered blobs", "layers", "each layer read, checked, scattered as it arrives"
+        ),
+        "whole-chunk blobs": contender(
+            "whole-chunk blobs", "chunk", "every blob read, then scattered layer by layer"
+        ),
+    }
+    cache = "page cache dropped" if cold else "page cache warm"
+    name = f"step loading from file, layered, {cache}"
+    note = f"forward simulated: {layer_ms:g} ms per layer"
+    case = Case.measure(name, reps, step, nbytes=nbytes, note=note)
+    if cold and not dropped[0]:
+        case.note += "; NOT DROPPED: needs root"
+    setup.check_load()
+    firsts[name] = {k: spread([x * 1e3 for x in v[1:]], 1) for k, v in seen.items()}
+    return case
 
 
 def main(argv: list[str]) -> int:

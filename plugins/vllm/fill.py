@@ -98,14 +98,18 @@ class CacheFiller:
         chunk's layer into the paged cache as it arrives and setting each layer's event
         once every load's part of it is in place."""
         wanted = [Wanted(x.transfer.token_ids, x.transfer.extra_keys, x.fetch_start) for x in loads]
+        chunk = self.kv.config.chunk_tokens
+        targets: dict[tuple[int, int], tuple[PagedSlots, int, int]] = {}
+        for request, load in enumerate(loads):  # each chunk part's slots, for every layer
+            t = load.transfer
+            for first in range(load.fetch_start, t.end, chunk):
+                lo, hi = max(first, t.start), min(first + chunk, t.end)
+                where = load.slots[lo - t.start : hi - t.start].to(self.caches[0].device)
+                targets[request, first] = (PagedSlots(self.caches, where, self.layout), lo, hi)
 
         def deliver(request: int, first: int, layer: int, kv: torch.Tensor) -> None:
-            load = loads[request]
-            part = overlap(load.transfer, load.slots, first, kv.unsqueeze(0))
-            if part is None:
-                return
-            source = self._on_cache_device(part[0][0])
-            slots = PagedSlots(self.caches, part[1].to(source.device), self.layout)
+            slots, lo, hi = targets[request, first]
+            source = self._on_cache_device(kv[:, lo - first : hi - first])
             with torch.inference_mode(self.caches[0].is_inference()):  # a codec thread
                 slots.scatter_layer(layer, source)
             self._synchronize()
