@@ -103,10 +103,13 @@ def test_a_layer_is_handed_over_before_the_blob_is_read_whole(tmp_path, request)
 
     def damage_layer_2(first: int, layer: int) -> None:
         if layer == 0 and first == 0:
-            for path in files:
-                data = bytearray(path.read_bytes())
-                data[fmt.verify(data).section(2)[0]] ^= 0xFF
-                path.write_bytes(data)
+            for path in files:  # in place: layer 1's reads may be under way
+                offset = fmt.verify(path.read_bytes()).section(2)[0]
+                with path.open("r+b") as f:
+                    f.seek(offset)
+                    byte = f.read(1)[0]
+                    f.seek(offset)
+                    f.write(bytes([byte ^ 0xFF]))
 
     with open_kv(slow) as cache:
         got = Receiver(len(tokens), damage_layer_2)
