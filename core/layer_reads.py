@@ -22,6 +22,7 @@ and freed once nothing writes into them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +34,12 @@ from kvtier.core import blob as fmt
 from kvtier.core.blob import Blob, BlobHeader
 from kvtier.core.buffers import Buffer, BufferPool, release_all
 from kvtier.core.codecs import decode as decoding
-from kvtier.core.errors import ChunkCorruptedError
+from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.reads import ChainReads, Read
 from kvtier.core.tier import Tier
+
+log = logging.getLogger(__name__)
 
 HEAD_BYTES = 4096
 """Bytes read first from each streamed blob: prefix and header fit in them unless the
@@ -48,21 +51,22 @@ LayerSink = Callable[[int, int, torch.Tensor], None]
 
 @dataclass
 class _Held:
-    """A chunk whose layers come from memory: a blob read whole (checked), or a stream
-    whose bytes are all in place. Handed over from layer ``first`` on."""
+    """A chunk whose layers come from memory: a blob read whole (checked, and decoded
+    into ``chunk`` unless its codec is ``raw``), or a stream whose bytes are all in
+    place. Handed over from layer ``first`` on."""
 
     read: Read
     first: int = 0
-    chunk: torch.Tensor | None = field(default=None, repr=False)  # a whole-chunk blob's
+    chunk: torch.Tensor | None = field(default=None, repr=False)
 
     def layer(self, layer: int, registry: PluginRegistry) -> torch.Tensor:
+        if self.chunk is not None:
+            return self.chunk[layer]
         blob = self.read.blob
         assert blob is not None
         if blob.header.layers is not None:
             return decoding.layer_of(blob, blob.header, layer, registry)
-        if self.chunk is None:
-            self.chunk = decoding.chunk_of(blob, registry)
-        return self.chunk[layer]
+        return decoding.chunk_of(blob, registry)[layer]  # raw: a view
 
 
 @dataclass
@@ -79,6 +83,21 @@ class _Stream:
         return Read(self.index, self.tier, self.buf, Blob(self.buf, self.header, sealed=True))
 
 
+class _Targets:
+    """What each chunk must hold, as sinks for the chain's read path (``sinks[i]``), and
+    the chunks read whole in codecs other than ``raw``, decoded once by those sinks."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> None:
+        self.decoded: dict[int, torch.Tensor] = {}
+        self.sinks = [
+            decoding.Sink(shape, dtype, partial(self._keep, i)) for i, shape in enumerate(shapes)
+        ]
+
+    def _keep(self, i: int, chunk: torch.Tensor, buf: Buffer | None) -> None:
+        if buf is None:  # decoded into per-thread scratch: keep a copy
+            self.decoded[i] = chunk.clone()
+
+
 def _ranged(tier: Tier) -> bool:
     caps = tier.backend.capabilities
     return caps.ranged_reads and not caps.process_local
@@ -93,11 +112,13 @@ class ChainLayerReads(ChainReads):
     async def fetch_layers(
         self,
         keys: Sequence[str],
-        layers: int,
+        shapes: Sequence[tuple[int, ...]],
+        dtype: torch.dtype,
         deliver: LayerSink,
         layer_done: Callable[[int], None],
     ) -> list[bool]:
-        """Hand every layer of the chunks ``keys`` to ``deliver``, layer after layer,
+        """Hand every layer of the chunks ``keys`` (``keys[i]`` a ``shapes[i]`` chunk of
+        ``dtype``; a blob holding anything else is corrupt) to ``deliver``, layer after layer,
         calling ``layer_done(i)`` once layer ``i`` of every chunk that can be had was
         handed over (for every layer, even when nothing was); return, per key, whether
         all of its chunk's layers were handed over.
@@ -110,6 +131,8 @@ class ChainLayerReads(ChainReads):
         counts as not delivered. An exception from ``deliver`` propagates (once the
         layer's other chunks are handed over)."""
         await self.prefetches.settled(keys)
+        layers = shapes[0][0] if shapes else 0
+        targets = _Targets(shapes, dtype)
         held: dict[int, _Held] = {}
         streams: dict[int, _Stream] = {}
         reading: asyncio.Future[list[tuple[_Stream, bool]]] | None = None
@@ -120,14 +143,14 @@ class ChainLayerReads(ChainReads):
                     break
                 whole = pending
                 if _ranged(tier):
-                    opened, whole = await self._open_streams(t, pending, keys, layers)
+                    opened, whole = await self._open_streams(t, pending, keys, targets)
                     streams.update(opened)
-                await self._read_whole([t], whole, keys, held)
+                await self._read_whole([t], whole, keys, targets, held)
                 pending = [i for i in pending if i not in held and i not in streams]
             reading = asyncio.ensure_future(self._read_sections(0, keys, dict(streams)))
             for layer in range(layers):
                 broken = await reading
-                await self._replace(broken, layer, keys, streams, held)
+                await self._replace(broken, layer, keys, targets, streams, held)
                 if layer + 1 < layers:  # read the next layer while this one is handed over
                     reading = asyncio.ensure_future(
                         self._read_sections(layer + 1, keys, dict(streams))
@@ -150,16 +173,20 @@ class ChainLayerReads(ChainReads):
         tiers: Sequence[int],
         wanted: list[int],
         keys: Sequence[str],
+        targets: _Targets,
         held: dict[int, _Held],
         first: int = 0,
     ) -> None:
         """Read the chunks ``wanted`` whole from ``tiers`` (the first holding a valid
-        copy of each) into ``held``, to be handed over from layer ``first`` on."""
+        copy of each, of its target's shape) into ``held``, to be handed over from layer
+        ``first`` on."""
         served: dict[int, Read] = {}
         try:
-            await self._serve_tiers(tiers, wanted, keys, None, served)
+            await self._serve_tiers(tiers, wanted, keys, targets.sinks, served)
         finally:
-            held.update((i, _Held(r, first)) for i, r in served.items())
+            held.update(
+                (i, _Held(r, first, targets.decoded.pop(i, None))) for i, r in served.items()
+            )
 
     async def _read_into(
         self, t: int, reads: list[tuple[str, int, memoryview]]
@@ -176,6 +203,7 @@ class ChainLayerReads(ChainReads):
         broken: list[tuple[_Stream, bool]],
         layer: int,
         keys: Sequence[str],
+        targets: _Targets,
         streams: dict[int, _Stream],
         held: dict[int, _Held],
     ) -> None:
@@ -189,7 +217,8 @@ class ChainLayerReads(ChainReads):
                 s.buf.release()
             by_tier.setdefault(s.tier, []).append(s.index)
         for t, indexes in by_tier.items():
-            await self._read_whole(range(t + 1, len(self.tiers)), indexes, keys, held, layer)
+            below = range(t + 1, len(self.tiers))
+            await self._read_whole(below, indexes, keys, targets, held, layer)
 
     async def _deliver(
         self, layer: int, streams: dict[int, _Stream], held: dict[int, _Held], deliver: LayerSink
@@ -249,12 +278,13 @@ class ChainLayerReads(ChainReads):
     # -- opening streams -------------------------------------------------------------
 
     async def _open_streams(
-        self, t: int, wanted: list[int], keys: Sequence[str], layers: int
+        self, t: int, wanted: list[int], keys: Sequence[str], targets: _Targets
     ) -> tuple[dict[int, _Stream], list[int]]:
         """Read and check the heads, section tables and trailers of ``keys[i]`` (``i``
-        in ``wanted``) in tier ``t``: the streams of the layered blobs of ``layers``
-        layers found there, and the indexes of the whole-chunk blobs found (to read
-        whole from the same tier). Corrupt ones are counted and deleted."""
+        in ``wanted``) in tier ``t``: the streams of the layered blobs found there that
+        hold their target's shape, and the indexes of the whole-chunk blobs found (to
+        read whole from the same tier). Corrupt ones are counted and deleted; those
+        needing a codec this process lacks are misses here."""
         tier = self.tiers[t]
         began = time.perf_counter()
         heads = await self._read_heads(t, wanted, keys)
@@ -267,12 +297,13 @@ class ChainLayerReads(ChainReads):
                 continue
             try:
                 header = fmt.read_head(head.view, keys[i])
-                if header.layers is None or len(header.layers) != layers:
-                    raise ChunkCorruptedError(
-                        f"corrupt blob: {header.shape[0]} layers, the model has {layers}"
-                    )
+                target = targets.sinks[i]
+                decoding.check_target(header, self.registry, target.shape, target.dtype)
             except ChunkCorruptedError as exc:
                 await self._discard_corrupt(t, keys[i], str(exc))
+                continue
+            except CodecUnavailableError as exc:  # the blob is fine: another process can read it
+                log.warning("tier %s: %s", tier.name, exc)
                 continue
             buf = self.pool.acquire(header.nbytes)
             buf.view[: head.nbytes] = head.view

@@ -285,19 +285,22 @@ class RetrieveAPI:
         if not callable(sink) or not callable(layer_done):
             raise ConfigError("sink(request, first, layer, kv) and layer_done(layer) are callables")
         keys: list[str] = []
+        shapes: list[tuple[int, ...]] = []
         owners: list[tuple[int, int]] = []  # per chunk: (request, first token)
         spans: list[tuple[int, list[tuple[int, int]]]] = []  # per request: (offset, bounds)
         for r, w in enumerate(wanted):
             chunk_keys, bounds = self._chunks(w.tokens, w.extra_keys, w.start, note=True)
             spans.append((len(keys), bounds))
             keys += chunk_keys
+            shapes += [self.layout.chunk_shape(end - first) for first, end in bounds]
             owners += [(r, first) for first, _ in bounds]
 
         def deliver(i: int, layer: int, kv: torch.Tensor) -> None:
             sink(*owners[i], layer, kv)
 
         async def fetch() -> list[int]:
-            done = await self.chain.fetch_layers(keys, self.layout.num_layers, deliver, layer_done)
+            dtype = self.layout.dtype
+            done = await self.chain.fetch_layers(keys, shapes, dtype, deliver, layer_done)
             ends = []
             for w, (offset, bounds) in zip(wanted, spans, strict=True):
                 run = partial(_leading, done[offset : offset + len(bounds)])

@@ -246,3 +246,44 @@ def test_a_sink_error_propagates_and_bad_arguments_read_nothing(tmp_path, reques
         with pytest.raises(ConfigError, match="callables"):
             cache.retrieve_layers([Wanted(tokens)], None, lambda layer: None)  # type: ignore[arg-type]
         assert cache.lookup(tokens) == 2 * CHUNK  # nothing was deleted
+
+
+@pytest.mark.parametrize("layered", [True, False], ids=["streamed", "read whole"])
+def test_a_checked_blob_of_another_shape_is_corrupt_and_never_handed_over(
+    layered, tmp_path, request
+):
+    """A blob intact by its checksum but holding a chunk of another shape under the
+    key (half the tokens here) is a corrupt blob: deleted, never handed over."""
+    from kvtier.core.buffers import default_pool
+    from kvtier.core.codecs.pipeline import CodecPipeline
+    from kvtier.core.plugins import get_registry
+
+    tokens, kv = prompt(CHUNK)
+    with open_kv(tier("file", tmp_path, request)) as cache:
+        (key,) = [str(k) for k in cache.hasher.keys(tokens)]
+        pipeline = CodecPipeline.from_config("raw", get_registry(), layered=layered)
+        backend = cache.chain.tiers[0].backend
+        with pipeline.encode(key, kv[:, :, : CHUNK // 2], default_pool()) as blob:
+            assert cache._io.run(backend.put_many([(key, blob.buf)])) == [True]
+        got = Receiver(len(tokens))
+        assert cache.retrieve_layers([Wanted(tokens)], got.sink, got.done) == [0]
+        assert cache.stats().tiers[0].corrupt == 1
+        assert cache._io.run(backend.contains_many([key])) == [False]
+    assert not any(kind == "deliver" for kind, _ in got.events)
+    assert got.events == [("done", layer) for layer in range(LAYOUT.num_layers)]
+
+
+@pytest.mark.parametrize("blob_layout", ["chunk", "layers"])
+def test_other_codecs_are_decoded_whole_or_layer_by_layer(blob_layout, tmp_path, request):
+    """int8 chunks: whole-chunk blobs decoded once when read, layered ones per layer."""
+    tokens, kv = prompt(3 * CHUNK)
+    slow = {**tier("file", tmp_path, request), "codec": "int8"}
+    with open_kv(slow, blob_layout=blob_layout) as cache:
+        cache.store(tokens, kv)
+        cache.flush()
+        got = Receiver(len(tokens))
+        assert cache.retrieve_layers([Wanted(tokens)], got.sink, got.done) == [3 * CHUNK]
+        n, whole = cache.retrieve(tokens)
+    assert n == 3 * CHUNK and torch.equal(got.kv, whole)  # the same decode either way
+    assert (got.kv - kv).abs().max() < 0.05
+    assert got.layers_in_order()

@@ -224,6 +224,18 @@ def chunk_of(blob: Blob, registry: PluginRegistry) -> torch.Tensor:
     return out
 
 
+def check_target(
+    header: BlobHeader, registry: PluginRegistry, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Check, before anything is decoded, that the blob ``header`` describes holds a
+    chunk of ``shape`` and ``dtype`` through stages that can hold it:
+    :class:`ChunkCorruptedError` if not, :class:`CodecUnavailableError` for a stage this
+    process lacks."""
+    _codecs_for(header, registry)
+    if header.shape != tuple(shape) or header.dtype != dtype:
+        raise _corrupt(f"blob holds {header.shape} {header.dtype}, expected {shape} {dtype}")
+
+
 def decode_to(
     blob: Buffer,
     header: BlobHeader,
@@ -239,11 +251,7 @@ def decode_to(
     if isinstance(target, torch.Tensor):
         decode_into(blob, header, registry, target)
         return
-    _codecs_for(header, registry)
-    if header.shape != tuple(target.shape) or header.dtype != target.dtype:
-        raise _corrupt(
-            f"blob holds {header.shape} {header.dtype}, expected {target.shape} {target.dtype}"
-        )
+    check_target(header, registry, target.shape, target.dtype)
     if header.pipeline == "raw" and header.payload_nbytes:
         target.deliver(_raw_view(blob, header), blob)
         return
