@@ -128,16 +128,19 @@ class Server:
     events: str | None = None  # the ZMQ endpoint its KV events come from
 
     def connector_totals(self) -> dict[str, float]:
-        """kvtier's worker counters, summed over the ``KV Transfer metrics`` lines vLLM
-        logged (every second: ``VLLM_LOG_STATS_INTERVAL=1``)."""
+        """kvtier's worker counters from vLLM's ``/metrics`` (``vllm:kvtier_<name>_total``,
+        summed over engines; :mod:`kvtier.plugins.vllm.prom`)."""
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
         totals: dict[str, float] = {}
-        for line in self.process.log.read_text(errors="replace").splitlines():
-            _, found, metrics = line.partition("KV Transfer metrics: ")
-            for item in metrics.split(", ") if found else ():
-                name, _, value = item.partition("=")
-                with contextlib.suppress(ValueError):
-                    totals[name] = totals.get(name, 0) + float(value)
+        for name, value in _COUNTER.findall(text):
+            totals[name] = totals.get(name, 0) + float(value)
         return totals
+
+
+_COUNTER = re.compile(r"^vllm:kvtier_(\w+)_total(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
 def start_server(
@@ -352,16 +355,16 @@ def fleet(
             s.process.stop()
 
 
-def logged_totals(
-    servers: list[Server], cached: float, wait: float = 30.0, key: str = "load_tokens"
+def counted_totals(
+    servers: list[Server], expect: float, wait: float = 30.0, key: str = "load_tokens"
 ) -> list[dict[str, float]]:
-    """The servers' connector counters once their logs account for ``cached`` of
-    ``key`` (loaded tokens; vLLM logs them every second, later on a busy host), or
-    after ``wait`` s."""
+    """The servers' connector counters once they account for ``expect`` of ``key``
+    (vLLM adds a step's counts when its output reaches the API server), or after
+    ``wait`` s."""
     deadline = time.monotonic() + wait
     while True:
         totals = [s.connector_totals() for s in servers]
-        if sum(t.get(key, 0) for t in totals) >= cached or time.monotonic() > deadline:
+        if sum(t.get(key, 0) for t in totals) >= expect or time.monotonic() > deadline:
             return totals
         time.sleep(0.2)
 
@@ -382,7 +385,7 @@ def run_setup(model: Path, folder: Path, router: str, setup: str, load: Workload
     with fleet(model, folder, router, setup) as (url, servers, proc):
         total = load.run(url, str(model))
         cached = sum(r.cached_tokens for r in load.results)
-        totals = logged_totals(servers, cached)
+        totals = counted_totals(servers, cached)
         credits = router_credits(proc)
     results = load.results
     prompt = sum(r.prompt_tokens for r in results)

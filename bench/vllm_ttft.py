@@ -207,8 +207,7 @@ async def run(
     reps: int,
     load_async: str,
     chunk_tokens: int,
-    partial_chunks: bool,
-    blob_layout: str,
+    settings: dict[str, Any],
 ) -> dict:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -219,7 +218,7 @@ async def run(
         {"url": redis_url, "capacity": "4GiB"},
     ]
     kvtier = {"tiers": tiers, "load_async": load_async, "chunk_tokens": chunk_tokens}
-    kvtier.update(store_partial_chunks=partial_chunks, blob_layout=blob_layout)
+    kvtier.update(settings)
     kwargs = engine_kwargs(str(model), kvtier, 2 * tokens + STREAM_TOKENS)
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
     rng = random.Random(0)
@@ -338,7 +337,18 @@ def main(argv: list[str]) -> int:
         choices=["auto", "always", "never"],
         help="the connector's load_async (auto: loads from file and redis are async)",
     )
+    parser.add_argument(
+        "--thread-cpus",
+        default="process",
+        help="kvtier's thread_cpus (inherit: kvtier's threads share the core vLLM binds "
+        "its worker's main thread to)",
+    )
     args = parser.parse_args(argv)
+    settings = {
+        "store_partial_chunks": args.partial_chunks,
+        "blob_layout": args.blob_layout,
+        "thread_cpus": args.thread_cpus,
+    }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         model = build_model(Path(tmp) / "model", vocab=512, max_positions=4 * args.tokens, **MODEL)
         valkey, url = start_valkey(Path(tmp))
@@ -352,8 +362,7 @@ def main(argv: list[str]) -> int:
                     args.reps,
                     args.load_async,
                     args.chunk_tokens,
-                    args.partial_chunks,
-                    args.blob_layout,
+                    settings,
                 )
             )
         finally:
@@ -363,7 +372,7 @@ def main(argv: list[str]) -> int:
     print(
         f"vLLM CPU, {args.tokens}-token prompt ({mib:.0f} MiB of KV), medians of {args.reps}, "
         f"load_async={args.load_async}, chunk_tokens={args.chunk_tokens}, "
-        f"store_partial_chunks={args.partial_chunks}, blob_layout={args.blob_layout}"
+        + ", ".join(f"{key}={value}" for key, value in settings.items())
     )
     print(f"{'case':22} {'median ms':>10} {'vs cold':>8}  note")
     for r in result["ttft"]:
@@ -375,8 +384,7 @@ def main(argv: list[str]) -> int:
         )
     if args.json:
         result["chunk_tokens"] = args.chunk_tokens
-        result["store_partial_chunks"] = args.partial_chunks
-        result["blob_layout"] = args.blob_layout
+        result.update(settings)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvtier.core.errors import BackendUnavailableError
+from kvtier.core.threads import bind_thread, thread_cpus
 
 T = TypeVar("T")
 Orphan = Callable[[Any], None]
@@ -29,8 +30,10 @@ def _hand_over(future: Future[Any], orphan: Orphan) -> None:
 class BlockingPool:
     """``threads`` worker threads named after ``owner`` (a tier URL, for errors).
 
-    Bounds the blocking calls one backend has in flight. After :meth:`shutdown`
-    every call raises :class:`BackendUnavailableError`.
+    Bounds the blocking calls one backend has in flight. The threads run on the CPUs
+    of the thread that created the pool, whichever thread's call starts them
+    (:mod:`kvtier.core.threads`). After :meth:`shutdown` every call raises
+    :class:`BackendUnavailableError`.
     """
 
     def __init__(self, owner: str, threads: int, *, name: str = "kvtier-io") -> None:
@@ -39,7 +42,10 @@ class BlockingPool:
         self.owner = owner
         self.threads = threads
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            threads, thread_name_prefix=name
+            threads,
+            thread_name_prefix=name,
+            initializer=bind_thread,
+            initargs=(thread_cpus(),),
         )
 
     def submit(self, call: Callable[[], T]) -> Future[T]:

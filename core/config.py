@@ -41,6 +41,7 @@ from kvtier.core.integrity import IntegrityConfig
 from kvtier.core.keys import HashAlgorithm
 from kvtier.core.opsconfig import OpsConfig
 from kvtier.core.plugins import closest
+from kvtier.core.threads import ThreadCpus
 from kvtier.core.validation import validate_model
 
 ENV_PREFIX = "KVTIER_"
@@ -189,6 +190,10 @@ class KVTierConfig(_Strict):
     codec_threads: int = Field(default=2, ge=1, le=64)
     """Threads that checksum, encode and decode chunks, off the callers' threads and the
     I/O loop (two use both cores of a small machine)."""
+    thread_cpus: ThreadCpus = "process"
+    """CPUs kvtier's threads run on: ``process``, every CPU the process may use, even
+    when the thread opening kvtier is bound to fewer (vLLM binds a worker's main thread
+    to one core); ``inherit``, those of that thread; or a list of CPU numbers."""
     retry_after: float = Field(default=5.0, gt=0)
     """Seconds a failing tier is skipped before it is tried again (doubles, up to 60)."""
     tenant: str | None = None

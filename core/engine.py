@@ -58,6 +58,7 @@ from kvtier.core.retrieval import ChunkSink, RetrieveAPI
 from kvtier.core.runtime import LoopThread
 from kvtier.core.segments import Chunk, SegmentAPI, SegmentKeys
 from kvtier.core.store_queue import StoreQueue
+from kvtier.core.threads import resolve_cpus, starting_on
 from kvtier.core.tier import TierStats
 from kvtier.kernels.rope import RotaryConfig
 
@@ -93,19 +94,22 @@ class KVTier(RetrieveAPI, SegmentAPI):
         self._segment_keys = SegmentKeys(fingerprint, rotary, config) if rotary else None
         tiers = build_tiers(config, registry, pool, layout=self.layout, emit=registry.emit)
         quotas = ledgers(config)
-        self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
         signing = config.integrity
         self.integrity = None if signing is None else load_keys(signing, config.tenant, os.environ)
         """The MAC keys of ``config.integrity`` (``None``: blobs are checksummed, not signed)."""
-        self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
-        """The tiers' chunks as vLLM KV events (``None`` without ``events:``); opened last
-        of what can fail, as it binds sockets and starts a thread."""
+        self.thread_cpus = resolve_cpus(config.thread_cpus)
+        """The CPUs of this KVTier's threads (``None``: those of the thread opening it)."""
+        with starting_on(self.thread_cpus):  # its pools, the loop and what they start
+            self._codec = BlockingPool("kvtier codec", config.codec_threads, name="kvtier-codec")
+            self.events = open_events(config, fingerprint.model, self.hasher, tiers, registry)
+            """The tiers' chunks as vLLM KV events (``None`` without ``events:``); opened
+            last of what can fail, as it binds sockets and starts a thread."""
+            self._io = LoopThread()
         self.chain = TierChain(tiers, registry, pool, registry.emit, self._codec, self.integrity)
         self.chain.quotas = quotas
         chunk_bytes = self.layout.bytes_per_token() * config.chunk_tokens
         self.chain.prefetches = Prefetches(config.prefetch_bytes, chunk_bytes)
         self._reads = [0] * 6  # lookups, their tokens, hit; retrieves, their tokens, hit
-        self._io = LoopThread()
         through = [i for i, t in enumerate(config.tiers) if t.write_policy == "through"]
         self._store = StoreQueue(
             self.chain,

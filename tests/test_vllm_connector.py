@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -419,6 +420,43 @@ def test_saved_kv_loads_into_another_cache_bit_exact(kv):
     assert stats is not None and stats["load_tokens"] == 2 * CHUNK - BS
     assert stats["load_bytes"] == (2 * CHUNK - BS) * LAYOUT.bytes_per_token()
     assert loader.take_stats() is None
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux thread affinity and two CPUs",
+)
+def test_a_worker_bound_to_one_core_loads_in_threads_on_the_kvtiers_cpus(kv):
+    """vLLM's CPU backend binds the worker's main thread to one core; the connector's
+    load threads, started by its calls, run where the KVTier's threads run."""
+    tokens = prompt(2 * CHUNK)
+    done: dict[str, object] = {}
+
+    def vllm_main_thread() -> None:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        worker = WorkerSide(kv, NAMES)
+        worker.register(cpu_caches(seed=1), "CPU_ATTN")
+        run_step(
+            worker, StepPlan(BS, saves=[Transfer("r", tokens, (), 0, 2 * CHUNK, [2, 9, 4, 1])])
+        )
+        kv.flush()
+        worker.register(cpu_caches(), "CPU_ATTN")
+        with torch.inference_mode():
+            run_step(
+                worker, StepPlan(BS, loads=[Transfer("s", tokens, (), 0, 2 * CHUNK, [0, 5, 6, 8])])
+            )
+        done["loaded"] = worker.take_stats()
+        done["cpus"] = {
+            t.name: os.sched_getaffinity(t.native_id)
+            for t in threading.enumerate()
+            if t.name.startswith("kvtier-vllm-load")
+        }
+
+    thread = threading.Thread(target=vllm_main_thread)
+    thread.start()
+    thread.join()
+    assert done["loaded"] and done["loaded"]["load_tokens"] == 2 * CHUNK
+    assert done["cpus"] and set(map(frozenset, done["cpus"].values())) == {kv.thread_cpus}
 
 
 def test_a_load_ending_inside_a_chunk_writes_only_its_tokens(kv):

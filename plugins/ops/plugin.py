@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtier.core.hookspecs import hookimpl
 from kvtier.core.specs import SubcommandSpec, TierEvent
+from kvtier.core.threads import resolve_cpus, starting_on
 
 if TYPE_CHECKING:
     from kvtier.core.config import KVTierConfig
@@ -31,7 +32,8 @@ def kvtier_configure(config: KVTierConfig) -> None:
         return
     current = metrics.metrics()
     current.max_tenants = settings.max_tenants
-    metrics.start_sync(settings.sync_seconds)
+    with starting_on(resolve_cpus(config.thread_cpus)):
+        metrics.start_sync(settings.sync_seconds)
     _observe = current.observe
 
 

@@ -36,6 +36,7 @@ from kvtier.plugins.vllm import shared
 from kvtier.plugins.vllm.logs import route_to_vllm
 from kvtier.plugins.vllm.lookup import LocalLookups, Lookups, Pending, tier_limits
 from kvtier.plugins.vllm.metadata import StepPlan
+from kvtier.plugins.vllm.prom import KVTierPromMetrics
 from kvtier.plugins.vllm.roles import Handoff, role_for
 from kvtier.plugins.vllm.rpc import LookupServer, RemoteLookups, lookup_address
 from kvtier.plugins.vllm.scheduler import Scheduled, SchedulerSide, check_chunk_size
@@ -330,6 +331,17 @@ class KVTierConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
         data = self._worker.take_stats() if self._worker else None
         return KVTierConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVTierPromMetrics:
+        """The counters in vLLM's ``/metrics`` (:mod:`.prom`)."""
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def build_kv_connector_stats(

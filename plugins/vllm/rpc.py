@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from kvtier.core.engine import KVTier
 from kvtier.core.keys import ExtraKeys
+from kvtier.core.threads import starting_on
 from kvtier.plugins.vllm.lookup import NO_HIT, Answer, Pending, answer, ask, local_tiers
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class LookupServer:
         self._local = local_tiers(kv)
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="kvtier-lookup", daemon=True)
-        self._thread.start()
+        with starting_on(kv.thread_cpus):
+            self._thread.start()
 
     def _serve(self) -> None:
         poller = zmq.Poller()

@@ -36,14 +36,23 @@ import torch
 
 from kvtier.core.engine import KVTier, PendingStore
 from kvtier.core.errors import ConfigError
+from kvtier.core.threads import bind_thread
 from kvtier.kernels import PagedLayout, PagedSlots, paged_view
 from kvtier.plugins.vllm.fill import CacheFiller, Load
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("loads", "load_tokens", "load_bytes", "load_error_blocks", "saves", "save_tokens")
-"""The worker's counters (:meth:`WorkerSide.take_stats`, :attr:`WorkerSide.totals`)."""
+COUNTERS = {
+    "loads": "Requests whose KV kvtier loaded (or began to load) into vLLM's cache.",
+    "load_tokens": "Prompt tokens whose KV kvtier loaded into vLLM's cache.",
+    "load_bytes": "Bytes of KV kvtier copied into vLLM's cache.",
+    "load_error_blocks": "vLLM blocks a load failed to fill (vLLM recomputes them).",
+    "saves": "Requests whose KV kvtier saved from vLLM's cache.",
+    "save_tokens": "Tokens whose KV kvtier saved from vLLM's cache.",
+}
+"""The worker's counters (:meth:`WorkerSide.take_stats`, :attr:`WorkerSide.totals`) and
+what each counts."""
 
 _CONCAT_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 
@@ -95,8 +104,9 @@ class WorkerSide:
         self._ready: list[threading.Event] = []  # per layer: every load's layer is in place
         self._saves: list[_Save] = []
         self._saved_layers: set[int] = set()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-vllm-load")
-        self._async_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-vllm-async-load")
+        cpus = (kv.thread_cpus,)  # each thread binds itself, whoever's submit starts it
+        self._pool = ThreadPoolExecutor(1, "kvtier-vllm-load", bind_thread, cpus)
+        self._async_pool = ThreadPoolExecutor(2, "kvtier-vllm-async-load", bind_thread, cpus)
         self._received: set[str] = set()
         self._received_lock = threading.RLock()  # counters, errors, received
         self._filler: CacheFiller | None = None  # set by register()
