@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvtier.core.errors import BackendUnavailableError
-from kvtier.core.threads import bind_thread, thread_cpus
+from kvtier.core.threads import bound_executor, thread_cpus
 
 T = TypeVar("T")
 Orphan = Callable[[Any], None]
@@ -41,12 +41,7 @@ class BlockingPool:
             raise ValueError(f"a BlockingPool needs at least one thread, got {threads}")
         self.owner = owner
         self.threads = threads
-        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            threads,
-            thread_name_prefix=name,
-            initializer=bind_thread,
-            initargs=(thread_cpus(),),
-        )
+        self._executor: ThreadPoolExecutor | None = bound_executor(threads, name, thread_cpus())
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         """Start ``call()`` in a worker thread; for callers that track futures themselves."""

@@ -22,7 +22,6 @@ and freed once nothing writes into them.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from kvtier.core.errors import ChunkCorruptedError, CodecUnavailableError
 from kvtier.core.plugins import PluginRegistry
 from kvtier.core.reads import ChainReads, Read
 from kvtier.core.tier import Tier
-
-log = logging.getLogger(__name__)
 
 HEAD_BYTES = 4096
 """Bytes read first from each streamed blob: prefix and header fit in them unless the
@@ -299,11 +296,8 @@ class ChainLayerReads(ChainReads):
                 header = fmt.read_head(head.view, keys[i])
                 target = targets.sinks[i]
                 decoding.check_target(header, self.registry, target.shape, target.dtype)
-            except ChunkCorruptedError as exc:
-                await self._discard_corrupt(t, keys[i], str(exc))
-                continue
-            except CodecUnavailableError as exc:  # the blob is fine: another process can read it
-                log.warning("tier %s: %s", tier.name, exc)
+            except (ChunkCorruptedError, CodecUnavailableError) as exc:
+                await self._unusable(t, keys[i], exc)
                 continue
             buf = self.pool.acquire(header.nbytes)
             buf.view[: head.nbytes] = head.view

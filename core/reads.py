@@ -193,10 +193,8 @@ class ChainReads:
 
         problems = await self.codec.run_all([partial(one, r) for r in reads])
         for r, problem in zip(reads, problems, strict=True):
-            if isinstance(problem, ChunkCorruptedError):
-                await self._discard_corrupt(r.tier, keys[r.index], str(problem))
-            elif problem is not None:  # the blob is fine: another process can read it
-                log.warning("tier %s: %s", self.tiers[r.tier].name, problem)
+            if problem is not None:
+                await self._unusable(r.tier, keys[r.index], problem)
         return {r.index for r, problem in zip(reads, problems, strict=True) if problem}
 
     def _count_reads(self, tier: Tier, hits: Sequence[Buffer], misses: int, seconds: float) -> None:
@@ -210,6 +208,17 @@ class ChainReads:
         if misses:
             tier.stats.misses += misses
             self.emit(TierEvent(EventKind.MISS, tier.name, misses, 0, 0.0 if hits else seconds))
+
+    async def _unusable(
+        self, t: int, key: str, problem: ChunkCorruptedError | CodecUnavailableError
+    ) -> None:
+        """A blob of tier ``t`` this process cannot use: a corrupt one is counted and
+        deleted; one needing a codec this process lacks is fine and stays, for processes
+        that have it."""
+        if isinstance(problem, ChunkCorruptedError):
+            await self._discard_corrupt(t, key, str(problem))
+        else:
+            log.warning("tier %s: %s", self.tiers[t].name, problem)
 
     async def _discard_corrupt(self, t: int, key: str, reason: str) -> None:
         """Count a blob that failed validation and delete it from tier ``t``."""

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -116,6 +117,14 @@ def bind_thread(cpus: Cpus) -> None:
         os.sched_setaffinity(0, cpus)
     except OSError as exc:
         log.warning("kvtier could not bind a thread to CPUs %s: %s", cpu_list(cpus), exc)
+
+
+def bound_executor(threads: int, name: str, cpus: Cpus) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads named ``name`` that bind themselves to ``cpus`` as
+    they start, whichever thread's ``submit`` starts them."""
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix=name, initializer=bind_thread, initargs=(cpus,)
+    )
 
 
 @contextmanager

@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from kvtier.core.engine import KVTier, PendingStore
 from kvtier.core.errors import ConfigError
-from kvtier.core.threads import bind_thread
+from kvtier.core.threads import bound_executor
 from kvtier.kernels import PagedLayout, PagedSlots, paged_view
 from kvtier.plugins.vllm.fill import CacheFiller, Load
 from kvtier.plugins.vllm.metadata import StepPlan, Transfer
@@ -104,9 +104,8 @@ class WorkerSide:
         self._ready: list[threading.Event] = []  # per layer: every load's layer is in place
         self._saves: list[_Save] = []
         self._saved_layers: set[int] = set()
-        cpus = (kv.thread_cpus,)  # each thread binds itself, whoever's submit starts it
-        self._pool = ThreadPoolExecutor(1, "kvtier-vllm-load", bind_thread, cpus)
-        self._async_pool = ThreadPoolExecutor(2, "kvtier-vllm-async-load", bind_thread, cpus)
+        self._pool = bound_executor(1, "kvtier-vllm-load", kv.thread_cpus)
+        self._async_pool = bound_executor(2, "kvtier-vllm-async-load", kv.thread_cpus)
         self._received: set[str] = set()
         self._received_lock = threading.RLock()  # counters, errors, received
         self._filler: CacheFiller | None = None  # set by register()
